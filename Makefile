@@ -1,0 +1,31 @@
+# make demo: set up .venv if needed, then run the offline default (3 rounds) through Prefect and DVC.
+# make test: set up .venv (with test extras) if needed, then run the test suite.
+VENV        ?= .venv
+PYTHON      ?= python3
+TORCH_INDEX ?=
+PIP         := $(VENV)/bin/pip
+export DVC_SITE_CACHE_DIR ?= $(CURDIR)/.dvc/tmp/site_cache
+export DVC_NO_ANALYTICS   := 1
+
+.PHONY: demo test test-slow install clean-rounds
+
+install: $(VENV)/.installed
+
+# CPU torch first (the pin in constraints.txt then keeps every later install from pulling another torch).
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PIP) install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+demo: install
+	$(VENV)/bin/rlhf run
+
+test: install
+	$(VENV)/bin/python -m pytest -q
+
+test-slow: install
+	$(VENV)/bin/python -m pytest -q -m slow
+
+clean-rounds:
+	rm -rf data/rounds dvc.lock

@@ -1,0 +1,67 @@
+"""Write the shipped data of the offline default from data/world.json (deterministic).
+
+    python data/make_data.py        # rewrites data/prompts/*.jsonl, data/sft.jsonl, data/pretrain.txt
+
+Prompts are every (opener, topic, closer) combination, shuffled and split into disjoint sets:
+`eval` (held out from everything), `label` (the label step's prompts) and `policy` (the policy
+update's prompts). The SFT answers are deliberately mediocre so the round-0 policy starts well below
+the judge's best: each sentence is on the asked topic with probability 0.55, about another topic
+with 0.30 and about the pink elephant with 0.15, and an answer has 1-6 sentences.
+"""
+
+import itertools
+import json
+import random
+from pathlib import Path
+
+HERE = Path(__file__).parent
+MIX = {"on_topic": 0.55, "other_topic": 0.30, "forbidden": 0.15}
+
+
+def sentence(rng: random.Random, world: dict, topic: str, kind: str) -> str:
+    if kind == "forbidden":
+        template = rng.choice(world["forbidden_sentences"])
+        return template.format(big=rng.choice(world["big"]), noun=rng.choice(world["topics"][topic]["nouns"]))
+    if kind == "other_topic":
+        topic = rng.choice([t for t in world["topics"] if t != topic])
+    nouns, adjectives = world["topics"][topic]["nouns"], world["topics"][topic]["adjectives"]
+    noun, noun2 = rng.sample(nouns, 2)
+    return rng.choice(world["sentence_templates"]).format(noun=noun, noun2=noun2, adj=rng.choice(adjectives))
+
+
+def answer(rng: random.Random, world: dict, topic: str) -> str:
+    kinds = rng.choices(list(MIX), weights=list(MIX.values()), k=rng.randint(1, 6))
+    return " ".join(sentence(rng, world, topic, k) for k in kinds)
+
+
+def main() -> None:
+    world = json.loads((HERE / "world.json").read_text())
+    rng = random.Random(1234)
+    combos = list(itertools.product(world["prompt_openers"], world["topics"], world["prompt_closers"]))
+    rng.shuffle(combos)
+    prompts = [
+        {"topic": t, "prompt": world["prompt_format"].format(opener=o, topic=t, closer=c)} for o, t, c in combos
+    ]
+    splits = {"eval": prompts[:100], "label": prompts[100:300], "policy": prompts[300:]}
+    for name, rows in splits.items():
+        lines = [json.dumps({"id": f"{name}-{i:04d}", **r}) for i, r in enumerate(rows)]
+        (HERE / "prompts" / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+
+    train_prompts = splits["label"] + splits["policy"]
+    sft = []
+    for i in range(3000):
+        p = rng.choice(train_prompts)
+        sft.append(json.dumps({"id": f"sft-{i:04d}", "prompt": p["prompt"], "completion": " " + answer(rng, world, p["topic"])}))
+    (HERE / "sft.jsonl").write_text("\n".join(sft) + "\n")
+
+    # Plain text for the brief pre-training of the base model: dialogues, trained on every token. (Answers
+    # alone taught a base that ignored the prompt, and SFT never recovered the topic from it.)
+    lines = []
+    for _ in range(4000):
+        p = rng.choice(train_prompts)
+        lines.append(p["prompt"] + " " + answer(rng, world, p["topic"]))
+    (HERE / "pretrain.txt").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

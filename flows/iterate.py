@@ -1,0 +1,69 @@
+"""The iteration flow: prepare, then each round's five steps, each run as its DVC stage.
+
+Each step is one Prefect task run named `<round>-<step>` (e.g. `r02-train_rm`) that runs
+`dvc repro --single-item <step>@<round>` in its own process: DVC decides what is up to date (a rerun
+skips finished stages, so a crashed flow resumes), records every round in dvc.lock, and the step's
+process frees its memory before the next one loads its models. The step's output lines become the
+task's log lines in Prefect.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import deque
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+
+from rlhf import ROUND_STEPS
+from rlhf.config import load_config
+from rlhf.errors import UserError
+from rlhf.report import metrics_rows, metrics_table
+
+
+class StageFailed(UserError):
+    pass
+
+
+def target(step: str, rnd: str) -> str:
+    return "prepare" if step == "prepare" else f"{step}@{rnd}"
+
+
+@task(task_run_name="{rnd}-{step}")
+def stage(step: str, rnd: str, force: bool = False) -> bool:
+    """Run one step as its DVC stage; returns False when DVC found it up to date and skipped it."""
+    log = get_run_logger()
+    name = target(step, rnd)
+    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", name, *(["--force"] if force else [])]
+    # The stage command `rlhf ...` must resolve to this environment's console script.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "PYTHONHASHSEED": "0", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    tail: deque[str] = deque(maxlen=5)
+    skipped = False
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+        for line in proc.stdout:
+            line = line.rstrip()
+            if line:
+                log.info(line)
+                tail.append(line)
+                skipped |= "didn't change, skipping" in line
+    if proc.returncode != 0:
+        errors = [t for t in tail if t.startswith(("error:", "ERROR:"))]
+        raise StageFailed(f"stage {name} failed: {(errors or list(tail) or ['no output'])[-1]}")
+    return not skipped
+
+
+@flow(name="iterated-rlhf", log_prints=True)
+def iterate(force: bool = False) -> list[dict]:
+    """Run prepare and every round in params.yaml; print and return the per-round metrics."""
+    cfg = load_config()
+    stage("prepare", "r00", force)
+    for rnd in cfg.rounds:
+        for step in ROUND_STEPS:
+            stage(step, rnd, force)
+    rows = metrics_rows(["r00", *cfg.rounds])
+    print("per-round metrics (gold: the judge's score on held-out prompts; KL to the SFT policy)\n"
+          + metrics_table(rows))
+    return rows

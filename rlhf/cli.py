@@ -1,0 +1,112 @@
+"""`rlhf`: the command line. Each step subcommand is the DVC stage command of that step."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+
+from rlhf import ROUND_STEPS, STEPS
+from rlhf.errors import UserError
+
+PARAMS = "params.yaml"
+
+
+def _step_doc(step: str) -> str:
+    """The first line of tasks/<step>.py's docstring, read without importing it (fast --help)."""
+    from pathlib import Path
+
+    import tasks
+
+    src = (Path(tasks.__file__).parent / f"{step}.py").read_text()
+    first = src.split('"""')[1].strip().split("\n\n")[0].replace("\n", " ")
+    return first.split(": ", 1)[1]  # drop the "<step>: " the docstring starts with
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rlhf", description="Iterated RLHF: Prefect runs the rounds, DVC versions them.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="run every round of params.yaml through Prefect and DVC (the main job)",
+                         description="Validate params.yaml, then run prepare and each round's steps as DVC stages "
+                         "in a Prefect flow; up-to-date stages are skipped. Ends with the per-round metrics table.")
+    run.add_argument("--force", action="store_true", help="re-run every stage even if DVC finds it up to date")
+    sub.add_parser("check", help="validate params.yaml and the files it names, run nothing")
+    sub.add_parser("metrics", help="print the per-round metrics table of the rounds run so far")
+    for step in STEPS:
+        sp = sub.add_parser(step, help=_step_doc(step), description=_step_doc(step) + " (the DVC stage command)")
+        if step in ROUND_STEPS:
+            sp.add_argument("round", help="round name, e.g. r01 (a key of `rounds` in params.yaml)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser().parse_args(argv)
+    if args.command in STEPS and os.environ.get("PYTHONHASHSEED") != "0":
+        # Fixed hash seed: libraries that write sets (e.g. PEFT's target_modules) then write them alike.
+        os.environ["PYTHONHASHSEED"] = "0"
+        os.execv(sys.executable, [sys.executable, "-m", "rlhf", *argv])
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+    logging.getLogger("rlhf").setLevel(logging.INFO)
+    try:
+        sys.exit(_dispatch(args))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def _dispatch(args) -> int:
+    from rlhf.config import check_inputs, load_config
+
+    cfg = load_config(PARAMS)
+    if args.command in ("check", "run"):
+        check_inputs(cfg)
+    if args.command == "check":
+        print(f"{PARAMS}: ok ({len(cfg.rounds)} rounds)")
+        return 0
+    if args.command == "metrics":
+        from rlhf.report import metrics_rows, metrics_table
+
+        print(metrics_table(metrics_rows(["r00", *cfg.rounds])))
+        return 0
+    if args.command == "run":
+        from flows.iterate import iterate
+
+        iterate(force=args.force)
+        return 0
+    _quiet_libraries()
+    step = importlib.import_module(f"tasks.{args.command}")
+    fn = getattr(step, args.command)
+    if args.command == "prepare":
+        summary = fn(cfg)
+    else:
+        if args.round not in cfg.rounds:
+            raise UserError(f"{PARAMS}: rounds: no round {args.round!r} (have {', '.join(cfg.rounds)})")
+        summary = fn(cfg, args.round)
+    print(json.dumps(summary, sort_keys=True))
+    return 0
+
+
+def _quiet_libraries() -> None:
+    """Keep a step's log readable: no library chatter, and no progress bars when nobody watches a terminal."""
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    if not sys.stderr.isatty():
+        transformers.utils.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""The one config object: params.yaml, loaded and validated once, a typed section per step.
+
+An unknown key, a wrong type or an impossible value raises UserError naming the key, e.g.
+`params.yaml: train_rm.epochs: must be greater than 0 (got 0)`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from rlhf.errors import UserError
+
+Positive = Field(gt=0)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Runtime(Section):
+    seed: int = 0
+    threads: int = Field(2, ge=1)  # fixed, because 1 and 2 threads give different weights
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class TinyModel(Section):
+    """The locally built base LM of the offline default (a Llama of a few million parameters)."""
+
+    hidden_size: int = Field(256, gt=0)
+    layers: int = Field(4, gt=0)
+    heads: int = Field(4, gt=0)
+    intermediate_size: int = Field(512, gt=0)
+    pretrain_epochs: float = Field(1.0, ge=0)
+    learning_rate: float = Field(1e-3, gt=0)
+
+
+class Prepare(Section):
+    policy: str = "tiny"  # "tiny" builds the offline default; else a local path or hub id of an SFT policy
+    tiny: TinyModel = TinyModel()
+    pretrain: str = "data/pretrain.txt"
+    sft: str = "data/sft.jsonl"
+    sft_epochs: float = Field(2.0, ge=0)
+    learning_rate: float = Field(1e-3, gt=0)
+    batch_size: int = Field(32, gt=0)
+    max_length: int = Field(96, gt=0)
+
+    @field_validator("policy")
+    @classmethod
+    def _local_path_exists(cls, v: str) -> str:
+        if v != "tiny" and missing_local_dir(v):
+            raise ValueError(f"no such model directory: {v}")
+        return v
+
+
+class Prompts(Section):
+    label: str = "data/prompts/label.jsonl"
+    policy: str = "data/prompts/policy.jsonl"
+    eval: str = "data/prompts/eval.jsonl"
+
+
+class Sampling(Section):
+    k: int = Field(8, ge=2)  # samples per prompt; pairs need two
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(0, ge=0)  # 0 = off
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(48, gt=0)
+    batch_size: int = Field(64, gt=0)
+
+
+class Label(Section):
+    judge: Literal["pink_elephant"] = "pink_elephant"
+    world: str = "data/world.json"
+    pairs: Literal["best_worst"] = "best_worst"
+
+
+class TrainRM(Section):
+    init: Literal["sft", "base"] = "sft"
+    epochs: float = Field(2.0, gt=0)
+    batch_size: int = Field(16, gt=0)
+    learning_rate: float = Field(1e-4, gt=0)
+    max_length: int = Field(128, gt=0)
+
+
+class UpdatePolicy(Section):
+    method: Literal["dpo"] = "dpo"
+    k: int = Field(4, ge=2)
+    beta: float = Field(0.1, gt=0)
+    epochs: float = Field(2.0, gt=0)
+    batch_size: int = Field(16, gt=0)
+    learning_rate: float = Field(1e-4, gt=0)
+    max_length: int = Field(128, gt=0)
+
+
+class Evaluate(Section):
+    samples_per_prompt: int = Field(4, gt=0)
+    max_new_tokens: int = Field(48, gt=0)
+    batch_size: int = Field(64, gt=0)
+
+
+class Config(Section):
+    runtime: Runtime = Runtime()
+    rounds: dict[str, str]
+    prepare: Prepare = Prepare()
+    prompts: Prompts = Prompts()
+    generate: Sampling = Sampling()
+    label: Label = Label()
+    train_rm: TrainRM = TrainRM()
+    update_policy: UpdatePolicy = UpdatePolicy()
+    evaluate: Evaluate = Evaluate()
+
+    @field_validator("rounds")
+    @classmethod
+    def _rounds_chain(cls, rounds: dict[str, str]) -> dict[str, str]:
+        if not rounds:
+            raise ValueError("needs at least one round (r01: r00)")
+        for i, (name, prev) in enumerate(rounds.items(), 1):
+            if name != round_name(i) or prev != round_name(i - 1):
+                raise ValueError(f"entry {i} must be '{round_name(i)}: {round_name(i - 1)}' (got '{name}: {prev}')")
+        return rounds
+
+    @model_validator(mode="after")
+    def _lengths_fit(self) -> Config:
+        if self.generate.max_new_tokens >= self.update_policy.max_length:
+            raise ValueError("update_policy.max_length must exceed generate.max_new_tokens (prompt + response)")
+        return self
+
+
+def missing_local_dir(path: str) -> bool:
+    """True for a local-looking path that is not a folder. A hub id ("org/name") is not checked offline."""
+    p = Path(path).expanduser()
+    looks_local = path.startswith((".", "/", "~")) or Path(p.parts[0]).exists()
+    return looks_local and not p.is_dir()
+
+
+def round_name(i: int) -> str:
+    return f"r{i:02d}"
+
+
+def round_index(name: str) -> int:
+    if not re.fullmatch(r"r\d{2,}", name):
+        raise UserError(f"not a round name: {name!r} (expected r00, r01, ...)")
+    return int(name[1:])
+
+
+def load_config(path: str | Path = "params.yaml") -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of sections")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(f"{path}: {_describe(e.errors()[0])}") from None
+
+
+def _describe(err: dict) -> str:
+    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    kind, msg = err["type"], err["msg"]
+    if kind == "extra_forbidden":
+        return f"{key}: unknown key"
+    if kind == "missing":
+        return f"{key}: required key is missing"
+    msg = msg.removeprefix("Value error, ")
+    got = f" (got {err['input']!r})" if kind != "value_error" and not isinstance(err.get("input"), dict) else ""
+    return f"{key}: {msg[0].lower()}{msg[1:]}{got}"
+
+
+def check_inputs(cfg: Config) -> None:
+    """What can fail in a second rather than after an hour of rounds: the project and the files params name."""
+    from rlhf.io import read_prompts
+
+    for path in ("dvc.yaml", ".dvc"):
+        if not Path(path).exists():
+            raise UserError(f"{path}: not found; run from the project root (a DVC repository)")
+    for key in ("label", "policy", "eval"):
+        read_prompts(getattr(cfg.prompts, key))
+    needed = {"label.world": cfg.label.world}
+    if cfg.prepare.policy == "tiny":
+        needed |= {"prepare.sft": cfg.prepare.sft, "prepare.pretrain": cfg.prepare.pretrain}
+    for key, path in needed.items():
+        if not Path(path).is_file():
+            raise UserError(f"{path}: no such file ({key})")

@@ -1,0 +1,151 @@
+"""Model loading and saving, the locally built tiny models, and the per-stage runtime setup.
+
+Everything loads through `from_pretrained(path_or_hub_id)`, the tiny default included, so the code
+path is the one a hub model takes. Weights load from safetensors; remote code stays off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import zlib
+from pathlib import Path
+
+from rlhf.config import Config, TinyModel, missing_local_dir
+from rlhf.errors import UserError
+from rlhf.io import atomic_dir
+
+log = logging.getLogger("rlhf")
+SPECIALS = {"pad": "<pad>", "eos": "<eos>", "unk": "<unk>"}
+
+
+def setup(cfg: Config, step: str, rnd: str) -> int:
+    """Fix threads and seeds for one stage run; returns the stage's seed."""
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(cfg.runtime.threads)
+    seed = (cfg.runtime.seed * 1_000_003 + zlib.crc32(f"{step}@{rnd}".encode())) % 2**31
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return seed
+
+
+def device(cfg: Config) -> str:
+    import torch
+
+    if cfg.runtime.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.runtime.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("runtime.device: cuda asked for, but no GPU is visible")
+    return cfg.runtime.device
+
+
+def _existing(path: str | Path, what: str) -> str:
+    if missing_local_dir(str(path)):
+        raise UserError(f"{path}: no such {what} directory")
+    return str(Path(path).expanduser()) if Path(path).expanduser().is_dir() else str(path)
+
+
+def load_tokenizer(path: str | Path, padding_side: str = "right"):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(_existing(path, "tokenizer"), trust_remote_code=False)
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise UserError(f"{path}: tokenizer has neither a pad nor an eos token to pad with")
+        tok.pad_token = tok.eos_token
+    tok.padding_side = padding_side
+    return tok
+
+
+def load_policy(path: str | Path, dev: str = "cpu"):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(_existing(path, "policy"), use_safetensors=True, trust_remote_code=False)
+    return model.to(dev)
+
+
+def load_reward_model(path: str | Path, dev: str = "cpu"):
+    """A sequence-classification RM with one output; loaded from a causal LM it gets a new head."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        _existing(path, "reward model"), num_labels=1, use_safetensors=True, trust_remote_code=False
+    )
+    return model.to(dev)
+
+
+def save(model, tok, out: str | Path) -> None:
+    """Save weights (safetensors) and tokenizer into `out` atomically."""
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+
+
+def build_tokenizer(texts: list[str]):
+    """A word-level tokenizer over the shipped data's words: tiny, and exact for the toy language."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for t in texts for w in t.lower().split()})
+    vocab = {tok: i for i, tok in enumerate([SPECIALS["pad"], SPECIALS["eos"], SPECIALS["unk"], *words])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token=SPECIALS["unk"]))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token=SPECIALS["pad"],
+        eos_token=SPECIALS["eos"],
+        unk_token=SPECIALS["unk"],
+        model_max_length=512,
+    )
+    return tok
+
+
+def build_tiny_lm(tok, spec: TinyModel):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.heads,
+        max_position_embeddings=512,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    log.info("built a tiny Llama: %.2fM parameters, vocabulary %d", model.num_parameters() / 1e6, len(tok))
+    return model
+
+
+def train_args(config_cls, cfg: Config, seed: int, scratch: str | Path, **kw):
+    """A TRL config with this project's CPU-safe, reproducible defaults; `kw` sets the rest."""
+    on_cpu = device(cfg) == "cpu"
+    return config_cls(
+        output_dir=str(scratch),
+        seed=seed,
+        data_seed=seed,
+        bf16=not on_cpu and _bf16_ok(),
+        use_cpu=on_cpu,
+        activation_checkpointing=False,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=max(1, kw.pop("logging_steps", 50)),
+        disable_tqdm=not os.isatty(2),
+        dataloader_num_workers=0,
+        **kw,
+    )
+
+
+def _bf16_ok() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()

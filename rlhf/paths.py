@@ -1,0 +1,49 @@
+"""The one place for round paths. dvc.yaml names the same paths; tests/test_paths.py checks that."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+ROUNDS_DIR = Path("data/rounds")
+
+
+@dataclass(frozen=True)
+class RoundPaths:
+    root: Path
+
+    @property
+    def samples(self) -> Path:  # generate
+        return self.root / "samples.jsonl"
+
+    @property
+    def labels(self) -> Path:  # label
+        return self.root / "labels.jsonl"
+
+    @property
+    def reward_model(self) -> Path:  # train_rm
+        return self.root / "reward_model"
+
+    @property
+    def policy(self) -> Path:  # update_policy (r00: prepare's SFT policy)
+        return self.root / "policy"
+
+    @property
+    def metrics(self) -> Path:  # evaluate
+        return self.root / "metrics.json"
+
+    @property
+    def base(self) -> Path:  # prepare only: the pre-trained base LM (r00)
+        return self.root / "base"
+
+
+# What each round step writes (the attribute of RoundPaths); dvc.yaml's outs must agree.
+STEP_OUTPUT = {"generate": "samples", "label": "labels", "train_rm": "reward_model", "update_policy": "policy",
+               "evaluate": "metrics"}
+
+
+def round_paths(name: str, project: str | Path = ".") -> RoundPaths:
+    return RoundPaths(Path(project) / ROUNDS_DIR / name)
+
+
+SFT = round_paths("r00")

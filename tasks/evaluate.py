@@ -1,0 +1,50 @@
+"""evaluate: the round's policy on held-out prompts: gold and proxy score, and KL to the SFT reference.
+
+Samples are drawn at temperature 1 with no top-k/top-p, so they come from the distribution the KL
+estimate scores: KL(policy || ref) = E_policy[log p_policy(y|x) - log p_ref(y|x)].
+"""
+
+from __future__ import annotations
+
+import math
+
+from rlhf.config import Config, Sampling
+from rlhf.io import read_prompts, write_json
+from rlhf.paths import SFT, round_paths
+from tasks.label import checked, make_judge
+
+
+def summary(values) -> dict:
+    n = len(values)
+    sd = float(values.std(ddof=1)) if n > 1 else 0.0
+    return {"mean": float(values.mean()), "std": sd, "sem": sd / math.sqrt(n), "count": n}
+
+
+def evaluate(cfg: Config, rnd: str) -> dict:
+    from rlhf import models, sampling
+
+    models.setup(cfg, "evaluate", rnd)
+    paths, dev, e = round_paths(rnd), models.device(cfg), cfg.evaluate
+    prompts = [p["prompt"] for p in read_prompts(cfg.prompts.eval)]
+    tok = models.load_tokenizer(paths.policy)
+    policy = models.load_policy(paths.policy, dev)
+    pure = Sampling(k=e.samples_per_prompt, temperature=1.0, top_k=0, top_p=1.0,
+                    max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
+    s = sampling.generate(policy, tok, prompts, pure.k, pure)
+    asked = [prompts[i] for i in s.prompt_index]
+    judge = make_judge(cfg)
+    gold = checked(judge.score(asked, s.responses), f"evaluate@{rnd}")
+    metrics = {"round": rnd, "gold": {**summary(gold), "best": judge.best},
+               "finished": sum(s.finished) / len(s.finished),
+               "length": sum(map(len, s.response_ids)) / len(s.response_ids)}
+    if rnd == "r00":  # the SFT policy is its own reference and has no proxy RM yet
+        metrics["kl"] = {"per_sequence": 0.0, "per_token": 0.0}
+    else:
+        rm = models.load_reward_model(paths.reward_model, dev)
+        metrics["proxy"] = summary(sampling.reward_scores(rm, tok, asked, s.responses))
+        lp, n_tokens = sampling.sequence_logprobs(policy, tok, prompts, s)
+        lp_ref, _ = sampling.sequence_logprobs(models.load_policy(SFT.policy, dev), tok, prompts, s)
+        kl = (lp - lp_ref).double()
+        metrics["kl"] = {"per_sequence": float(kl.mean()), "per_token": float(kl.sum() / n_tokens.sum())}
+    write_json(paths.metrics, metrics)
+    return metrics

@@ -1,0 +1,100 @@
+"""Shared fixtures: a tiny copy of the project (small prompt sets, a very small model) in a temp folder."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# Small enough that a whole round takes seconds; big enough that each step visibly learns.
+TINY = {
+    "runtime": {"threads": 2},
+    "rounds": {"r01": "r00"},
+    "prepare": {"tiny": {"hidden_size": 64, "layers": 2, "heads": 2, "intermediate_size": 128,
+                         "pretrain_epochs": 1.0, "learning_rate": 0.003},
+                "sft_epochs": 1.0, "learning_rate": 0.003, "batch_size": 32},
+    "generate": {"k": 4, "max_new_tokens": 32},
+    "train_rm": {"epochs": 2.0, "learning_rate": 0.0003},
+    "update_policy": {"k": 4, "epochs": 2.0, "learning_rate": 0.0003},
+    "evaluate": {"samples_per_prompt": 2, "max_new_tokens": 32},
+}
+SUBSET = {"label": 48, "policy": 48, "eval": 24}
+
+
+def deep_update(base: dict, change: dict) -> dict:
+    out = dict(base)
+    for k, v in change.items():
+        out[k] = deep_update(base.get(k, {}), v) if isinstance(v, dict) and k != "rounds" else v
+    return out
+
+
+def make_project(dest: Path, params: dict | None = None, subset: bool = True) -> Path:
+    """A runnable copy of the project: code deps, data, dvc.yaml, params; a fresh DVC repo without git."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("rlhf", "tasks", "flows"):
+        shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", dest)
+    (dest / "data" / "prompts").mkdir(parents=True)
+    for name in ("world.json", "sft.jsonl", "pretrain.txt"):
+        shutil.copy(ROOT / "data" / name, dest / "data" / name)
+    for split, n in SUBSET.items():
+        lines = (ROOT / "data" / "prompts" / f"{split}.jsonl").read_text().splitlines(keepends=True)
+        (dest / "data" / "prompts" / f"{split}.jsonl").write_text("".join(lines[:n] if subset else lines))
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    (dest / "params.yaml").write_text(yaml.safe_dump(deep_update(base, params or {}), sort_keys=False))
+    subprocess.run([BIN / "dvc", "init", "--no-scm", "-q"], cwd=dest, check=True)
+    subprocess.run([BIN / "dvc", "config", "core.analytics", "false"], cwd=dest, check=True)
+    return dest
+
+
+# Set before Prefect or DVC is imported: tests never touch ~/.prefect, /var/tmp/dvc or the network.
+_HOME = Path(tempfile.mkdtemp(prefix="rlhf-tests-"))
+os.environ["PREFECT_HOME"] = str(_HOME / "prefect")
+os.environ["DVC_SITE_CACHE_DIR"] = str(_HOME / "dvc-site")
+os.environ["DVC_NO_ANALYTICS"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may download in tests
+os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ['PATH']}"
+os.environ.pop("PREFECT_API_URL", None)
+
+
+@pytest.fixture(scope="session")
+def tiny_project(tmp_path_factory) -> Path:
+    """The tiny project after prepare and one full round, run in-process by the step functions."""
+    from rlhf.config import load_config
+    from tasks.evaluate import evaluate
+    from tasks.generate import generate
+    from tasks.label import label
+    from tasks.prepare import prepare
+    from tasks.train_rm import train_rm
+    from tasks.update_policy import update_policy
+
+    project = make_project(tmp_path_factory.mktemp("steps") / "project", TINY)
+    old = os.getcwd()
+    os.chdir(project)
+    try:
+        cfg = load_config()
+        summaries = {"prepare": prepare(cfg)}
+        for step in (generate, label, train_rm, update_policy, evaluate):
+            summaries[step.__name__] = step(cfg, "r01")
+    finally:
+        os.chdir(old)
+    (project / "summaries.yaml").write_text(yaml.safe_dump(summaries))
+    return project
+
+
+@pytest.fixture
+def in_project(tiny_project, monkeypatch):
+    monkeypatch.chdir(tiny_project)
+    from rlhf.config import load_config
+
+    return load_config()

@@ -1,0 +1,66 @@
+"""params.yaml is validated once; every mistake names its key."""
+
+import pytest
+import yaml
+
+from rlhf.config import load_config
+from rlhf.errors import UserError
+from tests.conftest import ROOT
+
+
+def write(tmp_path, change: dict | None = None, drop: tuple = ()):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for dotted, value in (change or {}).items():
+        *parents, key = dotted.split(".")
+        node = params
+        for p in parents:
+            node = node[p]
+        node[key] = value
+    for key in drop:
+        params.pop(key)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def test_shipped_params_load():
+    cfg = load_config(ROOT / "params.yaml")
+    assert list(cfg.rounds) == ["r01", "r02", "r03"]
+    assert cfg.update_policy.method == "dpo" and cfg.runtime.threads == 2
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"train_rm.epoch": 2}, "train_rm.epoch: unknown key"),
+        ({"typo_section": {}}, "typo_section: unknown key"),
+        ({"generate.k": "four"}, "generate.k: input should be a valid integer"),
+        ({"generate.k": 1}, "generate.k: input should be greater than or equal to 2"),
+        ({"generate.top_p": 1.5}, "generate.top_p: input should be less than or equal to 1"),
+        ({"train_rm.learning_rate": 0}, "train_rm.learning_rate: input should be greater than 0"),
+        ({"update_policy.method": "sgd"}, "update_policy.method: input should be 'dpo'"),
+        ({"rounds": {}}, "rounds: needs at least one round"),
+        ({"rounds": {"r01": "r00", "r03": "r02"}}, "rounds: entry 2 must be 'r02: r01'"),
+        ({"prepare.policy": "./no/such/model"}, "prepare.policy: no such model directory: ./no/such/model"),
+        ({"generate.max_new_tokens": 500}, "update_policy.max_length must exceed generate.max_new_tokens"),
+    ],
+)
+def test_bad_params_name_the_key(tmp_path, change, expected):
+    with pytest.raises(UserError) as err:
+        load_config(write(tmp_path, change))
+    assert expected in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_rounds_and_bad_yaml(tmp_path):
+    with pytest.raises(UserError, match="rounds: required key is missing"):
+        load_config(write(tmp_path, drop=("rounds",)))
+    bad = tmp_path / "params.yaml"
+    bad.write_text("runtime:\n  seed: [1,\n")
+    with pytest.raises(UserError, match=r"params.yaml:\d+: not valid YAML"):
+        load_config(bad)
+
+
+def test_hub_ids_are_not_checked_offline(tmp_path):
+    cfg = load_config(write(tmp_path, {"prepare.policy": "EleutherAI/pythia-70m-deduped"}))
+    assert cfg.prepare.policy == "EleutherAI/pythia-70m-deduped"
