@@ -44,17 +44,25 @@ def generate(model, tok, prompts: list[str], k: int, s: Sampling, max_new_tokens
                 pad_token_id=tok.pad_token_id,
                 eos_token_id=tok.eos_token_id,
             )
-        new = seqs[:, batch["input_ids"].shape[1] :].tolist()
-        for i, ids in zip(idx, new):
+        width = batch["input_ids"].shape[1]
+        for i, ids in zip(idx, seqs[:, width:].tolist()):
             done = tok.eos_token_id in ids
-            ids = ids[: ids.index(tok.eos_token_id) + 1] if done else ids
             out.prompt_index.append(i)
-            out.response_ids.append(ids)
+            out.response_ids.append(ids[: ids.index(tok.eos_token_id) + 1] if done else ids)
             out.finished.append(done)
-        out.responses.extend(tok.batch_decode(out.response_ids[-len(idx) :], skip_special_tokens=True))
+        out.responses.extend(continuations(tok, batch["input_ids"].tolist(), out.response_ids[-len(idx) :]))
         log.info("generated %d/%d samples", min(start + s.batch_size, len(order)), len(order))
     tok.padding_side = "right"
     return out
+
+
+def continuations(tok, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[str]:
+    """The text each response adds to its prompt, so that `prompt + response` is exactly what was sampled
+    (leading space included, which a plain decode of the response alone drops)."""
+    kw = {"skip_special_tokens": True}
+    whole = tok.batch_decode([p + r for p, r in zip(prompt_ids, response_ids)], **kw)
+    head = tok.batch_decode(prompt_ids, **kw)
+    return [w[len(h) :] for w, h in zip(whole, head)]
 
 
 def sequence_logprobs(model, tok, prompts: list[str], samples: Samples, batch_size: int = 64):

@@ -52,9 +52,9 @@ def label(cfg: Config, rnd: str) -> dict:
     for g, s, b, w, ok in zip(groups, gold, best, worst, valid):
         out.append({
             "prompt_id": g[0]["prompt_id"], "prompt": g[0]["prompt"],
-            "responses": [r["response"] for r in g], "gold": s.round(6).tolist(),
+            "responses": [r["response"] for r in g], "gold": s.tolist(),
             "chosen": g[b]["response"] if ok else None, "rejected": g[w]["response"] if ok else None,
-            "margin": round(float(s[b] - s[w]), 6),
+            "margin": float(s[b] - s[w]),
         })
     write_jsonl(paths.labels, out)
     return {"prompts": len(groups), "pairs": int(valid.sum()), "gold_mean": float(gold.mean())}

@@ -21,13 +21,13 @@ TINY = {
     "rounds": {"r01": "r00"},
     "prepare": {"tiny": {"hidden_size": 64, "layers": 2, "heads": 2, "intermediate_size": 128,
                          "pretrain_epochs": 1.0, "learning_rate": 0.003},
-                "sft_epochs": 1.0, "learning_rate": 0.003, "batch_size": 32},
+                "sft_epochs": 2.0, "learning_rate": 0.003, "batch_size": 32},
     "generate": {"k": 4, "max_new_tokens": 32},
-    "train_rm": {"epochs": 2.0, "learning_rate": 0.0003},
-    "update_policy": {"k": 4, "epochs": 2.0, "learning_rate": 0.0003},
+    "train_rm": {"epochs": 3.0, "learning_rate": 0.001},
+    "update_policy": {"k": 4, "epochs": 2.0, "learning_rate": 0.001},
     "evaluate": {"samples_per_prompt": 2, "max_new_tokens": 32},
 }
-SUBSET = {"label": 48, "policy": 48, "eval": 24}
+SUBSET = {"label": 200, "policy": 64, "eval": 24}
 
 
 def deep_update(base: dict, change: dict) -> dict:

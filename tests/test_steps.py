@@ -1,0 +1,112 @@
+"""Each step on a tiny model, on CPU: it writes what it should, and changes what it should."""
+
+import json
+
+import numpy as np
+import pytest
+
+from rlhf import models, sampling
+from rlhf.io import read_jsonl, read_prompts
+from rlhf.paths import SFT, round_paths
+from tasks.label import best_worst, make_judge
+
+
+def test_prepare_builds_loadable_models_below_the_best(in_project):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for folder in (SFT.base, SFT.policy):
+        assert (folder / "model.safetensors").is_file()
+        AutoModelForCausalLM.from_pretrained(folder)  # the hub code path
+        assert AutoTokenizer.from_pretrained(folder).pad_token == "<pad>"
+    metrics = json.loads(SFT.metrics.read_text())
+    assert metrics["finished"] > 0.5  # SFT taught it to stop (an untrained model almost never does)
+    assert 0.2 < metrics["gold"]["mean"] < metrics["gold"]["best"] - 0.1
+    assert metrics["kl"]["per_sequence"] == 0.0
+
+
+def test_generate_writes_k_samples_per_prompt_deterministically(in_project):
+    from tasks.generate import generate
+
+    rows = read_jsonl(round_paths("r01").samples)
+    prompts = read_prompts(in_project.prompts.label)
+    assert len(rows) == len(prompts) * in_project.generate.k
+    assert {r["policy_round"] for r in rows} == {"r00"}
+    assert rows[0]["sampling"]["temperature"] == in_project.generate.temperature
+    before = round_paths("r01").samples.read_bytes()
+    generate(in_project, "r01")
+    assert round_paths("r01").samples.read_bytes() == before  # seeded: the same samples again
+
+
+def test_label_pairs_best_over_worst_by_gold(in_project):
+    rows = read_jsonl(round_paths("r01").labels)
+    judge = make_judge(in_project)
+    for row in rows:
+        assert len(row["gold"]) == in_project.generate.k
+        if row["chosen"] is not None:
+            chosen, rejected = judge.score([row["prompt"]] * 2, [row["chosen"], row["rejected"]])
+            assert chosen == max(row["gold"]) and rejected == min(row["gold"]) and chosen > rejected
+
+
+def held_out_pairs(cfg, policy_dir, k=4):
+    """Best-vs-worst pairs by gold on the held-out prompts, sampled from a policy."""
+    prompts = [p["prompt"] for p in read_prompts(cfg.prompts.eval)]
+    tok, policy = models.load_tokenizer(policy_dir), models.load_policy(policy_dir)
+    s = sampling.generate(policy, tok, prompts, k, cfg.generate)
+    asked = [prompts[i] for i in s.prompt_index]
+    gold = make_judge(cfg).score(asked, s.responses).reshape(len(prompts), k)
+    best, worst, valid = best_worst(gold)
+    return tok, [(prompts[i], s.responses[i * k + b], s.responses[i * k + w])
+                 for i, (b, w, ok) in enumerate(zip(best, worst, valid)) if ok]
+
+
+def rm_accuracy(rm, tok, pairs):
+    p, c, r = zip(*pairs)
+    return float(np.mean(sampling.reward_scores(rm, tok, p, c) > sampling.reward_scores(rm, tok, p, r)))
+
+
+def test_train_rm_ranks_held_out_gold_pairs_better_than_chance(in_project):
+    import torch
+
+    torch.manual_seed(0)
+    tok, pairs = held_out_pairs(in_project, SFT.policy)
+    assert len(pairs) >= 15
+    trained = models.load_reward_model(round_paths("r01").reward_model)
+    assert rm_accuracy(trained, tok, pairs) >= 0.65
+
+
+def test_update_policy_raises_the_proxy_reward(in_project):
+    import torch
+
+    prompts = [p["prompt"] for p in read_prompts(in_project.prompts.policy)]
+    rm = models.load_reward_model(round_paths("r01").reward_model)
+    tok = models.load_tokenizer(SFT.policy)
+    means = {}
+    for name, folder in (("before", SFT.policy), ("after", round_paths("r01").policy)):
+        torch.manual_seed(1)
+        s = sampling.generate(models.load_policy(folder), tok, prompts, 4, in_project.generate)
+        means[name] = sampling.reward_scores(rm, tok, [prompts[i] for i in s.prompt_index], s.responses).mean()
+    assert means["after"] > means["before"] + 0.1, means
+
+
+def test_evaluate_writes_metrics_with_kl_and_proxy(in_project):
+    m = json.loads(round_paths("r01").metrics.read_text())
+    assert m["round"] == "r01" and m["gold"]["count"] == 24 * in_project.evaluate.samples_per_prompt
+    assert m["gold"]["sem"] == pytest.approx(m["gold"]["std"] / m["gold"]["count"] ** 0.5)
+    assert m["kl"]["per_sequence"] > 0  # DPO moved the policy away from its SFT reference
+    assert "proxy" in m and np.isfinite(m["proxy"]["mean"])
+
+
+def test_kl_of_a_policy_to_itself_is_zero(in_project):
+    tok, policy = models.load_tokenizer(SFT.policy), models.load_policy(SFT.policy)
+    prompts = ["user : describe the ocean . assistant :", "user : talk about the city now . assistant :"]
+    s = sampling.generate(policy, tok, prompts, 3, in_project.generate)
+    lp, n = sampling.sequence_logprobs(policy, tok, prompts, s)
+    lp_again, _ = sampling.sequence_logprobs(policy, tok, prompts, s, batch_size=2)  # other padding
+    assert (lp < 0).all() and (n > 0).all()
+    assert torch_allclose(lp, lp_again)
+
+
+def torch_allclose(a, b):
+    import torch
+
+    return torch.allclose(a, b, atol=1e-4)

@@ -1,0 +1,91 @@
+"""Pairing, JSONL reading and the round paths, on hand-made rows."""
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from rlhf import ROUND_STEPS
+from rlhf.errors import UserError
+from rlhf.io import atomic_dir, read_jsonl, read_prompts, write_jsonl
+from rlhf.paths import STEP_OUTPUT, round_paths
+from tasks.label import best_worst, checked, group_by_prompt
+from tests.conftest import ROOT
+
+
+def test_best_worst_pairs_and_ties():
+    scores = np.array([[0.1, 0.9, 0.5], [0.7, 0.7, 0.7], [0.3, 0.2, 0.8]])
+    best, worst, valid = best_worst(scores)
+    assert best.tolist() == [1, 0, 2] and worst.tolist() == [0, 0, 1]
+    assert valid.tolist() == [True, False, True]  # an all-tied prompt gives no pair
+
+
+def test_group_by_prompt_needs_equal_k():
+    rows = [{"prompt_id": "a"}, {"prompt_id": "b"}, {"prompt_id": "a"}, {"prompt_id": "b"}]
+    assert [[r["prompt_id"] for r in g] for g in group_by_prompt(rows, "x")] == [["a", "a"], ["b", "b"]]
+    with pytest.raises(UserError, match="same number"):
+        group_by_prompt(rows[:3], "samples.jsonl")
+
+
+def test_judge_nan_is_named():
+    with pytest.raises(UserError, match="returned nan for sample 2"):
+        checked(np.array([0.5, np.nan]), "samples.jsonl")
+
+
+def test_read_jsonl_names_file_and_line(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": \n')
+    with pytest.raises(UserError, match=r"p.jsonl:2: malformed JSON"):
+        read_jsonl(path)
+    path.write_text('{"id": "a"}\n')
+    with pytest.raises(UserError, match=r"p.jsonl:1: missing field 'prompt'"):
+        read_jsonl(path, required=("id", "prompt"))
+    path.write_bytes(b'{"id": "a", "prompt": "\xff"}\n')
+    with pytest.raises(UserError, match="not valid UTF-8"):
+        read_jsonl(path)
+    path.write_text('{"id": "a", "prompt": "x"}\n{"id": "a", "prompt": "y"}\n')
+    with pytest.raises(UserError, match="row 2: duplicate id 'a'"):
+        read_prompts(path)
+    path.write_text("\n")
+    with pytest.raises(UserError, match="no rows"):
+        read_jsonl(path)
+
+
+def test_writes_are_atomic(tmp_path):
+    out = tmp_path / "rows.jsonl"
+    write_jsonl(out, [{"a": 1}])
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "model") as tmp:
+        (tmp / "weights").write_text("half")
+        raise RuntimeError("crash mid-write")
+    assert not (tmp_path / "model").exists()  # nothing half-written is left to trust
+    assert [p.name for p in tmp_path.iterdir()] == ["rows.jsonl"]
+    assert json.loads(out.read_text()) == {"a": 1}
+
+
+def test_dvc_yaml_outputs_follow_round_paths():
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert set(stages) == {"prepare", *ROUND_STEPS}
+    for step in ROUND_STEPS:
+        do = stages[step]["do"]
+        assert do["cmd"] == f"rlhf {step} ${{key}}"  # one name: module, stage, command
+        outs = do.get("outs", []) + do.get("metrics", [])
+        declared = [o.replace("${key}", "r07") for o in outs]
+        assert declared == [str(getattr(round_paths("r07"), STEP_OUTPUT[step]))]
+    sft = round_paths("r00")
+    assert stages["prepare"]["outs"] == [str(sft.base), str(sft.policy)]
+    assert stages["prepare"]["metrics"] == [str(sft.metrics)]
+
+
+def test_shipped_data_is_what_make_data_writes(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copytree(ROOT / "data", tmp_path / "data", ignore=shutil.ignore_patterns("rounds"))
+    subprocess.run([sys.executable, tmp_path / "data" / "make_data.py"], check=True)
+    for name in ("sft.jsonl", "pretrain.txt", "prompts/eval.jsonl", "prompts/label.jsonl", "prompts/policy.jsonl"):
+        assert (tmp_path / "data" / name).read_text() == (ROOT / "data" / name).read_text(), name
+    evals = {r["prompt"] for r in read_prompts(ROOT / "data/prompts/eval.jsonl")}
+    seen = {r["prompt"] for s in ("label", "policy") for r in read_prompts(ROOT / f"data/prompts/{s}.jsonl")}
+    assert not evals & seen  # evaluation prompts are held out
