@@ -1,0 +1,66 @@
+"""`rlhf` as a user meets it: --help everywhere, and bad input is one line naming the key or path."""
+
+import subprocess
+
+import pytest
+
+from rlhf import STEPS
+from tests.conftest import BIN, make_project
+
+
+def rlhf(*args, cwd):
+    return subprocess.run([BIN / "rlhf", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("command", ["run", "check", "metrics", *STEPS])
+def test_every_subcommand_has_help(tmp_path, command):
+    out = rlhf(command, "--help", cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.startswith("usage: rlhf")
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    return make_project(tmp_path_factory.mktemp("cli") / "project")
+
+
+def set_params(project, old, new):
+    path = project / "params.yaml"
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+    return text
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("  seed: 0", "  seed: 0\n  sede: 1", "params.yaml: runtime.sede: unknown key"),
+        ("  k: 8", "  k: eight", "params.yaml: generate.k: input should be a valid integer"),
+        ("  threads: 2", "  threads: 0", "params.yaml: runtime.threads: input should be greater than or equal to 1"),
+        ("  policy: tiny", "  policy: ./models/missing-sft", "prepare.policy: no such model directory: ./models/missing-sft"),
+        ("  eval: data/prompts/eval.jsonl", "  eval: data/prompts/nope.jsonl", "data/prompts/nope.jsonl: no such file"),
+    ],
+)
+def test_run_rejects_bad_input_in_one_line(project, old, new, message):
+    original = set_params(project, old, new)
+    try:
+        out = rlhf("run", cwd=project)
+    finally:
+        (project / "params.yaml").write_text(original)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [f"error: {out.stderr.strip().removeprefix('error: ')}"]
+    assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_zero_rounds_is_an_error(project):
+    original = set_params(project, "rounds:\n  r01: r00\n  r02: r01\n  r03: r02\n", "rounds: {}\n")
+    try:
+        out = rlhf("run", cwd=project)
+    finally:
+        (project / "params.yaml").write_text(original)
+    assert out.returncode == 2 and out.stderr.strip() == "error: params.yaml: rounds: needs at least one round (r01: r00)"
+
+
+def test_step_rejects_unknown_round(project):
+    out = rlhf("generate", "r09", cwd=project)
+    assert out.returncode == 2 and "no round 'r09'" in out.stderr and "Traceback" not in out.stderr

@@ -1,0 +1,65 @@
+"""One round of the tiny project through the Prefect flow, each step as its DVC stage."""
+
+import json
+import subprocess
+
+import pytest
+import yaml
+
+from rlhf import ROUND_STEPS
+from tests.conftest import BIN, TINY, make_project
+
+EXPECTED_TASKS = {"r00-prepare", *(f"r01-{step}" for step in ROUND_STEPS)}
+
+
+def dvc(*args, cwd):
+    return subprocess.run([BIN / "dvc", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout
+
+
+def outputs(project):
+    return {p: p.stat().st_mtime_ns for p in (project / "data" / "rounds").rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def flow_run(tmp_path_factory):
+    from prefect.client.orchestration import get_client
+    from prefect.testing.utilities import prefect_test_harness
+
+    project = make_project(tmp_path_factory.mktemp("flow") / "project", TINY)
+    with pytest.MonkeyPatch.context() as mp, prefect_test_harness(server_startup_timeout=60):
+        mp.chdir(project)
+        from flows.iterate import iterate
+
+        rows = iterate()
+        first = outputs(project)
+        again = iterate()  # everything is up to date: DVC skips every stage
+        with get_client(sync_client=True) as client:
+            flows = client.read_flow_runs()
+            tasks = client.read_task_runs()
+    return project, rows, again, first, flows, tasks
+
+
+def test_flow_records_every_step_as_a_completed_task_run(flow_run):
+    _, _, _, _, flows, tasks = flow_run
+    assert len(flows) == 2 and all(f.state.is_completed() for f in flows)
+    by_run: dict = {}
+    for t in tasks:
+        by_run.setdefault(t.flow_run_id, []).append(t.name)
+    assert sorted(map(sorted, by_run.values())) == [sorted(EXPECTED_TASKS)] * 2
+    assert all(t.state.is_completed() for t in tasks), [(t.name, t.state.name) for t in tasks]
+
+
+def test_dvc_records_the_round_and_is_clean(flow_run):
+    project = flow_run[0]
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    assert set(lock) == {"prepare", *(f"{s}@r01" for s in ROUND_STEPS)}
+    assert "up to date" in dvc("status", cwd=project)
+    assert "didn't change" in dvc("repro", cwd=project) and "Running stage" not in dvc("repro", cwd=project)
+
+
+def test_rerun_skips_finished_stages_and_returns_the_table(flow_run):
+    project, rows, again, first, *_ = flow_run
+    assert [r["round"] for r in rows] == ["r00", "r01"] == [r["round"] for r in again]
+    assert outputs(project) == first  # nothing was rewritten
+    metrics = json.loads((project / "data/rounds/r01/metrics.json").read_text())
+    assert rows[1] == metrics and "proxy" in metrics
