@@ -16,6 +16,7 @@ from collections import deque
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
+from prefect.states import Failed
 
 from rlhf import ROUND_STEPS
 from rlhf.config import load_config
@@ -40,7 +41,7 @@ def stage(step: str, rnd: str, force: bool = False) -> bool:
     # The stage command `rlhf ...` must resolve to this environment's console script.
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
            "PYTHONHASHSEED": "0", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-    tail: deque[str] = deque(maxlen=5)
+    tail: deque[str] = deque(maxlen=20)
     skipped = False
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
         for line in proc.stdout:
@@ -50,8 +51,11 @@ def stage(step: str, rnd: str, force: bool = False) -> bool:
                 tail.append(line)
                 skipped |= "didn't change, skipping" in line
     if proc.returncode != 0:
-        errors = [t for t in tail if t.startswith(("error:", "ERROR:"))]
-        raise StageFailed(f"stage {name} failed: {(errors or list(tail) or ['no output'])[-1]}")
+        # The step's own one-line "error: ..." says most; DVC's "ERROR: failed to reproduce" comes next.
+        ours = [t.removeprefix("error:").strip() for t in tail if t.startswith("error:")]
+        theirs = [t.removeprefix("ERROR:").strip() for t in tail if t.startswith("ERROR:")]
+        message = f"stage {name} failed: {(ours or theirs or list(tail) or ['no output'])[-1]}"
+        return Failed(message=message, data=StageFailed(message))  # a failed task run, no traceback
     return not skipped
 
 
@@ -59,10 +63,10 @@ def stage(step: str, rnd: str, force: bool = False) -> bool:
 def iterate(force: bool = False) -> list[dict]:
     """Run prepare and every round in params.yaml; print and return the per-round metrics."""
     cfg = load_config()
-    stage("prepare", "r00", force)
-    for rnd in cfg.rounds:
-        for step in ROUND_STEPS:
-            stage(step, rnd, force)
+    for step, rnd in [("prepare", "r00"), *((s, r) for r in cfg.rounds for s in ROUND_STEPS)]:
+        state = stage(step, rnd, force, return_state=True)
+        if state.is_failed():
+            return state  # the flow run fails with the stage's message; later stages do not run
     rows = metrics_rows(["r00", *cfg.rounds])
     print("per-round metrics (gold: the judge's score on held-out prompts; KL to the SFT policy)\n"
           + metrics_table(rows))

@@ -192,3 +192,6 @@ def check_inputs(cfg: Config) -> None:
     for key, path in needed.items():
         if not Path(path).is_file():
             raise UserError(f"{path}: no such file ({key})")
+    from rlhf.judges import PinkElephantJudge
+
+    PinkElephantJudge(cfg.label.world)

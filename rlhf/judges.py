@@ -34,7 +34,13 @@ class PinkElephantJudge:
         path = Path(world_path)
         if not path.is_file():
             raise UserError(f"{path}: no such file (label.world)")
-        world = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            world = json.loads(path.read_text(encoding="utf-8"))
+            self._read(world)
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{path}: not a valid world file ({type(e).__name__}: {e})") from None
+
+    def _read(self, world: dict) -> None:
         self.topics = {t: set(v["nouns"]) | set(v["adjectives"]) for t, v in world["topics"].items()}
         self.forbidden = set(world["forbidden"])
         self.min_sent, self.max_sent = world["sentences_per_answer"]

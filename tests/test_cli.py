@@ -64,3 +64,27 @@ def test_zero_rounds_is_an_error(project):
 def test_step_rejects_unknown_round(project):
     out = rlhf("generate", "r09", cwd=project)
     assert out.returncode == 2 and "no round 'r09'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_malformed_world_file_is_caught_before_any_step(project):
+    world = project / "data" / "world.json"
+    original = world.read_text()
+    world.write_text(original[:200])
+    try:
+        out = rlhf("run", cwd=project)
+    finally:
+        world.write_text(original)
+    assert out.returncode == 2 and "data/world.json: not a valid world file" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and not (project / "data" / "rounds").exists()
+
+
+def test_a_failing_stage_stops_the_run_with_its_message(project):
+    pretrain = project / "data" / "pretrain.txt"
+    original = pretrain.read_bytes()
+    pretrain.write_bytes(b"\xff\xfe broken\n")
+    try:
+        out = rlhf("run", cwd=project)
+    finally:
+        pretrain.write_bytes(original)
+    assert out.returncode == 2
+    assert "error: stage prepare failed: data/pretrain.txt: not valid UTF-8 (byte 0)" in out.stderr.splitlines()
