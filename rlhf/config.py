@@ -186,12 +186,10 @@ def check_inputs(cfg: Config) -> None:
             raise UserError(f"{path}: not found; run from the project root (a DVC repository)")
     for key in ("label", "policy", "eval"):
         read_prompts(getattr(cfg.prompts, key))
-    needed = {"label.world": cfg.label.world}
     if cfg.prepare.policy == "tiny":
-        needed |= {"prepare.sft": cfg.prepare.sft, "prepare.pretrain": cfg.prepare.pretrain}
-    for key, path in needed.items():
-        if not Path(path).is_file():
-            raise UserError(f"{path}: no such file ({key})")
+        for key, path in {"prepare.sft": cfg.prepare.sft, "prepare.pretrain": cfg.prepare.pretrain}.items():
+            if not Path(path).is_file():
+                raise UserError(f"{path}: no such file ({key})")
     from rlhf.judges import PinkElephantJudge
 
-    PinkElephantJudge(cfg.label.world)
+    PinkElephantJudge(cfg.label.world)  # reads and checks the world file (label.world)
