@@ -1,6 +1,7 @@
 """Write the shipped data of the offline default from data/world.json (deterministic).
 
-    python data/make_data.py        # rewrites data/prompts/*.jsonl, data/sft.jsonl, data/pretrain.txt
+    python data/make_data.py        # rewrites data/prompts/*.jsonl, data/sft.jsonl, data/pretrain.txt,
+                                    # data/cotrain.jsonl
 
 Prompts are every (opener, topic, closer) combination, shuffled and split into disjoint sets:
 `eval` (held out from everything), `label` (the label step's prompts) and `policy` (the policy
@@ -61,6 +62,15 @@ def main() -> None:
         p = rng.choice(train_prompts)
         lines.append(p["prompt"] + " " + answer(rng, world, p["topic"]))
     (HERE / "pretrain.txt").write_text("\n".join(lines) + "\n")
+
+    # The co-training set (update_policy.cotrain): more dialogues of the SFT distribution, so that mixing
+    # it into a policy update pulls toward the model's priors. Its own generator leaves the files above as they were.
+    aux_rng = random.Random(4321)
+    aux = []
+    for i in range(500):
+        p = aux_rng.choice(train_prompts)
+        aux.append(json.dumps({"id": f"cotrain-{i:04d}", "prompt": p["prompt"], "completion": " " + answer(aux_rng, world, p["topic"])}))
+    (HERE / "cotrain.jsonl").write_text("\n".join(aux) + "\n")
 
 
 if __name__ == "__main__":

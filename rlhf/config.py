@@ -6,6 +6,7 @@ An unknown key, a wrong type or an impossible value raises UserError naming the 
 
 from __future__ import annotations
 
+import difflib
 import re
 from pathlib import Path
 from typing import Literal
@@ -86,14 +87,92 @@ class TrainRM(Section):
     max_length: int = Field(128, gt=0)
 
 
-class UpdatePolicy(Section):
-    method: Literal["dpo"] = "dpo"
-    k: int = Field(4, ge=2)
+class Lora(Section):
+    """PEFT LoRA for the policy update; rank 0 trains every weight instead."""
+
+    rank: int = Field(0, ge=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class CoTrain(Section):
+    """An auxiliary prompt/completion set mixed into the policy update to keep the model's priors."""
+
+    data: str = "data/cotrain.jsonl"  # prompt/completion rows
+    ratio: int = Field(0, ge=0)  # update batches per auxiliary batch; 0 = no co-training
+    coef: float = Field(1.0, gt=0)  # weight of the auxiliary NLL term (dpo, ppo, rloo)
+
+
+class DPO(Section):
     beta: float = Field(0.1, gt=0)
     epochs: float = Field(2.0, gt=0)
-    batch_size: int = Field(16, gt=0)
     learning_rate: float = Field(1e-4, gt=0)
+
+
+class PPO(Section):
+    kl_coef: float = Field(0.05, ge=0)  # beta of the per-token KL penalty (the start value if target_kl is set)
+    target_kl: float | None = Field(None, gt=0)  # per-sequence KL an adaptive controller steers toward
+    horizon: int = Field(10_000, gt=0)  # the adaptive controller's horizon (Ziegler et al.)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    clip: float = Field(0.2, gt=0)  # policy ratio clip
+    value_clip: float = Field(0.2, gt=0)
+    value_coef: float = Field(0.1, ge=0)
+    whiten: bool = True  # whiten advantages per rollout batch
+    missing_eos_penalty: float | None = Field(None, ge=0)  # subtracted from the score of a response that never ended
+    rollout_prompts: int = Field(64, gt=0)  # prompts per rollout batch (each sampled k times)
+    ppo_epochs: int = Field(4, gt=0)  # passes over each rollout batch
+    epochs: float = Field(2.0, gt=0)  # passes over the policy prompts
+    learning_rate: float = Field(1e-4, gt=0)
+    value_learning_rate: float = Field(1e-4, gt=0)
+
+
+class ReST(Section):
+    thresholds: list[float] = [0.5, 0.7, 0.9]  # one improve step each, on the reward's quantile in [0, 1)
+    keep_sft: bool = False  # mix the SFT set (prepare.sft) into each improve step, one SFT row per sample
+    epochs: float = Field(1.0, gt=0)  # per improve step
+    learning_rate: float = Field(1e-4, gt=0)
+
+    @field_validator("thresholds")
+    @classmethod
+    def _rising(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0 <= t < 1 for t in v) or v != sorted(v):
+            raise ValueError(f"must be a non-empty rising list of quantiles in [0, 1) (got {v})")
+        return v
+
+
+class RLOO(Section):
+    beta: float = Field(0.05, ge=0)
+    epochs: float = Field(1.0, gt=0)
+    learning_rate: float = Field(1e-4, gt=0)
+
+
+class UpdatePolicy(Section):
+    method: Literal["dpo", "ppo", "rest", "rloo"] = "dpo"
+    init: Literal["sft", "last", "liti"] = "last"  # where each round's policy starts
+    eta: float = Field(0.5, ge=0, le=1)  # liti: init_k = (1 - eta) init_(k-1) + eta policy_(k-1)
+    ref: Literal["sft", "init"] = "sft"  # the KL reference: the SFT policy or the round's initial policy
+    k: int = Field(4, ge=1)  # samples per policy prompt: dpo pairs best vs worst, rest and rloo groups, ppo rollouts
+    batch_size: int = Field(16, gt=0)
     max_length: int = Field(128, gt=0)
+    lora: Lora = Lora()
+    cotrain: CoTrain = CoTrain()
+    dpo: DPO = DPO()
+    ppo: PPO = PPO()
+    rest: ReST = ReST()
+    rloo: RLOO = RLOO()
+
+    @model_validator(mode="after")
+    def _runnable(self) -> UpdatePolicy:
+        if self.method in ("dpo", "rloo") and self.k < 2:
+            raise ValueError(f"[k] {self.method} needs at least 2 samples per prompt (got {self.k})")
+        if self.method == "rloo" and self.batch_size % self.k:
+            raise ValueError(f"[batch_size] rloo needs a multiple of k={self.k} (got {self.batch_size})")
+        if self.init == "liti" and self.lora.rank:
+            raise ValueError("[init] liti interpolates full weights; with lora.rank > 0 a round keeps only an "
+                             "adapter: use sft or last, or set lora.rank: 0")
+        return self
 
 
 class Evaluate(Section):
@@ -126,7 +205,7 @@ class Config(Section):
     @model_validator(mode="after")
     def _lengths_fit(self) -> Config:
         if self.generate.max_new_tokens >= self.update_policy.max_length:
-            raise ValueError("update_policy.max_length must exceed generate.max_new_tokens (prompt + response)")
+            raise ValueError("[update_policy.max_length] must exceed generate.max_new_tokens (prompt + response)")
         return self
 
 
@@ -169,17 +248,31 @@ def _describe(err: dict) -> str:
     key = ".".join(str(p) for p in err["loc"]) or "(top level)"
     kind, msg = err["type"], err["msg"]
     if kind == "extra_forbidden":
-        return f"{key}: unknown key"
+        near = difflib.get_close_matches(str(err["loc"][-1]), _keys_beside(err["loc"]), n=1, cutoff=0.6)
+        return f"{key}: unknown key" + (f" (did you mean {'.'.join(map(str, err['loc'][:-1] + (near[0],)))}?)" if near else "")
     if kind == "missing":
         return f"{key}: required key is missing"
     msg = msg.removeprefix("Value error, ")
+    if sub := re.match(r"\[([\w.]+)\] ", msg):  # a validator's message that names the key it is about
+        key, msg, kind = f"{key}.{sub[1]}" if key != "(top level)" else sub[1], msg[sub.end():], "value_error"
     got = f" (got {err['input']!r})" if kind != "value_error" and not isinstance(err.get("input"), dict) else ""
     return f"{key}: {msg[0].lower()}{msg[1:]}{got}"
 
 
+def _keys_beside(loc: tuple) -> list[str]:
+    """The valid keys of the section that holds `loc` (for a did-you-mean hint)."""
+    model = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
 def check_inputs(cfg: Config) -> None:
     """What can fail in a second rather than after an hour of rounds: the project and the files params name."""
-    from rlhf.io import read_prompts
+    from rlhf.io import read_jsonl, read_prompts
 
     for path in ("dvc.yaml", ".dvc"):
         if not Path(path).exists():
@@ -193,3 +286,8 @@ def check_inputs(cfg: Config) -> None:
     from rlhf.judges import PinkElephantJudge
 
     PinkElephantJudge(cfg.label.world)  # reads and checks the world file (label.world)
+    u = cfg.update_policy
+    if u.cotrain.ratio:
+        read_jsonl(u.cotrain.data, required=("prompt", "completion"), what="update_policy.cotrain.data")
+    if u.method == "rest" and u.rest.keep_sft:
+        read_jsonl(cfg.prepare.sft, required=("prompt", "completion"), what="prepare.sft")

@@ -13,11 +13,11 @@ from typing import Iterable, Iterator
 from rlhf.errors import UserError
 
 
-def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> list[dict]:
-    """Rows of a JSONL file; a bad line is an error naming the file and line number."""
+def read_jsonl(path: str | Path, required: Iterable[str] = (), what: str = "") -> list[dict]:
+    """Rows of a JSONL file; a bad line is an error naming the file and line number (`what`: the params key)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: no such file")
+        raise UserError(f"{path}: no such file" + (f" ({what})" if what else ""))
     rows = []
     try:
         lines = path.read_text(encoding="utf-8").splitlines()

@@ -6,6 +6,7 @@ path is the one a hub model takes. Weights load from safetensors; remote code st
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -61,11 +62,24 @@ def load_tokenizer(path: str | Path, padding_side: str = "right"):
     return tok
 
 
-def load_policy(path: str | Path, dev: str = "cpu"):
+def load_policy(path: str | Path, dev: str = "cpu", trainable: bool = False):
+    """A causal LM. A folder holding a LoRA adapter loads its base (as recorded in adapter_config.json)
+    and applies it: merged for inference, or as a trainable PeftModel with `trainable=True`."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(_existing(path, "policy"), use_safetensors=True, trust_remote_code=False)
+    path = _existing(path, "policy")
+    if is_adapter(path):
+        from peft import PeftModel
+
+        base = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+        model = PeftModel.from_pretrained(load_policy(base, dev), path, is_trainable=trainable)
+        return model if trainable else model.merge_and_unload()
+    model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
     return model.to(dev)
+
+
+def is_adapter(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
 
 
 def load_reward_model(path: str | Path, dev: str = "cpu"):
@@ -79,7 +93,7 @@ def load_reward_model(path: str | Path, dev: str = "cpu"):
 
 
 def save(model, tok, out: str | Path) -> None:
-    """Save weights (safetensors) and tokenizer into `out` atomically."""
+    """Save weights (safetensors; a PeftModel saves its adapter only) and tokenizer into `out` atomically."""
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)

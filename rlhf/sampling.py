@@ -65,6 +65,29 @@ def continuations(tok, prompt_ids: list[list[int]], response_ids: list[list[int]
     return [w[len(h) :] for w, h in zip(whole, head)]
 
 
+def pack(tok, prompts: list[str], response_ids: list[list[int]]):
+    """Right-padded prompt + response ids, the attention mask, each row's first response position and
+    the response lengths (tensors). Right padding keeps the positions generation saw (0, 1, ...)."""
+    import torch
+
+    prompt_ids = tok(prompts)["input_ids"]
+    rows = [p + r for p, r in zip(prompt_ids, response_ids, strict=True)]
+    ids = torch.full((len(rows), max(map(len, rows))), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for j, row in enumerate(rows):
+        ids[j, : len(row)] = torch.tensor(row)
+        mask[j, : len(row)] = 1
+    return ids, mask, torch.tensor(list(map(len, prompt_ids))), torch.tensor(list(map(len, response_ids)))
+
+
+def response_positions(start, length):
+    """Index of each response token in its packed row, [rows, longest response], and the mask of real ones."""
+    import torch
+
+    offset = torch.arange(int(length.max()))
+    return start[:, None] + offset, offset < length[:, None]
+
+
 def sequence_logprobs(model, tok, prompts: list[str], samples: Samples, batch_size: int = 64):
     """Sum of log p(response token | prefix) per sample, and the response lengths (tensors)."""
     import torch
@@ -73,22 +96,52 @@ def sequence_logprobs(model, tok, prompts: list[str], samples: Samples, batch_si
     model.eval()
     for start in range(0, len(samples.responses), batch_size):
         sl = slice(start, start + batch_size)
-        prompt_ids = tok([prompts[i] for i in samples.prompt_index[sl]])["input_ids"]
-        rows = [p + r for p, r in zip(prompt_ids, samples.response_ids[sl])]
-        width = max(map(len, rows))
-        ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        scored = torch.zeros_like(ids, dtype=torch.bool)  # response positions
-        for j, (p, row) in enumerate(zip(prompt_ids, rows)):
-            ids[j, : len(row)] = torch.tensor(row)
-            mask[j, : len(row)] = 1
-            scored[j, len(p) : len(row)] = True
-        ids, mask, scored = ids.to(model.device), mask.to(model.device), scored.to(model.device)
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-        total.append((logp * scored[:, 1:]).sum(-1).cpu())
-        lengths.append(scored.sum(-1).cpu())
+        logp, mask = response_logprobs(model, *pack(tok, [prompts[i] for i in samples.prompt_index[sl]],
+                                                     samples.response_ids[sl]), grad=False)
+        total.append((logp * mask).sum(-1).cpu())
+        lengths.append(mask.sum(-1).cpu())
+    return torch.cat(total), torch.cat(lengths)
+
+
+def response_logits(model, ids, attn, start, length):
+    """The logits that predict each response token, [rows, longest response, vocab], and the mask of real
+    tokens; only these positions are kept, so a long prompt costs no vocabulary-wide memory."""
+    pos, mask = response_positions(start, length)
+    pos = pos.clamp(max=ids.shape[1] - 1).to(model.device)
+    logits = model(input_ids=ids.to(model.device), attention_mask=attn.to(model.device)).logits
+    return logits.gather(1, (pos - 1)[..., None].expand(-1, -1, logits.shape[-1])).float(), mask.to(model.device), pos
+
+
+def response_logprobs(model, ids, attn, start, length, grad: bool = True):
+    """log p of each response token, [rows, longest response] (0 beyond a row's end), and the mask."""
+    import torch
+    from trl.trainer.utils import selective_log_softmax
+
+    with torch.set_grad_enabled(grad):
+        logits, mask, pos = response_logits(model, ids, attn, start, length)
+        logp = selective_log_softmax(logits, ids.to(model.device).gather(1, pos))
+    return logp * mask, mask
+
+
+def sequence_kl(policy, ref, tok, prompts: list[str], samples: Samples, batch_size: int = 64):
+    """KL(policy || ref) per sample: at each response position the exact KL between the two next-token
+    distributions (summed over the vocabulary), summed over the response. Never negative, and lower in
+    variance than log-ratios of the sampled tokens; returns (KL per sample, response lengths)."""
+    import torch
+
+    total, lengths = [], []
+    for start in range(0, len(samples.responses), batch_size):
+        sl = slice(start, start + batch_size)
+        packed = pack(tok, [prompts[i] for i in samples.prompt_index[sl]], samples.response_ids[sl])
+        logp = []
+        for model in (policy, ref):
+            model.eval()
+            with torch.no_grad():
+                logits, mask, _ = response_logits(model, *packed)
+            logp.append(torch.log_softmax(logits.cpu(), -1))
+        kl = (logp[0].exp() * (logp[0] - logp[1])).sum(-1).clamp(min=0)  # clamp: rounding error only
+        total.append((kl * mask.cpu()).sum(-1))
+        lengths.append(mask.sum(-1).cpu())
     return torch.cat(total), torch.cat(lengths)
 
 

@@ -1,7 +1,9 @@
-"""evaluate: the round's policy on held-out prompts: gold and proxy score, and KL to the SFT reference.
+"""evaluate: the round's policy on held-out prompts: gold and proxy score, and KL to the reference.
 
-Samples are drawn at temperature 1 with no top-k/top-p, so they come from the distribution the KL
-estimate scores: KL(policy || ref) = E_policy[log p_policy(y|x) - log p_ref(y|x)].
+Samples are drawn at temperature 1 with no top-k/top-p, so they come from the policy itself. KL(policy ||
+ref) sums, over each sampled response, the exact KL of the two next-token distributions at every
+position: an unbiased estimate of the sequence KL that is never negative. The reference is the one the
+update regularised toward (`update_policy.ref`); with `ref: init` the KL to the SFT policy is added.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ def summary(values) -> dict:
 
 def evaluate(cfg: Config, rnd: str) -> dict:
     from rlhf import models, sampling
+    from rlhf.policy import reference
 
     models.setup(cfg, "evaluate", rnd)
     paths, dev, e = round_paths(rnd), models.device(cfg), cfg.evaluate
@@ -42,9 +45,12 @@ def evaluate(cfg: Config, rnd: str) -> dict:
     else:
         rm = models.load_reward_model(paths.reward_model, dev)
         metrics["proxy"] = summary(sampling.reward_scores(rm, tok, asked, s.responses))
-        lp, n_tokens = sampling.sequence_logprobs(policy, tok, prompts, s)
-        lp_ref, _ = sampling.sequence_logprobs(models.load_policy(SFT.policy, dev), tok, prompts, s)
-        kl = (lp - lp_ref).double()
-        metrics["kl"] = {"per_sequence": float(kl.mean()), "per_token": float(kl.sum() / n_tokens.sum())}
+        refs = {"kl": reference(cfg, rnd, dev)}
+        if cfg.update_policy.ref != "sft":
+            refs["kl_sft"] = models.load_policy(SFT.policy, dev)
+        for key, ref in refs.items():
+            kl, n_tokens = sampling.sequence_kl(policy, ref, tok, prompts, s)
+            metrics[key] = {"per_sequence": float(kl.double().mean()), "per_token": float(kl.double().sum() / n_tokens.sum())}
+        metrics["kl"]["reference"] = cfg.update_policy.ref
     write_json(paths.metrics, metrics)
     return metrics

@@ -1,51 +1,67 @@
-"""update_policy: iterated DPO. The policy samples K responses per policy prompt, the proxy RM ranks
-them, and TRL's DPOTrainer trains on best-vs-worst pairs with the SFT policy as the reference."""
+"""update_policy: the policy learns from the proxy reward by the method in `update_policy.method`:
+ppo, rest, dpo or rloo. Each round starts from `init` (sft, last or liti), is regularised toward `ref`,
+trains every weight or a LoRA adapter, and can mix in an auxiliary co-training set."""
 
 from __future__ import annotations
 
+import importlib
+import logging
 import tempfile
+from dataclasses import dataclass
 
 from rlhf.config import Config
-from rlhf.errors import UserError
 from rlhf.io import read_prompts
-from rlhf.paths import SFT, round_paths
-from tasks.label import best_worst
+from rlhf.paths import RoundPaths, round_paths
+
+log = logging.getLogger("rlhf")
+
+
+@dataclass
+class Update:
+    """What every method works with: the trainable policy, its frozen reference, the proxy RM and data."""
+
+    cfg: Config
+    rnd: str
+    paths: RoundPaths
+    seed: int
+    dev: str
+    tok: object
+    policy: object  # trained in place; a PeftModel with LoRA
+    ref: object
+    rm: object
+    prompts: list[str]
+    aux: object  # rlhf.cotrain.Aux, or None without co-training
+    scratch: str  # a temporary folder for trainer output
+
+    def proxy(self, prompts: list[str], responses: list[str]):
+        """The proxy RM's scores (a numpy array)."""
+        from rlhf.sampling import reward_scores
+
+        return reward_scores(self.rm, self.tok, prompts, responses)
 
 
 def update_policy(cfg: Config, rnd: str) -> dict:
-    from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
-
-    from rlhf import models, sampling
+    from rlhf import models, policy
+    from rlhf.cotrain import Aux
 
     seed = models.setup(cfg, "update_policy", rnd)
-    paths, prev = round_paths(rnd), round_paths(cfg.rounds[rnd])
-    dev, u = models.device(cfg), cfg.update_policy
-    prompts = [p["prompt"] for p in read_prompts(cfg.prompts.policy)]
-    tok = models.load_tokenizer(prev.policy)
-    policy = models.load_policy(prev.policy, dev)
+    paths, dev, up = round_paths(rnd), models.device(cfg), cfg.update_policy
+    tok = models.load_tokenizer(round_paths(cfg.rounds[rnd]).policy)
+    model = policy.trainable_policy(cfg, rnd, dev)
+    ref = policy.reference(cfg, rnd, dev)
     rm = models.load_reward_model(paths.reward_model, dev)
-
-    s = sampling.generate(policy, tok, prompts, u.k, cfg.generate)
-    proxy = sampling.reward_scores(rm, tok, [prompts[i] for i in s.prompt_index], s.responses)
-    del rm
-    scores = proxy.reshape(len(prompts), u.k)
-    best, worst, valid = best_worst(scores)
-    rows = [
-        {"prompt": p, "chosen": s.responses[i * u.k + b], "rejected": s.responses[i * u.k + w]}
-        for i, (p, b, w, ok) in enumerate(zip(prompts, best, worst, valid))
-        if ok and s.responses[i * u.k + b] != s.responses[i * u.k + w]
-    ]
-    if len(rows) < 2:
-        raise UserError(f"{paths.reward_model}: the proxy RM ranks too few samples apart ({len(rows)} pairs)")
-    ref = models.load_policy(SFT.policy, dev)
+    rm.eval().requires_grad_(False)
+    aux = Aux.from_params(up.cotrain, tok, up.batch_size, up.max_length, seed) if up.cotrain.ratio else None
+    prompts = [p["prompt"] for p in read_prompts(cfg.prompts.policy)]
+    method = importlib.import_module(f"rlhf.methods.{up.method}")
+    log.info("update_policy %s: %s from %s, reference %s%s", rnd, up.method, up.init, up.ref,
+             f", LoRA rank {up.lora.rank}" if up.lora.rank else "")
     with tempfile.TemporaryDirectory() as scratch:
-        args = models.train_args(
-            DPOConfig, cfg, seed, scratch, beta=u.beta, num_train_epochs=u.epochs,
-            per_device_train_batch_size=u.batch_size, learning_rate=u.learning_rate, max_length=u.max_length,
-        )
-        trainer = DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=Dataset.from_list(rows),
-                             processing_class=tok)
-        result = trainer.train()
-    models.save(policy, tok, paths.policy)
-    return {"pairs": len(rows), "proxy_mean_of_samples": float(proxy.mean()), "train_loss": result.training_loss}
+        summary = method.update(Update(cfg, rnd, paths, seed, dev, tok, model, ref, rm, prompts, aux, scratch))
+    models.save(model, tok, paths.policy)
+    summary = {"method": up.method, "trainable_parameters": _trainable(model), **summary}
+    return {**summary, "cotrain": aux.counts()} if aux else summary
+
+
+def _trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

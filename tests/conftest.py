@@ -24,7 +24,7 @@ TINY = {
                 "sft_epochs": 2.0, "learning_rate": 0.003, "batch_size": 32},
     "generate": {"k": 4, "max_new_tokens": 32},
     "train_rm": {"epochs": 3.0, "learning_rate": 0.001},
-    "update_policy": {"k": 4, "epochs": 2.0, "learning_rate": 0.001},
+    "update_policy": {"k": 4, "dpo": {"epochs": 2.0, "learning_rate": 0.001}},
     "evaluate": {"samples_per_prompt": 2, "max_new_tokens": 32},
 }
 SUBSET = {"label": 200, "policy": 64, "eval": 24}
@@ -44,7 +44,7 @@ def make_project(dest: Path, params: dict | None = None, subset: bool = True) ->
         shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", dest)
     (dest / "data" / "prompts").mkdir(parents=True)
-    for name in ("world.json", "sft.jsonl", "pretrain.txt"):
+    for name in ("world.json", "sft.jsonl", "pretrain.txt", "cotrain.jsonl"):
         shutil.copy(ROOT / "data" / name, dest / "data" / name)
     for split, n in SUBSET.items():
         lines = (ROOT / "data" / "prompts" / f"{split}.jsonl").read_text().splitlines(keepends=True)
@@ -52,6 +52,7 @@ def make_project(dest: Path, params: dict | None = None, subset: bool = True) ->
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
     (dest / "params.yaml").write_text(yaml.safe_dump(deep_update(base, params or {}), sort_keys=False))
     subprocess.run([BIN / "dvc", "init", "--no-scm", "-q"], cwd=dest, check=True)
+    shutil.copy(ROOT / ".dvcignore", dest)
     subprocess.run([BIN / "dvc", "config", "core.analytics", "false"], cwd=dest, check=True)
     return dest
 

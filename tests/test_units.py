@@ -84,7 +84,7 @@ def test_shipped_data_is_what_make_data_writes(tmp_path):
 
     shutil.copytree(ROOT / "data", tmp_path / "data", ignore=shutil.ignore_patterns("rounds"))
     subprocess.run([sys.executable, tmp_path / "data" / "make_data.py"], check=True)
-    for name in ("sft.jsonl", "pretrain.txt", "prompts/eval.jsonl", "prompts/label.jsonl", "prompts/policy.jsonl"):
+    for name in ("sft.jsonl", "pretrain.txt", "cotrain.jsonl", "prompts/eval.jsonl", "prompts/label.jsonl", "prompts/policy.jsonl"):
         assert (tmp_path / "data" / name).read_text() == (ROOT / "data" / name).read_text(), name
     evals = {r["prompt"] for r in read_prompts(ROOT / "data/prompts/eval.jsonl")}
     seen = {r["prompt"] for s in ("label", "policy") for r in read_prompts(ROOT / f"data/prompts/{s}.jsonl")}

@@ -1,0 +1,232 @@
+"""The policy update: PPO's invariants, each method on a tiny model, initialisation, LoRA, co-training."""
+
+import copy
+import json
+import shutil
+
+import pytest
+import torch
+
+from rlhf import models, sampling
+from rlhf.config import PPO, Config, CoTrain
+from rlhf.cotrain import Aux
+from rlhf.io import read_prompts
+from rlhf.methods import ppo
+from rlhf.paths import SFT, round_paths
+from tests.conftest import deep_update
+
+
+@pytest.fixture(scope="module")
+def scratch_project(tiny_project, tmp_path_factory):
+    """A copy of the tiny project (SFT, r01's RM) whose r01 policy the tests here may overwrite."""
+    dest = tmp_path_factory.mktemp("update") / "project"
+    shutil.copytree(tiny_project, dest)
+    return dest
+
+
+def config(change: dict | None = None) -> Config:
+    """The tiny project's params with `change` applied; run from inside the project."""
+    import yaml
+
+    return Config.model_validate(deep_update(yaml.safe_load(open("params.yaml")), change or {}))
+
+
+def weights(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+# --- PPO pieces on hand-made tensors ---------------------------------------------------------------
+
+
+def test_gae_with_lambda_one_sums_future_rewards_and_with_lambda_zero_is_one_step():
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0], [0.5, 2.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    values = torch.tensor([[0.1, 0.2, 0.3, 9.0], [0.4, 0.5, 9.0, 9.0]]) * mask
+    adv, ret = ppo.gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    assert torch.allclose(ret, torch.tensor([[1.0, 1.0, 1.0, 0.0], [2.5, 2.0, 0.0, 0.0]]))  # Monte Carlo returns
+    adv0, _ = ppo.gae(rewards, values, mask, gamma=0.9, lam=0.0)
+    expected = rewards[0, 0] + 0.9 * values[0, 1] - values[0, 0]
+    assert adv0[0, 0] == pytest.approx(float(expected))
+    assert adv0[0, 2] == pytest.approx(1.0 - 0.3)  # the last token has no next value
+    assert (adv[mask == 0] == 0).all()
+
+
+def test_whitened_advantages_have_zero_mean_unit_variance_over_real_tokens():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 50.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    w = ppo.whiten(x, mask)
+    assert float(w[mask == 1].mean()) == pytest.approx(0, abs=1e-6)
+    assert float(w[mask == 1].var(unbiased=False)) == pytest.approx(1, abs=1e-4)
+    assert (w[mask == 0] == 0).all()
+
+
+def test_adaptive_kl_controller_moves_beta_toward_the_target():
+    fixed, adaptive = PPO(kl_coef=0.1), PPO(kl_coef=0.1, target_kl=2.0, horizon=100)
+    assert ppo.adapt_beta(0.1, 10.0, fixed, 64) == 0.1
+    assert ppo.adapt_beta(0.1, 10.0, adaptive, 64) > 0.1  # KL too high: penalise more
+    assert ppo.adapt_beta(0.1, 0.5, adaptive, 64) < 0.1
+    assert ppo.adapt_beta(0.1, 2.0, adaptive, 64) == pytest.approx(0.1)
+
+
+# --- PPO on the tiny model ------------------------------------------------------------------------
+
+
+def run_ppo(cfg, reward_fn, p: PPO, prompts, policy=None, ref=None, k=4):
+    tok = models.load_tokenizer(SFT.policy)
+    policy = policy or models.load_policy(SFT.policy)
+    ref = ref or models.load_policy(SFT.policy).eval().requires_grad_(False)
+    value = models.load_reward_model(round_paths("r01").reward_model)
+    torch.manual_seed(0)
+    history = ppo.train(policy, ref, value, tok, prompts, reward_fn, p, k, cfg.generate, 16, seed=0)
+    return policy, tok, history
+
+
+def test_ppo_first_minibatch_has_ratio_one_and_zero_kl_to_an_identical_reference(scratch_project, monkeypatch):
+    monkeypatch.chdir(scratch_project)
+    cfg = config()
+    prompts = [p["prompt"] for p in read_prompts(cfg.prompts.policy)][:16]
+    policy = models.load_policy(SFT.policy)
+    ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    _, _, history = run_ppo(cfg, lambda p, r: [1.0] * len(r), PPO(rollout_prompts=16, epochs=1.0, ppo_epochs=2),
+                            prompts, policy, ref)
+    first = history[0]
+    assert first["first_minibatch"]["ratio_max_dev"] < 1e-5  # nothing has been updated yet
+    assert abs(first["kl"]) < 1e-6  # the reference is the policy itself
+    assert first["first_minibatch"]["clipfrac"] == 0
+
+
+def test_ppo_raises_a_toy_reward_for_one_word(scratch_project, monkeypatch):
+    monkeypatch.chdir(scratch_project)
+    cfg = config()
+    prompts = [p["prompt"] for p in read_prompts(cfg.prompts.policy)]
+
+    def elephants(asked, responses):  # reward: how often the response says "elephant"
+        return [r.split().count("elephant") for r in responses]
+
+    def mean_reward(policy, tok):
+        torch.manual_seed(3)
+        s = sampling.generate(policy, tok, prompts, 2, cfg.generate)
+        return sum(elephants(None, s.responses)) / len(s.responses)
+
+    p = PPO(kl_coef=0.0, rollout_prompts=32, epochs=2.0, learning_rate=1e-3, value_learning_rate=1e-3)
+    tok = models.load_tokenizer(SFT.policy)
+    before = mean_reward(models.load_policy(SFT.policy), tok)
+    policy, tok, history = run_ppo(cfg, elephants, p, prompts)
+    assert mean_reward(policy, tok) > before + 0.3, (before, [h["score"] for h in history])
+
+
+# --- every method through the step function -------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["ppo", "rest", "rloo"])
+def test_each_method_raises_the_proxy_reward(scratch_project, monkeypatch, method):
+    from tasks.update_policy import update_policy
+
+    monkeypatch.chdir(scratch_project)
+    cfg = config({"update_policy": {"method": method, "ppo": {"learning_rate": 0.001, "value_learning_rate": 0.001},
+                                    "rest": {"learning_rate": 0.001}, "rloo": {"learning_rate": 0.001}}})
+    summary = update_policy(cfg, "r01")
+    assert summary["method"] == method
+    prompts = [p["prompt"] for p in read_prompts(cfg.prompts.policy)]
+    rm, tok = models.load_reward_model(round_paths("r01").reward_model), models.load_tokenizer(SFT.policy)
+    means = {}
+    for name, folder in (("before", SFT.policy), ("after", round_paths("r01").policy)):
+        torch.manual_seed(1)
+        s = sampling.generate(models.load_policy(folder), tok, prompts, 4, cfg.generate)
+        means[name] = sampling.reward_scores(rm, tok, [prompts[i] for i in s.prompt_index], s.responses).mean()
+    assert means["after"] > means["before"] + 0.1, means
+
+
+# --- initialisation -------------------------------------------------------------------------------
+
+
+def two_rounds(change: dict) -> Config:
+    return config(deep_update({"rounds": {"r01": "r00", "r02": "r01"}}, {"update_policy": change}))
+
+
+def test_init_sft_last_and_liti_weights(scratch_project, monkeypatch):
+    from rlhf.policy import initial_policy
+
+    monkeypatch.chdir(scratch_project)
+    sft, last = weights(models.load_policy(SFT.policy)), weights(models.load_policy(round_paths("r01").policy))
+    assert any(not torch.equal(sft[k], last[k]) for k in sft)  # r01 moved away from SFT
+    cases = {"sft": ({"init": "sft"}, sft), "last": ({"init": "last"}, last),
+             "liti eta=1": ({"init": "liti", "eta": 1.0}, last), "liti eta=0": ({"init": "liti", "eta": 0.0}, sft)}
+    for name, (change, expected) in cases.items():
+        got = weights(initial_policy(two_rounds(change), "r02"))
+        assert all(torch.equal(got[k], expected[k]) for k in expected), name  # exactly, not approximately
+    half = weights(initial_policy(two_rounds({"init": "liti", "eta": 0.5}), "r02"))
+    assert all(torch.allclose(half[k], (sft[k] + last[k]) / 2, atol=1e-6) for k in sft)
+    assert all(torch.equal(v, sft[k]) for k, v in weights(initial_policy(two_rounds({"init": "liti"}), "r01")).items())
+
+
+def test_reference_is_sft_or_the_initial_policy(scratch_project, monkeypatch):
+    from rlhf.policy import reference
+
+    monkeypatch.chdir(scratch_project)
+    last = weights(models.load_policy(round_paths("r01").policy))
+    ref = reference(two_rounds({"init": "last", "ref": "init"}), "r02")
+    assert not any(p.requires_grad for p in ref.parameters())
+    assert all(torch.equal(v, last[k]) for k, v in weights(ref).items())
+    sft = weights(models.load_policy(SFT.policy))
+    assert all(torch.equal(v, sft[k]) for k, v in weights(reference(two_rounds({"ref": "sft"}), "r02")).items())
+
+
+# --- LoRA and co-training -------------------------------------------------------------------------
+
+
+def test_lora_round_stores_only_an_adapter_that_reloads_and_generates(scratch_project, monkeypatch):
+    from tasks.update_policy import update_policy
+
+    monkeypatch.chdir(scratch_project)
+    cfg = config({"update_policy": {"lora": {"rank": 4, "target_modules": ["q_proj", "v_proj"]}}})
+    summary = update_policy(cfg, "r01")
+    out = round_paths("r01").policy
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
+    assert not (out / "ref").exists()
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and adapter["base_model_name_or_path"] == str(SFT.policy)
+    full = sum(p.numel() for p in models.load_policy(SFT.policy).parameters())
+    assert summary["trainable_parameters"] < full / 10
+    policy, tok = models.load_policy(out), models.load_tokenizer(out)
+    s = sampling.generate(policy, tok, ["user : describe the ocean . assistant :"], 3, cfg.generate)
+    assert all(len(ids) > 0 for ids in s.response_ids)
+    merged, sft = weights(policy), weights(models.load_policy(SFT.policy))
+    assert any(not torch.equal(merged[k], sft[k]) for k in sft)  # the adapter changed the weights
+
+    from rlhf.policy import trainable_policy
+
+    cont = trainable_policy(two_rounds({"lora": {"rank": 4, "target_modules": ["q_proj", "v_proj"]}}), "r02")
+    lora = {k: v for k, v in cont.named_parameters() if "lora_" in k}
+    assert lora and all(v.requires_grad for v in lora.values())  # round 2 continues round 1's adapter
+    assert any(float(v.abs().sum()) > 0 for k, v in lora.items() if "lora_B" in k)
+
+
+def test_aux_takes_one_batch_after_every_ratio_update_batches():
+    rows = [{"prompt": "p", "completion": str(i)} for i in range(5)]
+    aux = Aux(rows, CoTrain(ratio=3), tok=None, batch_size=4, max_length=64, seed=0)
+    got = [aux.after_update_batch(8) for _ in range(10)]
+    assert [g is not None for g in got] == [False, False, True] * 3 + [False]
+    assert aux.counts() == {"update_batches": 10, "update_examples": 80, "aux_batches": 3, "aux_examples": 12,
+                            "ratio": 3}
+    assert all(len(g) == 4 for g in got if g)
+
+
+@pytest.mark.parametrize("method", ["dpo", "ppo", "rest"])
+def test_cotraining_uses_auxiliary_and_update_examples_at_the_ratio(scratch_project, monkeypatch, method):
+    from tasks.update_policy import update_policy
+
+    monkeypatch.chdir(scratch_project)
+    cfg = config({"update_policy": {"method": method, "cotrain": {"ratio": 2},
+                                    "ppo": {"rollout_prompts": 32, "epochs": 0.5, "ppo_epochs": 1}}})
+    summary = update_policy(cfg, "r01")
+    c = summary["cotrain"]
+    if method == "rest":  # mixed data: one auxiliary row per `ratio` selected samples, in every improve step
+        steps = summary["improve_steps"]
+        assert all(s["aux"] == s["samples"] // 2 for s in steps)
+        assert c["aux_examples"] == sum(s["aux"] for s in steps) > 0
+        assert c["update_examples"] == sum(s["samples"] for s in steps)
+    else:
+        assert c["update_batches"] > 0 and c["aux_batches"] == c["update_batches"] // 2
+        assert c["aux_examples"] == c["aux_batches"] * cfg.update_policy.batch_size
+        assert c["update_examples"] / c["aux_examples"] == pytest.approx(2, rel=0.15)
