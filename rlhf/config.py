@@ -123,7 +123,7 @@ class PPO(Section):
     missing_eos_penalty: float | None = Field(None, ge=0)  # subtracted from the score of a response that never ended
     rollout_prompts: int = Field(64, gt=0)  # prompts per rollout batch (each sampled k times)
     ppo_epochs: int = Field(4, gt=0)  # passes over each rollout batch
-    epochs: float = Field(2.0, gt=0)  # passes over the policy prompts
+    epochs: float = Field(1.0, gt=0)  # passes over the policy prompts
     learning_rate: float = Field(1e-4, gt=0)
     value_learning_rate: float = Field(1e-4, gt=0)
 

@@ -88,21 +88,6 @@ def response_positions(start, length):
     return start[:, None] + offset, offset < length[:, None]
 
 
-def sequence_logprobs(model, tok, prompts: list[str], samples: Samples, batch_size: int = 64):
-    """Sum of log p(response token | prefix) per sample, and the response lengths (tensors)."""
-    import torch
-
-    total, lengths = [], []
-    model.eval()
-    for start in range(0, len(samples.responses), batch_size):
-        sl = slice(start, start + batch_size)
-        logp, mask = response_logprobs(model, *pack(tok, [prompts[i] for i in samples.prompt_index[sl]],
-                                                     samples.response_ids[sl]), grad=False)
-        total.append((logp * mask).sum(-1).cpu())
-        lengths.append(mask.sum(-1).cpu())
-    return torch.cat(total), torch.cat(lengths)
-
-
 def response_logits(model, ids, attn, start, length):
     """The logits that predict each response token, [rows, longest response, vocab], and the mask of real
     tokens; only these positions are kept, so a long prompt costs no vocabulary-wide memory."""

@@ -50,7 +50,8 @@ def evaluate(cfg: Config, rnd: str) -> dict:
             refs["kl_sft"] = models.load_policy(SFT.policy, dev)
         for key, ref in refs.items():
             kl, n_tokens = sampling.sequence_kl(policy, ref, tok, prompts, s)
-            metrics[key] = {"per_sequence": float(kl.double().mean()), "per_token": float(kl.double().sum() / n_tokens.sum())}
+            kl = kl.double()
+            metrics[key] = {"per_sequence": float(kl.mean()), "per_token": float(kl.sum() / n_tokens.sum())}
         metrics["kl"]["reference"] = cfg.update_policy.ref
     write_json(paths.metrics, metrics)
     return metrics

@@ -96,14 +96,19 @@ def test_evaluate_writes_metrics_with_kl_and_proxy(in_project):
     assert "proxy" in m and np.isfinite(m["proxy"]["mean"])
 
 
-def test_kl_of_a_policy_to_itself_is_zero(in_project):
-    tok, policy = models.load_tokenizer(SFT.policy), models.load_policy(SFT.policy)
+def test_kl_is_zero_to_itself_positive_to_another_policy_and_independent_of_padding(in_project):
+    tok, sft = models.load_tokenizer(SFT.policy), models.load_policy(SFT.policy)
     prompts = ["user : describe the ocean . assistant :", "user : talk about the city now . assistant :"]
-    s = sampling.generate(policy, tok, prompts, 3, in_project.generate)
-    lp, n = sampling.sequence_logprobs(policy, tok, prompts, s)
-    lp_again, _ = sampling.sequence_logprobs(policy, tok, prompts, s, batch_size=2)  # other padding
-    assert (lp < 0).all() and (n > 0).all()
-    assert torch_allclose(lp, lp_again)
+    s = sampling.generate(sft, tok, prompts, 3, in_project.generate)
+    self_kl, n = sampling.sequence_kl(sft, models.load_policy(SFT.policy), tok, prompts, s)
+    assert (self_kl.abs() < 1e-5).all() and (n > 0).all()
+    updated = models.load_policy(round_paths("r01").policy)
+    kl = sampling.sequence_kl(updated, sft, tok, prompts, s)[0]
+    assert (kl > 0).all()
+    assert torch_allclose(kl, sampling.sequence_kl(updated, sft, tok, prompts, s, batch_size=2)[0])  # other padding
+    logp, mask = sampling.response_logprobs(sft, *sampling.pack(tok, [prompts[i] for i in s.prompt_index],
+                                                                s.response_ids), grad=False)
+    assert (logp <= 0).all() and mask.sum(1).tolist() == [len(r) for r in s.response_ids]
 
 
 def torch_allclose(a, b):

@@ -122,12 +122,12 @@ def ppo_step(policy, value_model, r: Rollout, rows, p: PPO):
 
     part = (r.ids[rows], r.attn[rows], r.start[rows], r.length[rows])
     width = int(r.length[rows].max())
-    mask, old_logp = r.mask[rows, :width], r.logp[rows, :width]
-    adv, ret, old_v = r.advantages[rows, :width], r.returns[rows, :width], r.values[rows, :width]
-    logp = sampling.response_logprobs(policy, *part)[0].cpu()
+    mask, old_logp, adv, ret, old_v = (x[rows, :width].to(policy.device)
+                                       for x in (r.mask, r.logp, r.advantages, r.returns, r.values))
+    logp = sampling.response_logprobs(policy, *part)[0]
     ratio = torch.exp(logp - old_logp)
     pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - p.clip, 1 + p.clip))
-    v = values_of(value_model, *part).cpu()
+    v = values_of(value_model, *part).to(policy.device)
     v_clipped = old_v + (v - old_v).clamp(-p.value_clip, p.value_clip)
     vf = 0.5 * torch.max((v - ret) ** 2, (v_clipped - ret) ** 2)
     n = mask.sum()
