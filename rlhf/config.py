@@ -73,14 +73,49 @@ class Sampling(Section):
     batch_size: int = Field(64, gt=0)
 
 
+class Judge(Section):
+    """The gold judge (rlhf/judges.py). `rubric`: a built-in programmatic rubric (`name: pink_elephant`);
+    `python`: any callable `module:function` scoring (prompts, responses); `hf`: a sequence-classification
+    reward model, `name` a local path or hub id; `ultrarm`: UltraRM's LlamaModel + regression_head."""
+
+    type: Literal["rubric", "python", "hf", "ultrarm"] = "rubric"
+    name: str = "pink_elephant"
+    input: Literal["template", "chat", "pair"] = "template"  # hf: how a prompt and response become input
+    template: str = "Human: {prompt}\nAssistant: {response}"
+    trust_remote_code: bool = False
+    allow_pickle: bool = False  # load .bin/.pt weights when a model has no safetensors
+    batch_size: int = Field(16, gt=0)
+    max_length: int = Field(1024, gt=0)
+    best: float | None = None  # the most the judge can give, if known (the rubric's is 1.0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Judge:
+        if self.type == "rubric" and self.name != "pink_elephant":
+            raise ValueError(f"[name] the built-in rubric is pink_elephant (got {self.name!r})")
+        if self.type == "python" and not re.fullmatch(r"[\w.]+:\w+", self.name):
+            raise ValueError(f"[name] a python judge is module:function (got {self.name!r})")
+        if self.type in ("hf", "ultrarm") and missing_local_dir(self.name):
+            raise ValueError(f"[name] no such model directory: {self.name}")
+        if self.input == "template" and not {"{prompt}", "{response}"} <= set(re.findall(r"{\w+}", self.template)):
+            raise ValueError("[template] needs both {prompt} and {response}")
+        return self
+
+
 class Label(Section):
-    judge: Literal["pink_elephant"] = "pink_elephant"
+    judge: Judge = Judge()
     world: str = "data/world.json"
-    pairs: Literal["best_worst"] = "best_worst"
+    pairs: Literal["best_worst", "all_pairs"] = "best_worst"
+    ties: Literal["skip", "keep"] = "skip"  # a pair of equal scores
+    noise: float = Field(0.0, ge=0, le=0.5)  # probability of flipping a pair (AlpacaFarm; Coste et al. use 0.25)
 
 
 class TrainRM(Section):
-    init: Literal["sft", "base"] = "sft"
+    init: Literal["sft", "base", "last"] = "sft"  # last: the previous round's RM (round 1: the SFT policy)
+    objective: Literal["bt", "bt_margin", "absolute", "combined"] = "bt"
+    weight: float = Field(0.5, ge=0, le=1)  # combined: reward = w sigmoid(r_pref) + (1 - w) sigmoid(r_abs)
+    data: Literal["last", "concat", "sample"] = "last"  # which rounds' pairs: this one, all so far, or a sample
+    sample_size: int = Field(400, gt=0)  # sample: pairs in all, an equal share from each round so far
+    unique_prompts: bool = False  # sample: each prompt at most once
     epochs: float = Field(2.0, gt=0)
     batch_size: int = Field(16, gt=0)
     learning_rate: float = Field(1e-4, gt=0)
@@ -150,6 +185,10 @@ class RLOO(Section):
 
 class UpdatePolicy(Section):
     method: Literal["dpo", "ppo", "rest", "rloo"] = "dpo"
+    # the reward the policy optimises: the round's RM, an ensemble of every round's RM so far (mean, min, or
+    # mean - uwo_lambda * std), or one RM whose weights are the average of theirs
+    reward: Literal["last", "ensemble_mean", "ensemble_min", "ensemble_uwo", "weight_average"] = "last"
+    uwo_lambda: float = Field(1.0, ge=0)
     init: Literal["sft", "last", "liti"] = "last"  # where each round's policy starts
     eta: float = Field(0.5, ge=0, le=1)  # liti: init_k = (1 - eta) init_(k-1) + eta policy_(k-1)
     ref: Literal["sft", "init"] = "sft"  # the KL reference: the SFT policy or the round's initial policy
@@ -283,9 +322,10 @@ def check_inputs(cfg: Config) -> None:
         for key, path in {"prepare.sft": cfg.prepare.sft, "prepare.pretrain": cfg.prepare.pretrain}.items():
             if not Path(path).is_file():
                 raise UserError(f"{path}: no such file ({key})")
-    from rlhf.judges import PinkElephantJudge
+    if cfg.label.judge.type == "rubric":
+        from rlhf.judges import PinkElephantJudge
 
-    PinkElephantJudge(cfg.label.world)  # reads and checks the world file (label.world)
+        PinkElephantJudge(cfg.label.world)  # reads and checks the world file (label.world)
     u = cfg.update_policy
     if u.cotrain.ratio:
         read_jsonl(u.cotrain.data, required=("prompt", "completion"), what="update_policy.cotrain.data")

@@ -1,4 +1,8 @@
-"""Gold judges: the fixed reward that stands in for human labellers.
+"""Gold judges: the fixed reward that stands in for human labellers (`label.judge` in params.yaml).
+
+A judge has `score(prompts, responses) -> numpy array` and `best` (the most it can give, or None).
+`make_judge` builds the configured one: the programmatic rubric below, any Python callable, or a
+reward model (rlhf/reward_judges.py).
 
 The offline default is the *pink-elephant* rubric over the world in data/world.json. A prompt asks
 about one topic. An answer is split into sentences at "." and scored in [0, 1]:
@@ -23,6 +27,39 @@ from pathlib import Path
 import numpy as np
 
 from rlhf.errors import UserError
+
+def make_judge(cfg):
+    j = cfg.label.judge
+    if j.type == "rubric":
+        return PinkElephantJudge(cfg.label.world)
+    if j.type == "python":
+        return CallableJudge(j.name, j.best)
+    from rlhf import models
+    from rlhf.reward_judges import load_model_judge
+
+    return load_model_judge(j, models.device(cfg))
+
+
+class CallableJudge:
+    """Any Python function `module:function(prompts, responses) -> one score per response`."""
+
+    def __init__(self, name: str, best: float | None = None):
+        import importlib
+
+        module, fn = name.split(":")
+        try:
+            self.fn = getattr(importlib.import_module(module), fn)
+        except (ImportError, AttributeError) as e:
+            raise UserError(f"label.judge.name: cannot import {name} ({e})") from None
+        self.name, self.best = name, best
+
+    def score(self, prompts: list[str], responses: list[str]) -> np.ndarray:
+        scores = np.asarray(self.fn(list(prompts), list(responses)), dtype=np.float64)
+        if scores.shape != (len(responses),):
+            raise UserError(f"label.judge.name: {self.name} returned {scores.shape[0] if scores.ndim else 'a scalar'} "
+                            f"scores for {len(responses)} responses")
+        return scores
+
 
 WEIGHTS = {"on_topic": 0.4, "fluent": 0.2, "length": 0.2, "clean": 0.2}
 

@@ -27,11 +27,16 @@ def setup(cfg: Config, step: str, rnd: str) -> int:
     import torch
 
     torch.set_num_threads(cfg.runtime.threads)
-    seed = (cfg.runtime.seed * 1_000_003 + zlib.crc32(f"{step}@{rnd}".encode())) % 2**31
+    seed = stage_seed(cfg, step, rnd)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     return seed
+
+
+def stage_seed(cfg: Config, step: str, rnd: str) -> int:
+    """Each stage's own seed, from runtime.seed: the same every run, different for every stage."""
+    return (cfg.runtime.seed * 1_000_003 + zlib.crc32(f"{step}@{rnd}".encode())) % 2**31
 
 
 def device(cfg: Config) -> str:
@@ -82,12 +87,14 @@ def is_adapter(path: str | Path) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 
 
-def load_reward_model(path: str | Path, dev: str = "cpu"):
-    """A sequence-classification RM with one output; loaded from a causal LM it gets a new head."""
+def load_reward_model(path: str | Path, dev: str = "cpu", num_labels: int | None = None):
+    """A sequence-classification RM. Give `num_labels` to start one from a causal LM (a new head); a
+    trained RM keeps its own (2 for the `combined` objective)."""
     from transformers import AutoModelForSequenceClassification
 
+    kw = {"num_labels": num_labels} if num_labels else {}
     model = AutoModelForSequenceClassification.from_pretrained(
-        _existing(path, "reward model"), num_labels=1, use_safetensors=True, trust_remote_code=False
+        _existing(path, "reward model"), use_safetensors=True, trust_remote_code=False, **kw
     )
     return model.to(dev)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rlhf.paths import round_paths
 
-COLUMNS = ("round", "gold", "±sem", "best", "proxy", "KL/seq", "KL/token", "length")
+COLUMNS = ("round", "gold", "±sem", "best", "proxy", "RM acc", "KL/seq", "KL/token", "length")
 
 
 def metrics_rows(rounds: list[str], project: str | Path = ".") -> list[dict]:
@@ -25,7 +25,7 @@ def metrics_table(rows: list[dict]) -> str:
 
     cells = [
         [r["round"], r["gold"]["mean"], r["gold"]["sem"], r["gold"]["best"], r.get("proxy", {}).get("mean"),
-         r["kl"]["per_sequence"], r["kl"]["per_token"], r["length"]]
+         r.get("proxy_accuracy", {}).get("mean"), r["kl"]["per_sequence"], r["kl"]["per_token"], r["length"]]
         for r in rows
     ]
     table = [list(COLUMNS)] + [[fmt(c) for c in row] for row in cells]

@@ -144,5 +144,16 @@ def reward_scores(rm, tok, prompts: list[str], responses: list[str], batch_size:
         idx = order[start : start + batch_size]
         batch = tok([texts[i] for i in idx], return_tensors="pt", padding=True).to(rm.device)
         with torch.no_grad():
-            scores[idx] = rm(**batch).logits[:, 0].float().cpu().numpy()
+            scores[idx] = reward_of(rm, rm(**batch).logits).float().cpu().numpy()
     return scores
+
+
+def reward_of(rm, logits):
+    """The scalar reward from an RM's outputs: its one output, or for the `combined` objective's two heads
+    w * sigmoid(preference) + (1 - w) * sigmoid(absolute)."""
+    import torch
+
+    if logits.shape[-1] == 1:
+        return logits[..., 0]
+    w = rm.config.combined_weight
+    return w * torch.sigmoid(logits[..., 0]) + (1 - w) * torch.sigmoid(logits[..., 1])

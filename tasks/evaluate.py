@@ -1,4 +1,5 @@
-"""evaluate: the round's policy on held-out prompts: gold and proxy score, and KL to the reference.
+"""evaluate: the round's policy on held-out prompts: gold and proxy score, the proxy's pairwise accuracy
+against gold, and KL to the reference.
 
 Samples are drawn at temperature 1 with no top-k/top-p, so they come from the policy itself. KL(policy ||
 ref) sums, over each sampled response, the exact KL of the two next-token distributions at every
@@ -13,7 +14,8 @@ import math
 from rlhf.config import Config, Sampling
 from rlhf.io import read_prompts, write_json
 from rlhf.paths import SFT, round_paths
-from tasks.label import checked, make_judge
+from rlhf.judges import make_judge
+from tasks.label import checked, pairs_of
 
 
 def summary(values) -> dict:
@@ -25,6 +27,7 @@ def summary(values) -> dict:
 def evaluate(cfg: Config, rnd: str) -> dict:
     from rlhf import models, sampling
     from rlhf.policy import reference
+    from rlhf.reward import ProxyReward
 
     models.setup(cfg, "evaluate", rnd)
     paths, dev, e = round_paths(rnd), models.device(cfg), cfg.evaluate
@@ -43,8 +46,14 @@ def evaluate(cfg: Config, rnd: str) -> dict:
     if rnd == "r00":  # the SFT policy is its own reference and has no proxy RM yet
         metrics["kl"] = {"per_sequence": 0.0, "per_token": 0.0}
     else:
-        rm = models.load_reward_model(paths.reward_model, dev)
-        metrics["proxy"] = summary(sampling.reward_scores(rm, tok, asked, s.responses))
+        proxy = ProxyReward(cfg, rnd, tok, dev)(asked, s.responses)
+        metrics["proxy"] = summary(proxy)
+        # Does the reward the policy optimised rank held-out samples as the gold judge does? Every pair of
+        # samples of a prompt with different gold scores counts once.
+        p, c, r = pairs_of(gold.reshape(len(prompts), -1), "all_pairs", "skip")
+        scores = proxy.reshape(len(prompts), -1)
+        metrics["proxy_accuracy"] = {"mean": float((scores[p, c] > scores[p, r]).mean()) if len(p) else None,
+                                     "pairs": len(p)}
         refs = {"kl": reference(cfg, rnd, dev)}
         if cfg.update_policy.ref != "sft":
             refs["kl_sft"] = models.load_policy(SFT.policy, dev)

@@ -1,4 +1,5 @@
-"""label: the gold judge scores every sample; each prompt's best and worst sample become a pair."""
+"""label: the gold judge scores every sample; the scores become preference pairs (best vs worst, or all
+pairs), ties skipped or kept, with optional label noise; every score and each pair's margin are kept."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import numpy as np
 from rlhf.config import Config
 from rlhf.errors import UserError
 from rlhf.io import read_jsonl, write_jsonl
+from rlhf.judges import make_judge
 from rlhf.paths import round_paths
 
 
@@ -15,6 +17,23 @@ def best_worst(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     best, worst = scores.argmax(1), scores.argmin(1)
     rows = np.arange(len(scores))
     return best, worst, scores[rows, best] > scores[rows, worst]
+
+
+def pairs_of(scores: np.ndarray, how: str, ties: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Preference pairs from a (prompts, K) score matrix: arrays of prompt, chosen and rejected indices.
+    `best_worst` gives one pair per prompt, `all_pairs` every pair of samples, the higher score chosen;
+    a tie (equal scores) is skipped, or kept with `ties: keep`."""
+    n, k = scores.shape
+    if how == "best_worst":
+        a, b = scores.argmax(1)[:, None], scores.argmin(1)[:, None]
+    else:
+        i, j = np.triu_indices(k, 1)
+        a, b = np.broadcast_to(i, (n, len(i))), np.broadcast_to(j, (n, len(j)))
+    prompt = np.broadcast_to(np.arange(n)[:, None], a.shape)
+    sa, sb = np.take_along_axis(scores, a, 1), np.take_along_axis(scores, b, 1)
+    keep = (sa != sb) | (ties == "keep")
+    chosen, rejected = np.where(sa >= sb, a, b), np.where(sa >= sb, b, a)
+    return prompt[keep], chosen[keep], rejected[keep]
 
 
 def group_by_prompt(rows: list[dict], source: str) -> list[list[dict]]:
@@ -28,12 +47,6 @@ def group_by_prompt(rows: list[dict], source: str) -> list[list[dict]]:
     return list(groups.values())
 
 
-def make_judge(cfg: Config):
-    from rlhf.judges import PinkElephantJudge
-
-    return PinkElephantJudge(cfg.label.world)
-
-
 def checked(scores: np.ndarray, source: str) -> np.ndarray:
     bad = np.flatnonzero(~np.isfinite(scores))
     if bad.size:
@@ -42,19 +55,29 @@ def checked(scores: np.ndarray, source: str) -> np.ndarray:
 
 
 def label(cfg: Config, rnd: str) -> dict:
-    paths = round_paths(rnd)
+    from rlhf.models import stage_seed
+
+    seed = stage_seed(cfg, "label", rnd)
+    paths, lab = round_paths(rnd), cfg.label
     groups = group_by_prompt(read_jsonl(paths.samples, required=("prompt_id", "prompt", "response")), str(paths.samples))
     flat = [r for g in groups for r in g]
     gold = checked(make_judge(cfg).score([r["prompt"] for r in flat], [r["response"] for r in flat]), str(paths.samples))
     gold = gold.reshape(len(groups), -1)
-    best, worst, valid = best_worst(gold)
-    out = []
-    for g, s, b, w, ok in zip(groups, gold, best, worst, valid):
-        out.append({
-            "prompt_id": g[0]["prompt_id"], "prompt": g[0]["prompt"],
-            "responses": [r["response"] for r in g], "gold": s.tolist(),
-            "chosen": g[b]["response"] if ok else None, "rejected": g[w]["response"] if ok else None,
-            "margin": float(s[b] - s[w]),
-        })
+    prompt, chosen, rejected = pairs_of(gold, lab.pairs, lab.ties)
+    flipped = np.random.default_rng(seed).random(len(prompt)) < lab.noise  # AlpacaFarm-style label noise
+    chosen, rejected = np.where(flipped, rejected, chosen), np.where(flipped, chosen, rejected)
+    out = [{"prompt_id": g[0]["prompt_id"], "prompt": g[0]["prompt"], "responses": [r["response"] for r in g],
+            "gold": s.tolist(), "pairs": []} for g, s in zip(groups, gold)]
+    for p, c, r, f in zip(prompt, chosen, rejected, flipped):
+        g = gold[p]
+        out[p]["pairs"].append({"chosen": out[p]["responses"][c], "rejected": out[p]["responses"][r],
+                                "chosen_gold": float(g[c]), "rejected_gold": float(g[r]),
+                                "margin": float(abs(g[c] - g[r])), "flipped": bool(f)})
     write_jsonl(paths.labels, out)
-    return {"prompts": len(groups), "pairs": int(valid.sum()), "gold_mean": float(gold.mean())}
+    return {"prompts": len(groups), "pairs": len(prompt), "flipped": int(flipped.sum()), "gold_mean": float(gold.mean())}
+
+
+def read_pairs(path) -> list[dict]:
+    """The preference pairs of a labels.jsonl, one dict per pair with its prompt."""
+    return [{"prompt": row["prompt"], **pair} for row in read_jsonl(path, required=("prompt", "pairs"))
+            for pair in row["pairs"]]

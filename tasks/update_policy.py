@@ -18,7 +18,7 @@ log = logging.getLogger("rlhf")
 
 @dataclass
 class Update:
-    """What every method works with: the trainable policy, its frozen reference, the proxy RM and data."""
+    """What every method works with: the trainable policy, its frozen reference, the proxy reward and data."""
 
     cfg: Config
     rnd: str
@@ -28,36 +28,30 @@ class Update:
     tok: object
     policy: object  # trained in place; a PeftModel with LoRA
     ref: object
-    rm: object
+    proxy: object  # rlhf.reward.ProxyReward: (prompts, responses) -> scores, the reward the update optimises
     prompts: list[str]
     aux: object  # rlhf.cotrain.Aux, or None without co-training
     scratch: str  # a temporary folder for trainer output
-
-    def proxy(self, prompts: list[str], responses: list[str]):
-        """The proxy RM's scores (a numpy array)."""
-        from rlhf.sampling import reward_scores
-
-        return reward_scores(self.rm, self.tok, prompts, responses)
 
 
 def update_policy(cfg: Config, rnd: str) -> dict:
     from rlhf import models, policy
     from rlhf.cotrain import Aux
+    from rlhf.reward import ProxyReward
 
     seed = models.setup(cfg, "update_policy", rnd)
     paths, dev, up = round_paths(rnd), models.device(cfg), cfg.update_policy
     tok = models.load_tokenizer(round_paths(cfg.rounds[rnd]).policy)
     model = policy.trainable_policy(cfg, rnd, dev)
     ref = policy.reference(cfg, rnd, dev)
-    rm = models.load_reward_model(paths.reward_model, dev)
-    rm.eval().requires_grad_(False)
+    proxy = ProxyReward(cfg, rnd, tok, dev)
     aux = Aux.from_params(up.cotrain, tok, up.batch_size, up.max_length, seed) if up.cotrain.ratio else None
     prompts = [p["prompt"] for p in read_prompts(cfg.prompts.policy)]
     method = importlib.import_module(f"rlhf.methods.{up.method}")
     log.info("update_policy %s: %s from %s, reference %s%s", rnd, up.method, up.init, up.ref,
              f", LoRA rank {up.lora.rank}" if up.lora.rank else "")
     with tempfile.TemporaryDirectory() as scratch:
-        summary = method.update(Update(cfg, rnd, paths, seed, dev, tok, model, ref, rm, prompts, aux, scratch))
+        summary = method.update(Update(cfg, rnd, paths, seed, dev, tok, model, ref, proxy, prompts, aux, scratch))
     models.save(model, tok, paths.policy)
     summary = {"method": up.method, "trainable_parameters": _trainable(model), **summary}
     return {**summary, "cotrain": aux.counts()} if aux else summary

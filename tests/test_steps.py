@@ -8,7 +8,8 @@ import pytest
 from rlhf import models, sampling
 from rlhf.io import read_jsonl, read_prompts
 from rlhf.paths import SFT, round_paths
-from tasks.label import best_worst, make_judge
+from rlhf.judges import make_judge
+from tasks.label import best_worst
 
 
 def test_prepare_builds_loadable_models_below_the_best(in_project):
@@ -41,10 +42,12 @@ def test_label_pairs_best_over_worst_by_gold(in_project):
     rows = read_jsonl(round_paths("r01").labels)
     judge = make_judge(in_project)
     for row in rows:
-        assert len(row["gold"]) == in_project.generate.k
-        if row["chosen"] is not None:
-            chosen, rejected = judge.score([row["prompt"]] * 2, [row["chosen"], row["rejected"]])
-            assert chosen == max(row["gold"]) and rejected == min(row["gold"]) and chosen > rejected
+        assert len(row["gold"]) == len(row["responses"]) == in_project.generate.k
+        for pair in row["pairs"]:  # best_worst, ties skipped, no noise: at most one pair, the best over the worst
+            chosen, rejected = judge.score([row["prompt"]] * 2, [pair["chosen"], pair["rejected"]])
+            assert chosen == max(row["gold"]) == pair["chosen_gold"] and rejected == min(row["gold"]) < chosen
+            assert pair["margin"] == pytest.approx(chosen - rejected) and not pair["flipped"]
+        assert len(row["pairs"]) == (max(row["gold"]) > min(row["gold"]))
 
 
 def held_out_pairs(cfg, policy_dir, k=4):

@@ -1,6 +1,7 @@
 """Pairing, JSONL reading and the round paths, on hand-made rows."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from rlhf import ROUND_STEPS
 from rlhf.errors import UserError
 from rlhf.io import atomic_dir, read_jsonl, read_prompts, write_jsonl
 from rlhf.paths import STEP_OUTPUT, round_paths
-from tasks.label import best_worst, checked, group_by_prompt
+from tasks.label import best_worst, checked, group_by_prompt, pairs_of
 from tests.conftest import ROOT
 
 
@@ -19,6 +20,42 @@ def test_best_worst_pairs_and_ties():
     best, worst, valid = best_worst(scores)
     assert best.tolist() == [1, 0, 2] and worst.tolist() == [0, 0, 1]
     assert valid.tolist() == [True, False, True]  # an all-tied prompt gives no pair
+
+
+def test_pairs_best_worst_and_all_pairs_with_ties_skipped_or_kept():
+    scores = np.array([[0.1, 0.9, 0.5], [0.7, 0.7, 0.7], [0.3, 0.3, 0.8]])
+    got = lambda how, ties: sorted(zip(*(a.tolist() for a in pairs_of(scores, how, ties))))  # noqa: E731
+    assert got("best_worst", "skip") == [(0, 1, 0), (2, 2, 0)]
+    assert got("best_worst", "keep") == [(0, 1, 0), (1, 0, 0), (2, 2, 0)]
+    assert got("all_pairs", "skip") == [(0, 1, 0), (0, 1, 2), (0, 2, 0), (2, 2, 0), (2, 2, 1)]
+    assert len(got("all_pairs", "keep")) == 9  # 3 prompts x 3 pairs, ties included
+    p, c, r = pairs_of(scores, "all_pairs", "skip")
+    assert (scores[p, c] > scores[p, r]).all()  # the higher score is always the chosen one
+
+
+def test_label_noise_flips_the_configured_fraction_seeded(tmp_path, monkeypatch):
+    from rlhf.config import Config
+    from tasks.label import label, read_pairs
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(ROOT / "data" / "world.json", tmp_path / "world.json")
+    rng = np.random.default_rng(0)
+    topics = ["ocean", "forest"]
+    rows = [{"prompt_id": f"p{i}", "prompt": f"user : describe the {topics[i % 2]} . assistant :",
+             "response": " " + " ".join(["the water is blue ."] * int(n))} for i in range(300) for n in rng.integers(0, 5, 4)]
+    write_jsonl(round_paths("r01").samples, rows)
+    cfg = Config.model_validate({"rounds": {"r01": "r00"}, "label": {"world": "world.json", "noise": 0.25,
+                                                                     "pairs": "all_pairs"}})
+    summary = label(cfg, "r01")
+    pairs = read_pairs(round_paths("r01").labels)
+    flipped = [p for p in pairs if p["flipped"]]
+    assert summary["pairs"] == len(pairs) > 900 and summary["flipped"] == len(flipped)
+    assert abs(len(flipped) / len(pairs) - 0.25) < 3 * (0.25 * 0.75 / len(pairs)) ** 0.5
+    assert all(p["chosen_gold"] < p["rejected_gold"] for p in flipped)  # flipped: the worse one is "chosen"
+    assert all(p["chosen_gold"] > p["rejected_gold"] for p in pairs if not p["flipped"])
+    before = round_paths("r01").labels.read_bytes()
+    label(cfg, "r01")
+    assert round_paths("r01").labels.read_bytes() == before  # seeded: the same flips again
 
 
 def test_group_by_prompt_needs_equal_k():

@@ -48,7 +48,7 @@ def values_of(value_model, ids, attn, start, length, grad: bool = True):
     pos = pos.clamp(max=ids.shape[1] - 1).to(value_model.device)
     with torch.set_grad_enabled(grad):
         hidden = backbone(input_ids=ids.to(pos.device), attention_mask=attn.to(pos.device)).last_hidden_state
-        v = head(hidden).squeeze(-1).float().gather(1, pos - 1)
+        v = head(hidden)[..., 0].float().gather(1, pos - 1)  # a combined RM's first (preference) head
     return v * mask.to(v.device)
 
 
