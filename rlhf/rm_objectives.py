@@ -19,9 +19,16 @@ class GoldCollator(DataCollatorForPreference):
 
 
 class ObjectiveRewardTrainer(RewardTrainer):
-    def __init__(self, *args, objective: str = "bt", **kw):
+    def __init__(self, *, model, objective: str = "bt", **kw):
         self.objective = objective
-        super().__init__(*args, data_collator=GoldCollator(pad_token_id=kw["processing_class"].pad_token_id), **kw)
+        heads = model.config.id2label
+        if objective == "combined":  # TRL insists on one output; the second head is ours: hidden from its check
+            model.config.id2label = {0: heads[0]}
+        try:
+            super().__init__(model=model, data_collator=GoldCollator(pad_token_id=kw["processing_class"].pad_token_id),
+                             **kw)
+        finally:
+            model.config.id2label = heads
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:

@@ -97,6 +97,7 @@ def test_evaluate_writes_metrics_with_kl_and_proxy(in_project):
     assert m["gold"]["sem"] == pytest.approx(m["gold"]["std"] / m["gold"]["count"] ** 0.5)
     assert m["kl"]["per_sequence"] > 0  # DPO moved the policy away from its SFT reference
     assert "proxy" in m and np.isfinite(m["proxy"]["mean"])
+    assert m["proxy_accuracy"]["pairs"] > 10 and m["proxy_accuracy"]["mean"] > 0.55, m["proxy_accuracy"]  # agrees with gold
 
 
 def test_kl_is_zero_to_itself_positive_to_another_policy_and_independent_of_padding(in_project):
