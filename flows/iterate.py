@@ -9,6 +9,7 @@ task's log lines in Prefect.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,12 +17,15 @@ from collections import deque
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Failed
 
 from rlhf import ROUND_STEPS
 from rlhf.config import load_config
 from rlhf.errors import UserError
-from rlhf.report import metrics_rows, metrics_table
+from rlhf.io import read_jsonl
+from rlhf.paths import round_paths
+from rlhf.report import flat, metrics_rows, metrics_table, round_markdown, write_report
 
 
 class StageFailed(UserError):
@@ -67,7 +71,21 @@ def iterate(force: bool = False) -> list[dict]:
         state = stage(step, rnd, force, return_state=True)
         if state.is_failed():
             return state  # the flow run fails with the stage's message; later stages do not run
+        if step in ("prepare", "evaluate"):
+            publish_round(rnd)
     rows = metrics_rows(["r00", *cfg.rounds])
-    print("per-round metrics (gold: the judge's score on held-out prompts; KL to the SFT policy)\n"
-          + metrics_table(rows))
+    table = metrics_table(rows)
+    print("per-round metrics (gold: the judge's score on held-out prompts; KL to the reference)\n" + table)
+    create_markdown_artifact(key="rounds", markdown=f"```\n{table}\n```", description="Per-round metrics")
+    print(f"report: {write_report(['r00', *cfg.rounds])}")
     return rows
+
+
+def publish_round(rnd: str) -> None:
+    """The round's metrics as a Prefect table artifact and a markdown summary, shown in the UI."""
+    paths = round_paths(rnd)
+    metrics = json.loads(paths.metrics.read_text())
+    samples = read_jsonl(paths.eval_samples) if paths.eval_samples.is_file() else []
+    create_table_artifact(key=f"{rnd}-metrics", table=flat(metrics), description=f"Round {rnd}: metrics.json")
+    create_markdown_artifact(key=f"{rnd}-summary", markdown=round_markdown(metrics, samples),
+                             description=f"Round {rnd}: summary and held-out samples")

@@ -35,6 +35,10 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="re-run every stage even if DVC finds it up to date")
     sub.add_parser("check", help="validate params.yaml and the files it names, run nothing")
     sub.add_parser("metrics", help="print the per-round metrics table of the rounds run so far")
+    rep = sub.add_parser("report", help="write an offline HTML report (plots, alarms, sample responses) of the rounds so far",
+                         description="Write report.html (plots embedded, opens offline), the plots as PNG and "
+                         "rounds.csv (which `dvc plots show` reads) for the rounds run so far.")
+    rep.add_argument("--out", default="reports", help="folder to write into (default: reports)")
     for step in STEPS:
         sp = sub.add_parser(step, help=_step_doc(step), description=_step_doc(step) + " (the DVC stage command)")
         if step in ROUND_STEPS:
@@ -74,6 +78,11 @@ def _dispatch(args) -> int:
         from rlhf.report import metrics_rows, metrics_table
 
         print(metrics_table(metrics_rows(["r00", *cfg.rounds])))
+        return 0
+    if args.command == "report":
+        from rlhf.report import write_report
+
+        print(write_report(["r00", *cfg.rounds], args.out))
         return 0
     if args.command == "run":
         from flows.iterate import iterate

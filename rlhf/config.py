@@ -216,6 +216,7 @@ class UpdatePolicy(Section):
 
 class Evaluate(Section):
     samples_per_prompt: int = Field(4, gt=0)
+    best_of_n: list[int] = []  # e.g. [1, 2, 4, 8]: gold and proxy of the proxy's best of n samples per prompt
     max_new_tokens: int = Field(48, gt=0)
     batch_size: int = Field(64, gt=0)
 

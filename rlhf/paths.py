@@ -33,13 +33,17 @@ class RoundPaths:
         return self.root / "metrics.json"
 
     @property
+    def eval_samples(self) -> Path:  # evaluate: the held-out samples behind the metrics
+        return self.root / "eval_samples.jsonl"
+
+    @property
     def base(self) -> Path:  # prepare only: the pre-trained base LM (r00)
         return self.root / "base"
 
 
-# What each round step writes (the attribute of RoundPaths); dvc.yaml's outs must agree.
-STEP_OUTPUT = {"generate": "samples", "label": "labels", "train_rm": "reward_model", "update_policy": "policy",
-               "evaluate": "metrics"}
+# What each round step writes (attributes of RoundPaths: outs, then metrics); dvc.yaml must agree.
+STEP_OUTPUT = {"generate": ("samples",), "label": ("labels",), "train_rm": ("reward_model",),
+               "update_policy": ("policy",), "evaluate": ("eval_samples", "metrics")}
 
 
 def round_paths(name: str, project: str | Path = ".") -> RoundPaths:

@@ -110,11 +110,14 @@ def response_logprobs(model, ids, attn, start, length, grad: bool = True):
 
 def sequence_kl(policy, ref, tok, prompts: list[str], samples: Samples, batch_size: int = 64):
     """KL(policy || ref) per sample: at each response position the exact KL between the two next-token
-    distributions (summed over the vocabulary), summed over the response. Never negative, and lower in
-    variance than log-ratios of the sampled tokens; returns (KL per sample, response lengths)."""
+    distributions (summed over the vocabulary), summed over the response: unbiased for the sequence KL,
+    never negative, lower in variance than the log-ratio of the sampled tokens, which is returned too
+    (it goes negative when the samples do not come from `policy`). Returns (KL, log-ratio, lengths)."""
     import torch
 
-    total, lengths = [], []
+    from rlhf.metrics import categorical_kl
+
+    total, ratio, lengths = [], [], []
     for start in range(0, len(samples.responses), batch_size):
         sl = slice(start, start + batch_size)
         packed = pack(tok, [prompts[i] for i in samples.prompt_index[sl]], samples.response_ids[sl])
@@ -122,12 +125,14 @@ def sequence_kl(policy, ref, tok, prompts: list[str], samples: Samples, batch_si
         for model in (policy, ref):
             model.eval()
             with torch.no_grad():
-                logits, mask, _ = response_logits(model, *packed)
+                logits, mask, pos = response_logits(model, *packed)
             logp.append(torch.log_softmax(logits.cpu(), -1))
-        kl = (logp[0].exp() * (logp[0] - logp[1])).sum(-1).clamp(min=0)  # clamp: rounding error only
-        total.append((kl * mask.cpu()).sum(-1))
-        lengths.append(mask.sum(-1).cpu())
-    return torch.cat(total), torch.cat(lengths)
+        mask, taken = mask.cpu(), packed[0].gather(1, pos.cpu())[..., None]
+        kl = categorical_kl(logp[0], logp[1]).clamp(min=0)  # clamp: rounding error only
+        total.append((kl * mask).sum(-1))
+        ratio.append(((logp[0].gather(-1, taken) - logp[1].gather(-1, taken)).squeeze(-1) * mask).sum(-1))
+        lengths.append(mask.sum(-1))
+    return torch.cat(total), torch.cat(ratio), torch.cat(lengths)
 
 
 def reward_scores(rm, tok, prompts: list[str], responses: list[str], batch_size: int = 64):

@@ -1,27 +1,29 @@
-"""evaluate: the round's policy on held-out prompts: gold and proxy score, the proxy's pairwise accuracy
-against gold, and KL to the reference.
+"""evaluate: the round's policy on held-out prompts: gold and proxy scores, the proxy's pairwise accuracy,
+win rates, KL to the reference, best-of-n and alarms; the samples themselves go to eval_samples.jsonl.
 
 Samples are drawn at temperature 1 with no top-k/top-p, so they come from the policy itself. KL(policy ||
 ref) sums, over each sampled response, the exact KL of the two next-token distributions at every
-position: an unbiased estimate of the sequence KL that is never negative. The reference is the one the
-update regularised toward (`update_policy.ref`); with `ref: init` the KL to the SFT policy is added.
+position: an unbiased estimate of the sequence KL that is never negative; d = sqrt(KL) is the distance
+Gao et al. plot gold against. The reference is the one the update regularised toward
+(`update_policy.ref`); with `ref: init` the KL to the SFT policy is added. Win rates compare gold scores
+with the previous round's and the SFT policy's samples of the same prompts (ties count half).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
+import numpy as np
+
+from rlhf import metrics as stats
 from rlhf.config import Config, Sampling
-from rlhf.io import read_prompts, write_json
-from rlhf.paths import SFT, round_paths
+from rlhf.io import read_jsonl, read_prompts, write_json, write_jsonl
 from rlhf.judges import make_judge
-from tasks.label import checked, pairs_of
+from rlhf.paths import SFT, round_paths
+from tasks.label import checked
 
-
-def summary(values) -> dict:
-    n = len(values)
-    sd = float(values.std(ddof=1)) if n > 1 else 0.0
-    return {"mean": float(values.mean()), "std": sd, "sem": sd / math.sqrt(n), "count": n}
+log = logging.getLogger("rlhf")
 
 
 def evaluate(cfg: Config, rnd: str) -> dict:
@@ -31,36 +33,77 @@ def evaluate(cfg: Config, rnd: str) -> dict:
 
     models.setup(cfg, "evaluate", rnd)
     paths, dev, e = round_paths(rnd), models.device(cfg), cfg.evaluate
-    prompts = [p["prompt"] for p in read_prompts(cfg.prompts.eval)]
+    rows = read_prompts(cfg.prompts.eval)
+    prompts = [p["prompt"] for p in rows]
     tok = models.load_tokenizer(paths.policy)
     policy = models.load_policy(paths.policy, dev)
-    pure = Sampling(k=e.samples_per_prompt, temperature=1.0, top_k=0, top_p=1.0,
+    pure = Sampling(k=max([e.samples_per_prompt, *e.best_of_n]), temperature=1.0, top_k=0, top_p=1.0,
                     max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
     s = sampling.generate(policy, tok, prompts, pure.k, pure)
-    asked = [prompts[i] for i in s.prompt_index]
     judge = make_judge(cfg)
-    gold = checked(judge.score(asked, s.responses), f"evaluate@{rnd}")
-    metrics = {"round": rnd, "gold": {**summary(gold), "best": judge.best},
+    gold_all = checked(judge.score([prompts[i] for i in s.prompt_index], s.responses), f"evaluate@{rnd}")
+    gold_all = gold_all.reshape(len(prompts), pure.k)
+    reward = None if rnd == "r00" else ProxyReward(cfg, rnd, tok, dev)
+    proxy_all = None if reward is None else reward([prompts[i] for i in s.prompt_index],
+                                                   s.responses).reshape(len(prompts), pure.k)
+    if e.best_of_n and proxy_all is not None:
+        best_of_n = stats.best_of_n(proxy_all, gold_all, e.best_of_n)
+    # The statistics below use the first samples_per_prompt samples of each prompt.
+    keep = [i * pure.k + j for i in range(len(prompts)) for j in range(e.samples_per_prompt)]
+    s = sampling.Samples(*([getattr(s, f)[i] for i in keep] for f in ("prompt_index", "responses", "response_ids",
+                                                                       "finished")))
+    gold = gold_all[:, : e.samples_per_prompt]
+    metrics = {"round": rnd, "gold": {**stats.summary(gold.ravel()), "best": judge.best},
                "finished": sum(s.finished) / len(s.finished),
                "length": sum(map(len, s.response_ids)) / len(s.response_ids)}
+    samples = [{"prompt_id": rows[i]["id"], "prompt": prompts[i], "response": r, "gold": float(g)}
+               for i, r, g in zip(s.prompt_index, s.responses, gold.ravel())]
     if rnd == "r00":  # the SFT policy is its own reference and has no proxy RM yet
-        metrics["kl"] = {"per_sequence": 0.0, "per_token": 0.0}
+        metrics["kl"] = {"per_sequence": 0.0, "per_token": 0.0, "d": 0.0}
     else:
-        proxy = ProxyReward(cfg, rnd, tok, dev)(asked, s.responses)
-        metrics["proxy"] = summary(proxy)
-        # Does the reward the policy optimised rank held-out samples as the gold judge does? Every pair of
-        # samples of a prompt with different gold scores counts once.
-        p, c, r = pairs_of(gold.reshape(len(prompts), -1), "all_pairs", "skip")
-        scores = proxy.reshape(len(prompts), -1)
-        metrics["proxy_accuracy"] = {"mean": float((scores[p, c] > scores[p, r]).mean()) if len(p) else None,
-                                     "pairs": len(p)}
+        proxy = proxy_all[:, : e.samples_per_prompt]
+        for row, p in zip(samples, proxy.ravel()):
+            row["proxy"] = float(p)
+        metrics["proxy"] = stats.summary(proxy.ravel())
+        metrics["proxy_accuracy"] = stats.pairwise_accuracy(proxy, gold)
+        metrics["mmd"] = stats.standardised_mmd(proxy.ravel(), gold.ravel())
+        if e.best_of_n:
+            metrics["best_of_n"] = best_of_n
         refs = {"kl": reference(cfg, rnd, dev)}
         if cfg.update_policy.ref != "sft":
             refs["kl_sft"] = models.load_policy(SFT.policy, dev)
         for key, ref in refs.items():
-            kl, n_tokens = sampling.sequence_kl(policy, ref, tok, prompts, s)
-            kl = kl.double()
-            metrics[key] = {"per_sequence": float(kl.mean()), "per_token": float(kl.sum() / n_tokens.sum())}
+            kl, log_ratio, n_tokens = (x.double() for x in sampling.sequence_kl(policy, ref, tok, prompts, s))
+            metrics[key] = {"per_sequence": float(kl.mean()), "per_token": float(kl.sum() / n_tokens.sum()),
+                            "d": math.sqrt(float(kl.mean())), "sampled_log_ratio": stats.summary(log_ratio.numpy())}
         metrics["kl"]["reference"] = cfg.update_policy.ref
+        metrics["win_rate"], before = _against_earlier(cfg, rnd, gold, reward)
+        now = {"gold": float(gold.mean()), "proxy": float(proxy.mean())}
+        metrics["alarms"] = stats.alarms(metrics["kl"]["sampled_log_ratio"], now, before)
+        for alarm in metrics["alarms"]:
+            log.warning("evaluate %s: %s", rnd, alarm)
+    write_jsonl(paths.eval_samples, samples)
     write_json(paths.metrics, metrics)
     return metrics
+
+
+def _against_earlier(cfg: Config, rnd: str, gold: np.ndarray, reward) -> tuple[dict, dict | None]:
+    """Win rates against the previous round and the SFT policy, and the previous round's gold and proxy
+    means (its samples re-scored by this round's reward) for the over-optimisation alarm."""
+    win, earlier = {}, {}
+    for name, other in (("vs_previous", cfg.rounds[rnd]), ("vs_sft", "r00")):
+        path = round_paths(other).eval_samples
+        if not path.is_file():
+            win[name] = stats.missing(f"{path} not found")
+            continue
+        rows = read_jsonl(path, required=("prompt_id", "prompt", "response", "gold"))
+        theirs = np.array([r["gold"] for r in rows])
+        theirs = theirs.reshape(gold.shape[0], -1) if theirs.size % gold.shape[0] == 0 else np.empty((0, 0))
+        win[name] = stats.win_rate(gold, theirs)
+        earlier[name] = rows
+    before = None
+    if "vs_previous" in earlier:
+        rows = earlier["vs_previous"]
+        before = {"gold": float(np.mean([r["gold"] for r in rows])),
+                  "proxy": float(reward([r["prompt"] for r in rows], [r["response"] for r in rows]).mean())}
+    return win, before

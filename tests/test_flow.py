@@ -36,11 +36,12 @@ def flow_run(tmp_path_factory):
         with get_client(sync_client=True) as client:
             flows = client.read_flow_runs()
             tasks = client.read_task_runs()
-    return project, rows, again, first, flows, tasks
+            artifacts = client.read_artifacts()
+    return project, rows, again, first, flows, tasks, artifacts
 
 
 def test_flow_records_every_step_as_a_completed_task_run(flow_run):
-    _, _, _, _, flows, tasks = flow_run
+    _, _, _, _, flows, tasks, _ = flow_run
     assert len(flows) == 2 and all(f.state.is_completed() for f in flows)
     by_run: dict = {}
     for t in tasks:
@@ -64,3 +65,42 @@ def test_rerun_skips_finished_stages_and_returns_the_table(flow_run):
     assert outputs(project) == first  # nothing was rewritten
     metrics = json.loads((project / "data/rounds/r01/metrics.json").read_text())
     assert rows[1] == metrics and "proxy" in metrics
+
+
+def test_each_round_is_published_as_prefect_artifacts(flow_run):
+    project, *_, artifacts = flow_run
+    by_key = {a.key: a for a in artifacts}
+    assert {"r00-metrics", "r00-summary", "r01-metrics", "r01-summary", "rounds"} <= set(by_key)
+    table = {row["metric"]: row["value"] for row in json.loads(by_key["r01-metrics"].data)}
+    metrics = json.loads((project / "data/rounds/r01/metrics.json").read_text())
+    assert table["gold.mean"] == metrics["gold"]["mean"] and "win_rate.vs_sft.mean" in table
+    assert "## Round r01" in by_key["r01-summary"].data and "| prompt | response | gold |" in by_key["r01-summary"].data
+    assert "r01" in by_key["rounds"].data
+
+
+def test_report_opens_offline_and_its_plots_render(flow_run):
+    import base64
+    import io
+    import re
+
+    import matplotlib.image
+
+    project = flow_run[0]
+    page = (project / "reports" / "report.html").read_text()
+    assert not re.search(r"(src|href)=['\"]?https?:", page)  # nothing to fetch: it opens offline
+    images = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)
+    assert len(images) >= 3
+    for data in images:  # each plot decodes and renders to a real image
+        pixels = matplotlib.image.imread(io.BytesIO(base64.b64decode(data)), format="png")
+        assert pixels.shape[0] > 100 and pixels.shape[1] > 100 and pixels.std() > 0
+    assert "Sample responses" in page and "r01" in page
+    csv = (project / "reports" / "rounds.csv").read_text().splitlines()
+    assert csv[0].startswith("round,gold,") and [line.split(",")[0] for line in csv[1:]] == ["r00", "r01"]
+
+
+def test_dvc_metrics_and_plots_cover_every_round(flow_run):
+    project = flow_run[0]
+    shown = dvc("metrics", "show", cwd=project)
+    assert "data/rounds/r00/metrics.json" in shown and "data/rounds/r01/metrics.json" in shown
+    plots = json.loads(dvc("plots", "show", "--json", cwd=project))["data"]
+    assert {"gold_and_proxy_per_round", "gold_against_distance", "rm_accuracy_and_win_rates"} <= set(plots)

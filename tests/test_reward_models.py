@@ -122,3 +122,20 @@ def test_rm_init_last_starts_from_the_previous_rounds_rm(rm_project):
     assert all(torch.equal(a, b) for a, b in zip(rm.parameters(), prev.parameters()))
     _, first = _initial_rm(cfg, "r01")  # round 1 has no previous RM: the SFT policy with a new head
     assert first.config.num_labels == 1 and not torch.equal(first.score.weight, prev.score.weight)
+
+
+def test_evaluate_reports_what_it_cannot_compute_as_missing_with_the_reason(rm_project):
+    import json
+
+    import yaml
+
+    from tasks.evaluate import evaluate
+
+    cfg = Config.model_validate(deep_update(yaml.safe_load(open("params.yaml")),
+                                            {"evaluate": {"samples_per_prompt": 1, "best_of_n": [1, 2]}}))
+    m = evaluate(cfg, "r01")
+    assert m["proxy_accuracy"]["mean"] is None and "no two samples" in m["proxy_accuracy"]["missing"]
+    assert m["gold"]["count"] == 24 and np.isfinite(m["gold"]["mean"])  # the round still finished
+    assert set(m["best_of_n"]) == {"1", "2"} and m["best_of_n"]["2"]["proxy"] >= m["best_of_n"]["1"]["proxy"]
+    assert json.loads(round_paths("r01").metrics.read_text())["proxy_accuracy"] == m["proxy_accuracy"]
+    assert 0 <= m["win_rate"]["vs_sft"]["mean"] <= 1 and m["kl"]["d"] == pytest.approx(m["kl"]["per_sequence"] ** 0.5)

@@ -104,7 +104,8 @@ def test_kl_is_zero_to_itself_positive_to_another_policy_and_independent_of_padd
     tok, sft = models.load_tokenizer(SFT.policy), models.load_policy(SFT.policy)
     prompts = ["user : describe the ocean . assistant :", "user : talk about the city now . assistant :"]
     s = sampling.generate(sft, tok, prompts, 3, in_project.generate)
-    self_kl, n = sampling.sequence_kl(sft, models.load_policy(SFT.policy), tok, prompts, s)
+    self_kl, log_ratio, n = sampling.sequence_kl(sft, models.load_policy(SFT.policy), tok, prompts, s)
+    assert (log_ratio.abs() < 1e-5).all()
     assert (self_kl.abs() < 1e-5).all() and (n > 0).all()
     updated = models.load_policy(round_paths("r01").policy)
     kl = sampling.sequence_kl(updated, sft, tok, prompts, s)[0]

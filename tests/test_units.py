@@ -108,9 +108,9 @@ def test_dvc_yaml_outputs_follow_round_paths():
         assert do["cmd"] == f"rlhf {step} ${{key}}"  # one name: module, stage, command
         outs = do.get("outs", []) + do.get("metrics", [])
         declared = [o.replace("${key}", "r07") for o in outs]
-        assert declared == [str(getattr(round_paths("r07"), STEP_OUTPUT[step]))]
+        assert declared == [str(getattr(round_paths("r07"), out)) for out in STEP_OUTPUT[step]]
     sft = round_paths("r00")
-    assert stages["prepare"]["outs"] == [str(sft.base), str(sft.policy)]
+    assert stages["prepare"]["outs"] == [str(sft.base), str(sft.policy), str(sft.eval_samples)]
     assert stages["prepare"]["metrics"] == [str(sft.metrics)]
 
 

@@ -1,0 +1,79 @@
+"""The report's figures (matplotlib, rendered to PNG bytes, no display needed)."""
+
+from __future__ import annotations
+
+import io
+
+
+def _value(m: dict, *keys):
+    for k in keys:
+        m = m.get(k) if isinstance(m, dict) else None
+    return m
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def figures(rows: list[dict]) -> dict[str, bytes]:
+    """Title -> PNG of each plot over the rounds' metrics (rounds lacking a metric are left out of it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r["round"] for r in rows]
+    out = {}
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    gold = [_value(r, "gold", "mean") for r in rows]
+    ax.errorbar(rounds, gold, yerr=[_value(r, "gold", "sem") or 0 for r in rows], marker="o", label="gold", capsize=3)
+    ax.set_ylabel("gold score")
+    proxied = [(r["round"], _value(r, "proxy", "mean")) for r in rows if _value(r, "proxy", "mean") is not None]
+    if proxied:
+        twin = ax.twinx()
+        twin.plot(*zip(*proxied), marker="s", color="tab:orange", label="proxy")
+        twin.set_ylabel("proxy reward (that round's RM)")
+        fig.legend(loc="lower right")
+    ax.set_xlabel("round")
+    out["Gold and proxy reward per round"] = _png(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    d = [_value(r, "kl", "d") for r in rows]
+    ax.plot(d, gold, marker="o")
+    for x, y, name in zip(d, gold, rounds):
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4))
+    ax.set_xlabel("d = √KL(policy ‖ reference)")
+    ax.set_ylabel("gold score")
+    out["Gold against distance from the reference"] = _png(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, keys in (("RM accuracy vs gold", ("proxy_accuracy", "mean")),
+                        ("win rate vs previous round", ("win_rate", "vs_previous", "mean")),
+                        ("win rate vs SFT", ("win_rate", "vs_sft", "mean"))):
+        pts = [(r["round"], _value(r, *keys)) for r in rows if _value(r, *keys) is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=label)
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("round")
+    ax.legend(loc="lower right", fontsize=8)
+    out["RM accuracy and win rates (gold, ties count half)"] = _png(fig)
+
+    bon = [r for r in rows if r.get("best_of_n")]
+    if bon:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for r in bon:
+            ns = sorted(r["best_of_n"], key=int)
+            ax.plot([r["best_of_n"][n]["kl"] for n in ns], [r["best_of_n"][n]["gold"] for n in ns], marker="o",
+                    label=r["round"])
+        ax.set_xlabel("KL of best-of-n (log n − (n−1)/n)")
+        ax.set_ylabel("gold of the proxy's best of n")
+        ax.legend(fontsize=8)
+        out["Best-of-n: gold against KL"] = _png(fig)
+    return out
