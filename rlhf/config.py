@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -214,9 +214,30 @@ class UpdatePolicy(Section):
         return self
 
 
+class Landscape(Section):
+    """A grid of prompts from two axes (after QDAIF), answered by each round's policy and scored by gold and
+    proxy; `axes: {}` turns it off. The template names both axes, e.g. "... {opener} the {topic} ..."."""
+
+    template: str = "{a} {b}"
+    axes: dict[str, list[str]] = {}
+    samples: int = Field(2, gt=0)  # samples per cell
+
+    @model_validator(mode="after")
+    def _two_axes(self) -> Landscape:
+        if not self.axes:
+            return self
+        if len(self.axes) != 2 or any(not v or len(set(v)) != len(v) for v in self.axes.values()):
+            raise ValueError("[axes] needs exactly two axes, each a non-empty list of distinct values")
+        if set(re.findall(r"{(\w+)}", self.template)) != set(self.axes):
+            raise ValueError(f"[template] must name exactly the axes {{{'}, {'.join(self.axes)}}} "
+                             f"(got {self.template!r})")
+        return self
+
+
 class Evaluate(Section):
     samples_per_prompt: int = Field(4, gt=0)
-    best_of_n: list[int] = []  # e.g. [1, 2, 4, 8]: gold and proxy of the proxy's best of n samples per prompt
+    best_of_n: list[Annotated[int, Field(gt=0)]] = []  # e.g. [1, 2, 4, 8]: the proxy's best of n, gold and proxy
+    landscape: Landscape = Landscape()
     max_new_tokens: int = Field(48, gt=0)
     batch_size: int = Field(64, gt=0)
 

@@ -37,13 +37,17 @@ class RoundPaths:
         return self.root / "eval_samples.jsonl"
 
     @property
+    def landscape(self) -> Path:  # evaluate: gold and proxy over the landscape grid (evaluate.landscape)
+        return self.root / "landscape.json"
+
+    @property
     def base(self) -> Path:  # prepare only: the pre-trained base LM (r00)
         return self.root / "base"
 
 
 # What each round step writes (attributes of RoundPaths: outs, then metrics); dvc.yaml must agree.
 STEP_OUTPUT = {"generate": ("samples",), "label": ("labels",), "train_rm": ("reward_model",),
-               "update_policy": ("policy",), "evaluate": ("eval_samples", "metrics")}
+               "update_policy": ("policy",), "evaluate": ("eval_samples", "landscape", "metrics")}
 
 
 def round_paths(name: str, project: str | Path = ".") -> RoundPaths:

@@ -77,3 +77,30 @@ def figures(rows: list[dict]) -> dict[str, bytes]:
         ax.legend(fontsize=8)
         out["Best-of-n: gold against KL"] = _png(fig)
     return out
+
+
+def landscape(land: dict, rnd: str, marked: list[dict]) -> bytes:
+    """Gold and proxy over the landscape grid as two heatmaps, the `marked` cells (where they disagree
+    most) outlined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    (a, rows), (b, cols) = land["axes"].items()
+    maps = [("gold", land["gold"]), *([("proxy", land["proxy"])] if land.get("proxy") else [])]
+    fig, axes = plt.subplots(1, len(maps), figsize=(0.55 * len(cols) * len(maps) + 3, 0.45 * len(rows) + 2),
+                             squeeze=False)
+    for ax, (name, values) in zip(axes[0], maps):
+        im = ax.imshow(values, cmap="viridis", aspect="auto")
+        fig.colorbar(im, ax=ax, shrink=0.8)
+        ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(rows)), rows, fontsize=8)
+        ax.set_xlabel(b)
+        ax.set_ylabel(a)
+        ax.set_title(f"{name} ({rnd})")
+        for cell in marked:
+            i, j = rows.index(cell[a]), cols.index(cell[b])
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", lw=2))
+    return _png(fig)

@@ -102,6 +102,7 @@ def write_report(rounds: list[str], out: str | Path = "reports", project: str | 
         (out / f"plot{i}.png").write_bytes(png)
         parts.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' "
                      f"src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
+    parts.append(_landscape_section([r["round"] for r in rows], project, out))
     notes = [f"<li><b>{r['round']}</b>: {html.escape(a)}</li>" for r in rows for a in r.get("alarms", [])]
     notes += [f"<li><b>{r['round']}</b>: {html.escape(name)} missing: {html.escape(item['missing'])}</li>"
               for r in rows for name, item in _missing(r)]
@@ -114,6 +115,36 @@ def write_report(rounds: list[str], out: str | Path = "reports", project: str | 
             + "\n".join(parts) + "</body></html>")
     (out / "report.html").write_text(page, encoding="utf-8")
     return out / "report.html"
+
+
+def _landscape_section(rounds: list[str], project: str | Path, out: Path) -> str:
+    """Heatmaps of gold and proxy over the landscape grid of the last round that has one, and the cells
+    where they disagree most."""
+    import base64
+    import html
+
+    from rlhf import landscape, plots
+
+    for rnd in reversed(rounds):
+        path = round_paths(rnd, project).landscape
+        land = json.loads(path.read_text()) if path.is_file() else {}
+        if land.get("axes") and land.get("proxy"):
+            break
+    else:
+        return ""
+    worst = landscape.disagreements(land)
+    png = plots.landscape(land, rnd, worst)
+    (out / "landscape.png").write_bytes(png)
+    a, b = land["axes"]
+    rows = "".join(f"<tr><td>{html.escape(c[a])}</td><td>{html.escape(c[b])}</td><td>{c['gold']:.3f}</td>"
+                   f"<td>{c['proxy']:.3f}</td><td>{c['gap']:+.2f}</td><td>{html.escape(c['response'].strip())}</td></tr>"
+                   for c in worst)
+    return (f"<h2>Reward landscape ({rnd})</h2><p>Prompts <code>{html.escape(land['template'])}</code>, "
+            f"{land['samples']} samples per cell. Outlined: where gold and proxy disagree most (gap = "
+            "standardised proxy − standardised gold; &gt; 0: the proxy overrates the cell).</p>"
+            f"<img alt='reward landscape' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
+            f"<table><tr><th>{html.escape(a)}</th><th>{html.escape(b)}</th><th>gold</th><th>proxy</th><th>gap</th>"
+            f"<th>a sample</th></tr>{rows}</table>")
 
 
 def _missing(m: dict, prefix: str = ""):

@@ -1,5 +1,6 @@
 """evaluate: the round's policy on held-out prompts: gold and proxy scores, the proxy's pairwise accuracy,
-win rates, KL to the reference, best-of-n and alarms; the samples themselves go to eval_samples.jsonl.
+win rates, KL to the reference, best-of-n and alarms; the samples themselves go to eval_samples.jsonl,
+and gold and proxy over the reward landscape grid (rlhf/landscape.py) to landscape.json.
 
 Samples are drawn at temperature 1 with no top-k/top-p, so they come from the policy itself. KL(policy ||
 ref) sums, over each sampled response, the exact KL of the two next-token distributions at every
@@ -37,8 +38,7 @@ def evaluate(cfg: Config, rnd: str) -> dict:
     prompts = [p["prompt"] for p in rows]
     tok = models.load_tokenizer(paths.policy)
     policy = models.load_policy(paths.policy, dev)
-    pure = Sampling(k=max([e.samples_per_prompt, *e.best_of_n]), temperature=1.0, top_k=0, top_p=1.0,
-                    max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
+    pure = _pure_sampling(e, k=max([e.samples_per_prompt, *e.best_of_n]))
     s = sampling.generate(policy, tok, prompts, pure.k, pure)
     judge = make_judge(cfg)
     gold_all = checked(judge.score([prompts[i] for i in s.prompt_index], s.responses), f"evaluate@{rnd}")
@@ -83,8 +83,29 @@ def evaluate(cfg: Config, rnd: str) -> dict:
         for alarm in metrics["alarms"]:
             log.warning("evaluate %s: %s", rnd, alarm)
     write_jsonl(paths.eval_samples, samples)
+    write_json(paths.landscape, _landscape(e, policy, tok, judge, reward, rnd))
     write_json(paths.metrics, metrics)
     return metrics
+
+
+def _pure_sampling(e, k: int) -> Sampling:
+    """Sampling from the policy itself: temperature 1, no top-k or top-p."""
+    return Sampling(k=k, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=e.max_new_tokens,
+                    batch_size=e.batch_size)
+
+
+def _landscape(e, policy, tok, judge, reward, rnd: str) -> dict:
+    """Gold and proxy over the evaluate.landscape grid ({"axes": {}} when it is off)."""
+    from rlhf import landscape, sampling
+
+    spec = e.landscape
+    if not spec.axes:
+        return {"axes": {}}
+    cells = landscape.prompts(spec)
+    s = sampling.generate(policy, tok, cells, spec.samples, _pure_sampling(e, spec.samples))
+    asked = [cells[i] for i in s.prompt_index]
+    gold = checked(judge.score(asked, s.responses), f"evaluate@{rnd} (landscape)")
+    return landscape.grid(spec, gold, None if reward is None else reward(asked, s.responses), s.responses)
 
 
 def _against_earlier(cfg: Config, rnd: str, gold: np.ndarray, reward) -> tuple[dict, dict | None]:

@@ -89,7 +89,7 @@ def test_report_opens_offline_and_its_plots_render(flow_run):
     page = (project / "reports" / "report.html").read_text()
     assert not re.search(r"(src|href)=['\"]?https?:", page)  # nothing to fetch: it opens offline
     images = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)
-    assert len(images) >= 3
+    assert len(images) >= 4 and "Reward landscape (r01)" in page  # 3 plots per round + the heatmaps
     for data in images:  # each plot decodes and renders to a real image
         pixels = matplotlib.image.imread(io.BytesIO(base64.b64decode(data)), format="png")
         assert pixels.shape[0] > 100 and pixels.shape[1] > 100 and pixels.std() > 0

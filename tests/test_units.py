@@ -110,7 +110,7 @@ def test_dvc_yaml_outputs_follow_round_paths():
         declared = [o.replace("${key}", "r07") for o in outs]
         assert declared == [str(getattr(round_paths("r07"), out)) for out in STEP_OUTPUT[step]]
     sft = round_paths("r00")
-    assert stages["prepare"]["outs"] == [str(sft.base), str(sft.policy), str(sft.eval_samples)]
+    assert stages["prepare"]["outs"] == [str(sft.base), str(sft.policy), str(sft.eval_samples), str(sft.landscape)]
     assert stages["prepare"]["metrics"] == [str(sft.metrics)]
 
 
