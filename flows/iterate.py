@@ -10,6 +10,7 @@ task's log lines in Prefect.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -30,6 +31,19 @@ from rlhf.report import flat, metrics_rows, metrics_table, round_markdown, write
 
 class StageFailed(UserError):
     pass
+
+
+class _NoEmptyTraceback(logging.Filter):
+    """Prefect logs a task that returns a Failed state with exc_info but no exception, which prints a stray
+    "NoneType: None" under the one-line failure; drop the empty exc_info."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[0] is None:
+            record.exc_info = None
+        return True
+
+
+logging.getLogger("prefect.task_runs").addFilter(_NoEmptyTraceback())
 
 
 def target(step: str, rnd: str) -> str:

@@ -49,6 +49,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
+    if args.command in STEPS:
+        die_with_parent()
     if args.command in STEPS and os.environ.get("PYTHONHASHSEED") != "0":
         # Fixed hash seed: libraries that write sets (e.g. PEFT's target_modules) then write them alike.
         os.environ["PYTHONHASHSEED"] = "0"
@@ -61,8 +63,26 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:  # a file or device the user can act on: one line, not a traceback
+        print(f"error: {f'{e.filename}: ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+def die_with_parent() -> None:
+    """A step dies with the process that started it (DVC, or the flow): when a preempted or killed run
+    loses its orchestrator, no orphaned step goes on writing into the round behind the next run's back.
+    Linux only (prctl PR_SET_PDEATHSIG, which survives the exec below); elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the request took effect
+        sys.exit(137)
 
 
 def _dispatch(args) -> int:
@@ -87,17 +107,25 @@ def _dispatch(args) -> int:
     if args.command == "run":
         from flows.iterate import iterate
 
-        iterate(force=args.force)
+        try:
+            iterate(force=args.force)
+        finally:  # send the run's last logs, then stop a temporary Prefect server before the error is printed
+            from prefect.logging.handlers import APILogWorker
+            from prefect.server.api.server import SubprocessASGIServer
+
+            APILogWorker.drain_all(timeout=5)
+            SubprocessASGIServer().stop()
         return 0
+    rnd = getattr(args, "round", "r00")
+    if args.command != "prepare" and rnd not in cfg.rounds:
+        raise UserError(f"{PARAMS}: rounds: no round {rnd!r} (have {', '.join(cfg.rounds)})")
     _quiet_libraries()
-    step = importlib.import_module(f"tasks.{args.command}")
-    fn = getattr(step, args.command)
-    if args.command == "prepare":
-        summary = fn(cfg)
-    else:
-        if args.round not in cfg.rounds:
-            raise UserError(f"{PARAMS}: rounds: no round {args.round!r} (have {', '.join(cfg.rounds)})")
-        summary = fn(cfg, args.round)
+    from rlhf.io import remove_scratch
+    from rlhf.paths import round_paths
+
+    remove_scratch(round_paths(rnd).root)  # what a killed earlier attempt left half-written
+    fn = getattr(importlib.import_module(f"tasks.{args.command}"), args.command)
+    summary = fn(cfg) if args.command == "prepare" else fn(cfg, rnd)
     print(json.dumps(summary, sort_keys=True))
     return 0
 

@@ -341,15 +341,29 @@ def check_inputs(cfg: Config) -> None:
     for key in ("label", "policy", "eval"):
         read_prompts(getattr(cfg.prompts, key))
     if cfg.prepare.policy == "tiny":
-        for key, path in {"prepare.sft": cfg.prepare.sft, "prepare.pretrain": cfg.prepare.pretrain}.items():
-            if not Path(path).is_file():
-                raise UserError(f"{path}: no such file ({key})")
-    if cfg.label.judge.type == "rubric":
+        if not Path(cfg.prepare.pretrain).is_file():
+            raise UserError(f"{cfg.prepare.pretrain}: no such file (prepare.pretrain)")
+        read_jsonl(cfg.prepare.sft, required=("prompt", "completion"), what="prepare.sft")
+    elif Path(cfg.prepare.policy).expanduser().is_dir():
+        from rlhf.models import check_local_model, load_tokenizer
+
+        check_local_model(cfg.prepare.policy, "prepare.policy")
+        load_tokenizer(cfg.prepare.policy)  # fails, naming it, without a pad or eos token to pad with
+    judge = cfg.label.judge
+    if judge.type == "rubric":
         from rlhf.judges import PinkElephantJudge
 
         PinkElephantJudge(cfg.label.world)  # reads and checks the world file (label.world)
+    elif judge.type == "python":
+        from rlhf.judges import CallableJudge
+
+        CallableJudge(judge.name)  # imports it: a typo fails now, not after prepare
+    else:
+        from rlhf.reward_judges import check_judge
+
+        check_judge(judge)
     u = cfg.update_policy
     if u.cotrain.ratio:
         read_jsonl(u.cotrain.data, required=("prompt", "completion"), what="update_policy.cotrain.data")
-    if u.method == "rest" and u.rest.keep_sft:
+    if u.method == "rest" and u.rest.keep_sft and cfg.prepare.policy != "tiny":
         read_jsonl(cfg.prepare.sft, required=("prompt", "completion"), what="prepare.sft")

@@ -74,6 +74,9 @@ def write_text(path: str | Path, text: str) -> None:
             os.fsync(f.fileno())
         _publish(Path(tmp))
         os.replace(tmp, path)
+    except OSError as e:  # e.g. a full disk: name the file, not the scratch name
+        Path(tmp).unlink(missing_ok=True)
+        raise UserError(f"{path}: cannot write ({e.strerror or e})") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -91,9 +94,18 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
+    except OSError as e:  # e.g. a full disk: name the folder, not the scratch name
+        raise UserError(f"{path}: cannot write ({e.strerror or e})") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def remove_scratch(folder: str | Path) -> None:
+    """Delete what a write killed half-way left behind in `folder` (the `.<name>.<random>.tmp` scratch of
+    write_text and atomic_dir): never a real artifact, which only ever appears by a rename."""
+    for p in Path(folder).glob(".*.tmp"):
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 def read_prompts(path: str | Path) -> list[dict]:

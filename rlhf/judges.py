@@ -45,7 +45,11 @@ class CallableJudge:
 
     def __init__(self, name: str, best: float | None = None):
         import importlib
+        import os
+        import sys
 
+        if os.getcwd() not in sys.path:  # a judge module kept in the project, as `python -m rlhf` finds it
+            sys.path.insert(0, os.getcwd())
         module, fn = name.split(":")
         try:
             self.fn = getattr(importlib.import_module(module), fn)

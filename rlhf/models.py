@@ -55,6 +55,29 @@ def _existing(path: str | Path, what: str) -> str:
     return str(Path(path).expanduser()) if Path(path).expanduser().is_dir() else str(path)
 
 
+def check_local_model(path: str, section: str, trust_remote_code: bool = False, allow_pickle: bool = False) -> dict:
+    """Checks of a local model folder that load no weights, before the first step runs: a readable
+    config.json, no remote code unless trusted, no pickle-only weights (.bin/.pt can run code when
+    loaded) unless allowed. `section` is the params key that names the model. Returns the config ({} for
+    a hub id, which is checked as it loads)."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        return {}
+    key = section if section.endswith(".policy") else f"{section}.name"
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{key}: {folder}/config.json: not a Hugging Face model folder ({e})") from None
+    flags = not section.endswith(".policy")  # policies load with remote code and pickle always off
+    if "auto_map" in config and not trust_remote_code:
+        raise UserError(f"{section}: {path} needs its own remote code to load; "
+                        + (f"set {section}.trust_remote_code: true if you trust it" if flags else "this project never runs it for a policy"))
+    if not allow_pickle and not list(folder.glob("*.safetensors")) and list(folder.glob("*.bin")) + list(folder.glob("*.pt")):
+        raise UserError(f"{section}: {path} has only pickle weights (.bin/.pt), which can run code when loaded; "
+                        + (f"set {section}.allow_pickle: true to load them anyway" if flags else "convert them to safetensors"))
+    return config
+
+
 def load_tokenizer(path: str | Path, padding_side: str = "right"):
     from transformers import AutoTokenizer
 

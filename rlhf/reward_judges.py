@@ -76,7 +76,7 @@ def load_model_judge(spec: Judge, dev: str) -> ModelJudge:
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     name = spec.name
-    _check_weights(spec)
+    check_judge(spec)
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=spec.trust_remote_code)
     except ValueError as e:
@@ -90,12 +90,13 @@ def load_model_judge(spec: Judge, dev: str) -> ModelJudge:
     if dev == "cuda":  # half precision on a GPU
         kw["dtype"] = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     try:
-        if spec.type == "ultrarm":
-            model = ultrarm_class().from_pretrained(name, config=config, **kw)
-        else:
-            model = AutoModelForSequenceClassification.from_pretrained(name, config=config, **kw)
+        cls = ultrarm_class() if spec.type == "ultrarm" else AutoModelForSequenceClassification
+        model, info = cls.from_pretrained(name, config=config, output_loading_info=True, **kw)
     except OSError as e:
         raise UserError(f"label.judge.name: cannot load {name} ({str(e).splitlines()[0]})") from None
+    if info["missing_keys"]:  # e.g. a base LM's checkpoint: its reward head would be random
+        raise UserError(f"label.judge.name: {name} lacks weights the judge needs ({', '.join(sorted(info['missing_keys'])[:3])}): "
+                        "not a reward model of this type")
     tok = AutoTokenizer.from_pretrained(name, trust_remote_code=spec.trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
@@ -106,11 +107,17 @@ def load_model_judge(spec: Judge, dev: str) -> ModelJudge:
     return ModelJudge(spec, model.to(dev), tok, dev)
 
 
-def _check_weights(spec: Judge) -> None:
-    """A local model with pickle weights only (.bin/.pt, which can run code when loaded) needs allow_pickle."""
-    folder = Path(spec.name).expanduser()
-    if not folder.is_dir() or spec.allow_pickle:
-        return
-    if not list(folder.glob("*.safetensors")) and list(folder.glob("*.bin")) + list(folder.glob("*.pt")):
-        raise UserError(f"label.judge: {spec.name} has only pickle weights (.bin/.pt), which can run code when "
-                        "loaded; set label.judge.allow_pickle: true to load them anyway")
+def check_judge(spec: Judge) -> None:
+    """What can be checked of a local model judge without loading it (run before the first step): the
+    checks of models.check_local_model, and a reward-model architecture rather than, say, a causal LM
+    that would load with a random head."""
+    from rlhf.models import check_local_model
+
+    config = check_local_model(spec.name, "label.judge", spec.trust_remote_code, spec.allow_pickle)
+    arch = (config.get("architectures") or [""])[0]  # may be absent: the load then checks the weights
+    if spec.type == "ultrarm" and config and (config.get("model_type") != "llama" or arch.endswith("ForCausalLM")):
+        raise UserError(f"label.judge.type: ultrarm needs a Llama reward model with a regression_head; {spec.name} "
+                        f"is a {arch or config.get('model_type')}")
+    if spec.type == "hf" and arch and "auto_map" not in config and not arch.endswith("ForSequenceClassification"):
+        raise UserError(f"label.judge.name: {spec.name} is a {arch}, not a sequence-classification reward model "
+                        "(for UltraRM's architecture use label.judge.type: ultrarm)")

@@ -64,6 +64,9 @@ def label(cfg: Config, rnd: str) -> dict:
     gold = checked(make_judge(cfg).score([r["prompt"] for r in flat], [r["response"] for r in flat]), str(paths.samples))
     gold = gold.reshape(len(groups), -1)
     prompt, chosen, rejected = pairs_of(gold, lab.pairs, lab.ties)
+    if not len(prompt):
+        raise UserError(f"{paths.samples}: the judge gave every sample of each prompt the same score, so there is no "
+                        "preference pair (label.ties: keep to keep tied pairs)")
     flipped = np.random.default_rng(seed).random(len(prompt)) < lab.noise  # AlpacaFarm-style label noise
     chosen, rejected = np.where(flipped, rejected, chosen), np.where(flipped, chosen, rejected)
     out = [{"prompt_id": g[0]["prompt_id"], "prompt": g[0]["prompt"], "responses": [r["response"] for r in g],
