@@ -25,6 +25,7 @@ from rlhf import ROUND_STEPS
 from rlhf.config import load_config
 from rlhf.errors import UserError
 from rlhf.io import read_jsonl
+from rlhf.lifetime import dying_with_parent
 from rlhf.paths import round_paths
 from rlhf.report import flat, metrics_rows, metrics_table, round_markdown, write_report
 
@@ -55,7 +56,8 @@ def stage(step: str, rnd: str, force: bool = False) -> bool:
     """Run one step as its DVC stage; returns False when DVC found it up to date and skipped it."""
     log = get_run_logger()
     name = target(step, rnd)
-    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", name, *(["--force"] if force else [])]
+    # dvc dies with this process (rlhf/lifetime.py): a killed run leaves no stage behind to race the next one
+    cmd = dying_with_parent("dvc", "repro", "--single-item", name, *(["--force"] if force else []))
     # The stage command `rlhf ...` must resolve to this environment's console script.
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
            "PYTHONHASHSEED": "0", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
@@ -73,6 +75,9 @@ def stage(step: str, rnd: str, force: bool = False) -> bool:
         ours = [t.removeprefix("error:").strip() for t in tail if t.startswith("error:")]
         theirs = [t.removeprefix("ERROR:").strip() for t in tail if t.startswith("ERROR:")]
         message = f"stage {name} failed: {(ours or theirs or list(tail) or ['no output'])[-1]}"
+        # DVC removed the stage's outputs before running it: put back the ones dvc.lock records (from the
+        # cache), so that a failure never costs a completed round's artifacts.
+        subprocess.run([sys.executable, "-m", "dvc", "checkout", "--quiet", name], env=env, capture_output=True)
         return Failed(message=message, data=StageFailed(message))  # a failed task run, no traceback
     return not skipped
 
@@ -87,12 +92,23 @@ def iterate(force: bool = False) -> list[dict]:
             return state  # the flow run fails with the stage's message; later stages do not run
         if step in ("prepare", "evaluate"):
             publish_round(rnd)
+            print(footprint(rnd))
     rows = metrics_rows(["r00", *cfg.rounds])
     table = metrics_table(rows)
     print("per-round metrics (gold: the judge's score on held-out prompts; KL to the reference)\n" + table)
     create_markdown_artifact(key="rounds", markdown=f"```\n{table}\n```", description="Per-round metrics")
     print(f"report: {write_report(['r00', *cfg.rounds])}")
     return rows
+
+
+def footprint(rnd: str) -> str:
+    """A round's disk use and this long-lived process's memory, logged after every round: what a 20-round
+    run must not let grow."""
+    import psutil
+
+    disk = sum(f.stat().st_size for f in round_paths(rnd).root.rglob("*") if f.is_file())
+    rss = psutil.Process().memory_info().rss
+    return f"{rnd} done: data/rounds/{rnd} holds {disk / 2**20:.1f} MiB; the flow process uses {rss / 2**20:.0f} MiB"
 
 
 def publish_round(rnd: str) -> None:

@@ -11,6 +11,7 @@ import sys
 
 from rlhf import ROUND_STEPS, STEPS
 from rlhf.errors import UserError
+from rlhf.lifetime import die_with_parent
 
 PARAMS = "params.yaml"
 
@@ -39,6 +40,18 @@ def parser() -> argparse.ArgumentParser:
                          description="Write report.html (plots embedded, opens offline), the plots as PNG and "
                          "rounds.csv (which `dvc plots show` reads) for the rounds run so far.")
     rep.add_argument("--out", default="reports", help="folder to write into (default: reports)")
+    study = sub.add_parser("study", help="run a grid of configurations x seeds side by side and compare them",
+                           description="A study file (studies/<name>.yaml) names a base params file, axes of values "
+                           "to vary, seeds and rounds; each configuration x seed runs in its own DVC workspace under "
+                           "studies/<name>/.")
+    actions = study.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in (("run", "validate the grid, then run every run not yet done (at most `parallel` at once) "
+                                 "through a Prefect flow; ends with the report"),
+                         ("status", "print each run's state: done, running, failed (with its message), not started"),
+                         ("report", "write studies/<name>/report/: the final round per configuration ranked by "
+                                    "gold, and gold against √KL per configuration (offline)")):
+        actions.add_parser(action, help=text, description=text[0].upper() + text[1:] + ".").add_argument(
+            "study", metavar="STUDY", help="a study file, e.g. studies/wolf-mini.yaml")
     for step in STEPS:
         sp = sub.add_parser(step, help=_step_doc(step), description=_step_doc(step) + " (the DVC stage command)")
         if step in ROUND_STEPS:
@@ -70,24 +83,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
 
 
-def die_with_parent() -> None:
-    """A step dies with the process that started it (DVC, or the flow): when a preempted or killed run
-    loses its orchestrator, no orphaned step goes on writing into the round behind the next run's back.
-    Linux only (prctl PR_SET_PDEATHSIG, which survives the exec below); elsewhere a no-op."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import signal
-
-    parent = os.getppid()
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the parent died before the request took effect
-        sys.exit(137)
-
-
 def _dispatch(args) -> int:
     from rlhf.config import check_inputs, load_config
 
+    if args.command == "study":
+        return _study(args)
     cfg = load_config(PARAMS)
     if args.command in ("check", "run"):
         check_inputs(cfg)
@@ -105,17 +105,7 @@ def _dispatch(args) -> int:
         print(write_report(["r00", *cfg.rounds], args.out))
         return 0
     if args.command == "run":
-        from flows.iterate import iterate
-
-        try:
-            iterate(force=args.force)
-        finally:  # send the run's last logs, then stop a temporary Prefect server before the error is printed
-            from prefect.logging.handlers import APILogWorker
-            from prefect.server.api.server import SubprocessASGIServer
-
-            APILogWorker.drain_all(timeout=5)
-            SubprocessASGIServer().stop()
-        return 0
+        return _run(args)
     rnd = getattr(args, "round", "r00")
     if args.command != "prepare" and rnd not in cfg.rounds:
         raise UserError(f"{PARAMS}: rounds: no round {rnd!r} (have {', '.join(cfg.rounds)})")
@@ -127,6 +117,37 @@ def _dispatch(args) -> int:
     fn = getattr(importlib.import_module(f"tasks.{args.command}"), args.command)
     summary = fn(cfg) if args.command == "prepare" else fn(cfg, rnd)
     print(json.dumps(summary, sort_keys=True))
+    return 0
+
+
+def _run(args) -> int:
+    """The flow, against PREFECT_API_URL or else a temporary server that lives (and dies) with this run."""
+    from rlhf.lifetime import prefect_api
+
+    with prefect_api():
+        from flows.iterate import iterate
+
+        iterate(force=args.force)
+    return 0
+
+
+def _study(args) -> int:
+    from rlhf import study
+
+    s = study.load_study(args.study)  # the whole grid is validated before anything runs or is created
+    if args.action == "status":
+        print(study.status_table(s))
+        return 0
+    if args.action == "report":
+        print(f"{study.markdown_table(study.final_rows(s), study.axis_names(s))}\nreport: {study.write_report(s)}")
+        return 0
+    study.check_study(s)
+    from rlhf.lifetime import prefect_api
+
+    with prefect_api():  # the study's runs report to the same server
+        from flows.study import study as study_flow
+
+        study_flow(args.study)
     return 0
 
 

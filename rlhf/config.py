@@ -288,6 +288,11 @@ def round_index(name: str) -> int:
 
 
 def load_config(path: str | Path = "params.yaml") -> Config:
+    return parse_config(read_yaml(path), path)
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A YAML file holding a mapping; a missing file or bad YAML is one line naming the file (and line)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file")
@@ -299,17 +304,22 @@ def load_config(path: str | Path = "params.yaml") -> Config:
         raise UserError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of sections")
+    return raw
+
+
+def parse_config(raw: dict, where: str | Path, model: type[BaseModel] = Config):
+    """`raw` validated as `model`; the first mistake is a UserError `<where>: <key>: <problem>`."""
     try:
-        return Config.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as e:
-        raise UserError(f"{path}: {_describe(e.errors()[0])}") from None
+        raise UserError(f"{where}: {_describe(e.errors()[0], model)}") from None
 
 
-def _describe(err: dict) -> str:
+def _describe(err: dict, model: type[BaseModel] = Config) -> str:
     key = ".".join(str(p) for p in err["loc"]) or "(top level)"
     kind, msg = err["type"], err["msg"]
     if kind == "extra_forbidden":
-        near = difflib.get_close_matches(str(err["loc"][-1]), _keys_beside(err["loc"]), n=1, cutoff=0.6)
+        near = difflib.get_close_matches(str(err["loc"][-1]), _keys_beside(err["loc"], model), n=1, cutoff=0.6)
         return f"{key}: unknown key" + (f" (did you mean {'.'.join(map(str, err['loc'][:-1] + (near[0],)))}?)" if near else "")
     if kind == "missing":
         return f"{key}: required key is missing"
@@ -320,9 +330,8 @@ def _describe(err: dict) -> str:
     return f"{key}: {msg[0].lower()}{msg[1:]}{got}"
 
 
-def _keys_beside(loc: tuple) -> list[str]:
+def _keys_beside(loc: tuple, model: type[BaseModel] = Config) -> list[str]:
     """The valid keys of the section that holds `loc` (for a did-you-mean hint)."""
-    model = Config
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
         if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):

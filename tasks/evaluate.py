@@ -89,9 +89,10 @@ def evaluate(cfg: Config, rnd: str) -> dict:
 
 
 def _pure_sampling(e, k: int) -> Sampling:
-    """Sampling from the policy itself: temperature 1, no top-k or top-p."""
-    return Sampling(k=k, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=e.max_new_tokens,
-                    batch_size=e.batch_size)
+    """Sampling from the policy itself: temperature 1, no top-k or top-p. Built without Sampling's checks,
+    which are generate's (k >= 2 for pairs): evaluate may draw one sample per prompt or per cell."""
+    return Sampling.model_construct(k=k, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=e.max_new_tokens,
+                                    batch_size=e.batch_size)
 
 
 def _landscape(e, policy, tok, judge, reward, rnd: str) -> dict:

@@ -1,0 +1,109 @@
+"""The study flow: every run of a study grid that has not finished, each by `rlhf run` in its own workspace.
+
+One task run per run, named by its run-id, at most `parallel` at once; each runs `rlhf run` in a
+subprocess inside the run's DVC project (so DVC skips whatever that run already finished), reporting to
+the same Prefect server, its output lines becoming the task's log lines (and the run's `run.log`). Each
+run's state is written atomically (done, or failed with its one-line message), so a killed study, run
+again, finishes only what is missing. The flow ends with the study report and its table as an artifact.
+A normal flow taking the study path, so it can be served on a schedule like the single-run flow.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+from prefect.states import Failed
+
+from flows.iterate import StageFailed
+from rlhf.io import remove_scratch
+from rlhf.lifetime import dying_with_parent
+from rlhf.study import (Study, axis_names, check_study, final_rows, load_study, markdown_table, prepare_workspace,
+                        run_status, study_lock, write_report, write_state)
+
+# `rlhf run` as a process that dies with this one, taking its stages with it (rlhf.lifetime).
+RUN = dying_with_parent("rlhf", "run")
+_CHILD_PREFIX = re.compile(r"^\d\d:\d\d:\d\d \w+ [\w.]+: ")  # the child's own "time level logger: "
+
+
+class StudyFailed(StageFailed):
+    pass
+
+
+@task(task_run_name="{run_id}", cache_policy=NO_CACHE)
+def run_one(study_path: str, run_id: str, api_url: str) -> str:
+    """Run one configuration x seed to its last round; returns its final line, or fails with its error."""
+    log = get_run_logger()
+    study = load_study(study_path)
+    run = next(r for r in study.runs if r.id == run_id)
+    prepare_workspace(study, run)
+    started = time.time()
+    write_state(run, "running", started=started)
+    last = ""
+    with open(run.folder / "run.log", "a") as record, subprocess.Popen(
+            RUN, cwd=run.folder, env={**os.environ, "PREFECT_API_URL": api_url}, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+        for line in proc.stdout:
+            record.write(line)
+            if line := _CHILD_PREFIX.sub("", line.rstrip()):
+                log.info(f"[{run_id}] {line}")  # the run, for a console where several interleave
+                last = line
+    if proc.returncode != 0:
+        message = last.removeprefix("error: ") or f"rlhf run exited with status {proc.returncode}"
+        write_state(run, "failed", message, started)
+        return Failed(message=f"{run_id}: {message}", data=StudyFailed(f"{run_id}: {message}"))
+    write_state(run, "done", started=started)
+    return f"done in {time.time() - started:.0f} s"
+
+
+@flow(name="rlhf-study", flow_run_name="{path}", log_prints=True)
+def study(path: str) -> list[dict]:
+    """Run every configuration x seed of the study file at `path` that has not finished, then report."""
+    from prefect.client.orchestration import get_client
+
+    s = load_study(path)
+    check_study(s)
+    with study_lock(s):
+        remove_scratch(s.folder)  # a workspace whose creation was killed half-way
+        todo = [r for r in s.runs if run_status(s, r, active=False)[0] != "done"]
+        print(f"{s.describe()}: {len(s.runs) - len(todo)} done, {len(todo)} to run")
+        with get_client(sync_client=True) as client:  # the runs report to this flow's Prefect server
+            api_url = str(client.api_url).rstrip("/")
+        failed = _run_bounded(s, [r.id for r in todo], api_url)
+    rows = final_rows(s)
+    create_table_artifact(key=_artifact_key(s), table=rows, description=f"Study {s.folder.name}: final round, ranked by gold")
+    print(f"final round, ranked by gold:\n{markdown_table(rows, axis_names(s))}\nreport: {write_report(s)}")
+    if failed:
+        message = f"{len(failed)} of {len(todo)} runs failed, first {failed[0]} (see `rlhf study status {path}`)"
+        return Failed(message=message, data=StudyFailed(message))
+    return rows
+
+
+def _run_bounded(s: Study, run_ids: list[str], api_url: str) -> list[str]:
+    """Submit the runs, keeping at most `parallel` in flight; returns the failures' messages, in grid order."""
+    log = get_run_logger()
+    pending, running, failed = list(run_ids), {}, {}
+    while pending or running:
+        while pending and len(running) < s.spec.parallel:
+            run_id = pending.pop(0)
+            running[run_one.submit(str(s.path), run_id, api_url)] = run_id
+        future = next(as_completed(list(running)))
+        future.wait()  # takes its final state from the task's own return, not a read of the API
+        run_id, state = running.pop(future), future.state
+        n = len(run_ids) - len(pending) - len(running)
+        if state.is_failed():
+            failed[run_id] = state.message
+            log.error(f"[{n}/{len(run_ids)}] failed: {state.message}")
+        else:
+            log.info(f"[{n}/{len(run_ids)}] {run_id}: {future.result()}")
+    return [failed[r] for r in run_ids if r in failed]
+
+
+def _artifact_key(s: Study) -> str:
+    return "study-" + re.sub(r"[^a-z0-9-]+", "-", s.folder.name.lower()).strip("-")
