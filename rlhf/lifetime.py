@@ -4,7 +4,9 @@ A run is a tree: `rlhf run` (the flow) starts a Prefect API server and, per stag
 starts the step. When a preempted or killed run loses its root, nothing below it may go on: an orphaned
 step would race the next run's step on the same files, and an orphaned server would hold memory and a
 port forever. Linux delivers SIGKILL to a process whose parent dies once it asks (prctl
-PR_SET_PDEATHSIG), and the request survives exec; elsewhere these helpers are plain.
+PR_SET_PDEATHSIG), and the request survives exec; elsewhere these helpers are plain. The step is further
+down: DVC starts it through a shell, and a shell that forks (as some /bin/sh do) outlives DVC, so a step
+also watches the run's own process (RLHF_RUN_PID) and exits when it is gone.
 """
 
 from __future__ import annotations
@@ -30,6 +32,32 @@ def die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
     if os.getppid() != parent:  # the parent died before the request took effect
         sys.exit(137)
+
+
+RUN_PID = "RLHF_RUN_PID"
+
+
+def die_with_run() -> None:
+    """In a step started by a run: exit as soon as the run's process (RLHF_RUN_PID) is gone, whatever lies
+    between (dvc, a shell). A pidfd wakes a daemon thread at that moment; no polling."""
+    import select
+    import threading
+
+    pid = os.environ.get(RUN_PID)
+    if not pid or not hasattr(os, "pidfd_open"):
+        return
+    try:
+        fd = os.pidfd_open(int(pid))
+    except ProcessLookupError:  # gone already
+        os._exit(137)
+    except (OSError, ValueError):  # an old kernel, or not ours to watch
+        return
+
+    def watch() -> None:
+        select.select([fd], [], [])
+        os._exit(137)
+
+    threading.Thread(target=watch, name="die-with-run", daemon=True).start()
 
 
 def dying_with_parent(module: str, *args: str) -> list[str]:
@@ -83,12 +111,14 @@ def temporary_prefect_server(timeout: float = 60) -> Iterator[str]:
 
 @contextmanager
 def prefect_api() -> Iterator[str]:
-    """The Prefect API a flow run reports to: PREFECT_API_URL if set, else a temporary server for this
-    process (which its child processes, e.g. a study's runs, share). On the way out the run's last log
-    lines are sent while the server still listens."""
+    """The Prefect API a flow run reports to: PREFECT_API_URL if set, else the project's `rlhf server` if one
+    runs, else a temporary server for this process (which its child processes, e.g. a study's runs, share).
+    On the way out the run's last log lines are sent while the server still listens."""
     from contextlib import nullcontext
 
-    given = os.environ.get("PREFECT_API_URL")
+    from rlhf.server import project_server
+
+    given = os.environ.get("PREFECT_API_URL") or project_server()
     with nullcontext(given) if given else temporary_prefect_server() as url:
         os.environ["PREFECT_API_URL"] = url  # before Prefect reads its settings
         try:

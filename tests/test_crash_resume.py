@@ -82,10 +82,15 @@ def runs(tmp_path_factory):
             assert run.poll() is None, f"the run ended before {step} started"
             assert time.monotonic() < deadline
             time.sleep(0.2)
-        time.sleep(1.5)  # well into the step: its imports done or under way
+        time.sleep(0.5)  # into the step: its imports under way
+        steps = step_processes(crashed, step)
+        for p in steps:  # held still, so that the kill lands inside the step on a machine of any speed
+            p.suspend()
         tree = psutil.Process(run.pid).children(recursive=True)  # its Prefect server, dvc, the step
         run.send_signal(signal.SIGKILL)
         run.wait()
+        for p in steps:
+            p.resume()
         time.sleep(2.0)
         orphans = [" ".join(p.cmdline()[:4]) for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
         history.append({"step": step, "before": before, "after": snapshot(crashed), "orphans": orphans})
