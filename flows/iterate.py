@@ -22,11 +22,12 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Failed
 
 from rlhf import ROUND_STEPS
-from rlhf.config import load_config
+from rlhf.config import load_config, round_index, round_name
 from rlhf.errors import UserError
 from rlhf.io import read_jsonl
-from rlhf.lifetime import dying_with_parent
+from rlhf.lifetime import RUN_PID, dying_with_parent
 from rlhf.paths import round_paths
+from rlhf.rounds import extend_rounds, last_completed
 from rlhf.report import flat, metrics_rows, metrics_table, round_markdown, write_report
 
 
@@ -60,7 +61,7 @@ def stage(step: str, rnd: str, force: bool = False) -> bool:
     cmd = dying_with_parent("dvc", "repro", "--single-item", name, *(["--force"] if force else []))
     # The stage command `rlhf ...` must resolve to this environment's console script.
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "PYTHONHASHSEED": "0", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+           "PYTHONHASHSEED": "0", "HF_HUB_DISABLE_PROGRESS_BARS": "1", RUN_PID: str(os.getpid())}
     tail: deque[str] = deque(maxlen=20)
     skipped = False
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
@@ -82,22 +83,40 @@ def stage(step: str, rnd: str, force: bool = False) -> bool:
     return not skipped
 
 
-@flow(name="iterated-rlhf", log_prints=True)
-def iterate(force: bool = False) -> list[dict]:
-    """Run prepare and every round in params.yaml; print and return the per-round metrics."""
+def run_name() -> str:
+    """A flow run's name says which rounds it runs, e.g. `r01-r03`, or `r04` for a scheduled round."""
+    from prefect.runtime import flow_run
+
+    try:
+        more = int(flow_run.parameters.get("more") or 0)
+        first, last = (last_completed() + 1, last_completed() + more) if more else (1, len(load_config().rounds))
+    except Exception:  # a bad params.yaml fails the run itself, with its own message
+        return "iterate"
+    return round_name(first) if first == last else f"{round_name(first)}-{round_name(last)}"
+
+
+@flow(name="iterated-rlhf", flow_run_name=run_name, log_prints=True)
+def iterate(force: bool = False, more: int = 0) -> list[dict]:
+    """Run prepare and every round in params.yaml, or with `more`, prepare and that many rounds past the last
+    completed one (adding them to params.yaml); print and return the per-round metrics."""
+    todo = extend_rounds(more) if more else None
     cfg = load_config()
-    for step, rnd in [("prepare", "r00"), *((s, r) for r in cfg.rounds for s in ROUND_STEPS)]:
+    todo = todo or list(cfg.rounds)
+    if more:
+        print(f"continuing from {round_name(last_completed())}: {', '.join(todo)}")
+    for step, rnd in [("prepare", "r00"), *((s, r) for r in todo for s in ROUND_STEPS)]:
         state = stage(step, rnd, force, return_state=True)
         if state.is_failed():
             return state  # the flow run fails with the stage's message; later stages do not run
         if step in ("prepare", "evaluate"):
             publish_round(rnd)
             print(footprint(rnd))
-    rows = metrics_rows(["r00", *cfg.rounds])
+    shown = ["r00", *list(cfg.rounds)[: round_index(todo[-1])]]  # not rounds params names but none has run
+    rows = metrics_rows(shown)
     table = metrics_table(rows)
     print("per-round metrics (gold: the judge's score on held-out prompts; KL to the reference)\n" + table)
     create_markdown_artifact(key="rounds", markdown=f"```\n{table}\n```", description="Per-round metrics")
-    print(f"report: {write_report(['r00', *cfg.rounds])}")
+    print(f"report: {write_report(shown)}")
     return rows
 
 

@@ -11,7 +11,7 @@ import sys
 
 from rlhf import ROUND_STEPS, STEPS
 from rlhf.errors import UserError
-from rlhf.lifetime import die_with_parent
+from rlhf.lifetime import die_with_parent, die_with_run
 
 PARAMS = "params.yaml"
 
@@ -34,6 +34,19 @@ def parser() -> argparse.ArgumentParser:
                          description="Validate params.yaml, then run prepare and each round's steps as DVC stages "
                          "in a Prefect flow; up-to-date stages are skipped. Ends with the per-round metrics table.")
     run.add_argument("--force", action="store_true", help="re-run every stage even if DVC finds it up to date")
+    run.add_argument("--more", type=int, default=0, metavar="N",
+                     help="run N rounds past the last completed one, adding them to `rounds` in params.yaml")
+    _schedule_args(sub.add_parser(
+        "serve", help="serve the iteration as a Prefect deployment on a schedule (each run adds rounds)",
+        description="Register the iteration flow as deployment iterated-rlhf/NAME with a cron or interval "
+        "schedule and start its due runs (one at a time) until Ctrl-C. Each run continues from the last "
+        "completed round by --more rounds, adding them to params.yaml. Needs a Prefect server that stays up: "
+        "`rlhf server` in this project, or PREFECT_API_URL."), "iterate")
+    server = sub.add_parser("server", help="start the Prefect server and dashboard for this project",
+                            description="Start the Prefect server (API and UI) in the foreground, its state under "
+                            ".prefect/; `rlhf run`, `rlhf serve` and `rlhf study run` here report to it.")
+    server.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    server.add_argument("--port", type=int, default=4200, help="port (default 4200)")
     sub.add_parser("check", help="validate params.yaml and the files it names, run nothing")
     sub.add_parser("metrics", help="print the per-round metrics table of the rounds run so far")
     rep = sub.add_parser("report", help="write an offline HTML report (plots, alarms, sample responses) of the rounds so far",
@@ -49,13 +62,28 @@ def parser() -> argparse.ArgumentParser:
                                  "through a Prefect flow; ends with the report"),
                          ("status", "print each run's state: done, running, failed (with its message), not started"),
                          ("report", "write studies/<name>/report/: the final round per configuration ranked by "
-                                    "gold, and gold against √KL per configuration (offline)")):
-        actions.add_parser(action, help=text, description=text[0].upper() + text[1:] + ".").add_argument(
-            "study", metavar="STUDY", help="a study file, e.g. studies/wolf-mini.yaml")
+                                    "gold, and gold against √KL per configuration (offline)"),
+                         ("serve", "serve `study run` as Prefect deployment rlhf-study/NAME on a schedule, e.g. "
+                                   "to pick up runs added to the grid; needs `rlhf server` or PREFECT_API_URL")):
+        ap = actions.add_parser(action, help=text, description=text[0].upper() + text[1:] + ".")
+        ap.add_argument("study", metavar="STUDY", help="a study file, e.g. studies/wolf-mini.yaml")
+        if action == "serve":
+            _schedule_args(ap, "study")
     for step in STEPS:
         sp = sub.add_parser(step, help=_step_doc(step), description=_step_doc(step) + " (the DVC stage command)")
         if step in ROUND_STEPS:
             sp.add_argument("round", help="round name, e.g. r01 (a key of `rounds` in params.yaml)")
+    return p
+
+
+def _schedule_args(p: argparse.ArgumentParser, default_name: str) -> argparse.ArgumentParser:
+    when = p.add_mutually_exclusive_group(required=True)
+    when.add_argument("--cron", metavar="EXPR", help="cron schedule, e.g. '0 2 * * *' (02:00 daily)")
+    when.add_argument("--interval", type=float, metavar="SECONDS", help="run every SECONDS, e.g. 86400")
+    p.add_argument("--name", default=default_name if default_name == "iterate" else None,
+                   help=f"deployment name (default: {'iterate' if default_name == 'iterate' else 'the study file name'})")
+    if default_name == "iterate":
+        p.add_argument("--more", type=int, default=1, metavar="N", help="rounds each run adds (default 1)")
     return p
 
 
@@ -64,6 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     if args.command in STEPS:
         die_with_parent()
+        die_with_run()
     if args.command in STEPS and os.environ.get("PYTHONHASHSEED") != "0":
         # Fixed hash seed: libraries that write sets (e.g. PEFT's target_modules) then write them alike.
         os.environ["PYTHONHASHSEED"] = "0"
@@ -88,6 +117,10 @@ def _dispatch(args) -> int:
 
     if args.command == "study":
         return _study(args)
+    if args.command == "server":
+        from rlhf.server import serve_forever
+
+        return serve_forever(args.host, args.port)
     cfg = load_config(PARAMS)
     if args.command in ("check", "run"):
         check_inputs(cfg)
@@ -106,6 +139,15 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "run":
         return _run(args)
+    if args.command == "serve":
+        if args.more < 1:
+            raise UserError(f"--more must be at least 1 (got {args.more})")
+        with _lasting_api():
+            from flows.iterate import iterate
+            from flows.schedule import serve_flow
+
+            serve_flow(iterate, args.name, cron=args.cron, interval=args.interval, parameters={"more": args.more})
+        return 0
     rnd = getattr(args, "round", "r00")
     if args.command != "prepare" and rnd not in cfg.rounds:
         raise UserError(f"{PARAMS}: rounds: no round {rnd!r} (have {', '.join(cfg.rounds)})")
@@ -127,7 +169,7 @@ def _run(args) -> int:
     with prefect_api():
         from flows.iterate import iterate
 
-        iterate(force=args.force)
+        iterate(force=args.force, more=args.more)
     return 0
 
 
@@ -142,6 +184,14 @@ def _study(args) -> int:
         print(f"{study.markdown_table(study.final_rows(s), study.axis_names(s))}\nreport: {study.write_report(s)}")
         return 0
     study.check_study(s)
+    if args.action == "serve":
+        with _lasting_api():
+            from flows.schedule import serve_flow
+            from flows.study import study as study_flow
+
+            serve_flow(study_flow, args.name or s.path.stem, cron=args.cron, interval=args.interval,
+                       parameters={"path": args.study})
+        return 0
     from rlhf.lifetime import prefect_api
 
     with prefect_api():  # the study's runs report to the same server
@@ -149,6 +199,17 @@ def _study(args) -> int:
 
         study_flow(args.study)
     return 0
+
+
+def _lasting_api():
+    """A schedule needs a server that outlives this process: PREFECT_API_URL, or this project's `rlhf server`."""
+    from rlhf.lifetime import prefect_api
+    from rlhf.server import project_server
+
+    if not (os.environ.get("PREFECT_API_URL") or project_server()):
+        raise UserError("no Prefect server to serve on: start one with `rlhf server` (in another terminal), "
+                        "or set PREFECT_API_URL")
+    return prefect_api()
 
 
 def _quiet_libraries() -> None:
