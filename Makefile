@@ -1,5 +1,5 @@
 # make demo: set up .venv if needed, then run the offline default (3 rounds) through Prefect and DVC.
-# make test: set up .venv (with test extras) if needed, then run the test suite.
+# make test: set up .venv (with test extras) and chromium if needed, then run the test suite.
 VENV        ?= .venv
 PYTHON      ?= python3
 TORCH_INDEX ?=
@@ -7,7 +7,7 @@ PIP         := $(VENV)/bin/pip
 export DVC_SITE_CACHE_DIR ?= $(CURDIR)/.dvc/tmp/site_cache
 export DVC_NO_ANALYTICS   := 1
 
-.PHONY: demo test test-slow install clean-rounds
+.PHONY: demo test test-slow install browser clean-rounds
 
 install: $(VENV)/.installed
 
@@ -21,8 +21,14 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: install
 	$(VENV)/bin/rlhf run
 
-test: install
+test: install browser
 	$(VENV)/bin/python -m pytest -q
+
+# The dashboard test drives Debian's chromium; install it where we may (root with apt), else it is skipped.
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1; } || \
+	  echo "chromium could not be installed: the dashboard browser test will be skipped"
 
 test-slow: install
 	$(VENV)/bin/python -m pytest -q -m slow

@@ -142,7 +142,7 @@ def _dispatch(args) -> int:
     if args.command == "serve":
         if args.more < 1:
             raise UserError(f"--more must be at least 1 (got {args.more})")
-        with _lasting_api():
+        with _lasting_api():  # before anything imports Prefect, which reads its settings once
             from flows.iterate import iterate
             from flows.schedule import serve_flow
 
@@ -185,7 +185,7 @@ def _study(args) -> int:
         return 0
     study.check_study(s)
     if args.action == "serve":
-        with _lasting_api():
+        with _lasting_api():  # before anything imports Prefect, which reads its settings once
             from flows.schedule import serve_flow
             from flows.study import study as study_flow
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 from rlhf.errors import UserError
+from rlhf.lifetime import dying_with_parent
 
 HOME = Path(".prefect")
 RECORD = HOME / "server.json"
@@ -50,8 +52,10 @@ def serve_forever(host: str, port: int) -> int:
     env = {**os.environ, "PREFECT_HOME": str(HOME.resolve()), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_UI_API_URL": api_url}
     env.pop("PREFECT_API_URL", None)  # the server is not a client of another one
-    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
-    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
+    # In the foreground `prefect server start` serves in its own process, which dies with this one.
+    proc = subprocess.Popen(dying_with_parent("prefect", "server", "start", "--host", host, "--port", str(port)),
+                            env=env, stdin=subprocess.DEVNULL)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a service manager's stop: clean up as for Ctrl-C
     try:
         import time
 

@@ -1,7 +1,11 @@
 """One round of the tiny project through the Prefect flow, each step as its DVC stage."""
 
 import json
+import shutil
+import socket
 import subprocess
+import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -21,12 +25,32 @@ def outputs(project):
 
 
 @pytest.fixture(scope="module")
-def flow_run(tmp_path_factory):
-    from prefect.client.orchestration import get_client
-    from prefect.testing.utilities import prefect_test_harness
-
+def server(tmp_path_factory):
+    """`rlhf server` in a fresh project, as a user starts it; stopped (SIGTERM) when the module is done."""
     project = make_project(tmp_path_factory.mktemp("flow") / "project", TINY)
-    with pytest.MonkeyPatch.context() as mp, prefect_test_harness(server_startup_timeout=60):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = project.parent / "server.log"
+    proc = subprocess.Popen([BIN / "rlhf", "server", "--port", str(port)], cwd=project, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT)
+    record = project / ".prefect" / "server.json"
+    deadline = time.monotonic() + 120
+    while not record.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.5)
+    yield project, json.loads(record.read_text())["api_url"], proc
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def flow_run(server):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    project, api_url, _ = server
+    with pytest.MonkeyPatch.context() as mp, temporary_settings({PREFECT_API_URL: api_url}):
         mp.chdir(project)
         from flows.iterate import iterate
 
@@ -43,6 +67,7 @@ def flow_run(tmp_path_factory):
 def test_flow_records_every_step_as_a_completed_task_run(flow_run):
     _, _, _, _, flows, tasks, _ = flow_run
     assert len(flows) == 2 and all(f.state.is_completed() for f in flows)
+    assert [f.name for f in flows] == ["r01", "r01"]  # a run is named by the rounds it runs
     by_run: dict = {}
     for t in tasks:
         by_run.setdefault(t.flow_run_id, []).append(t.name)
@@ -104,3 +129,37 @@ def test_dvc_metrics_and_plots_cover_every_round(flow_run):
     assert "data/rounds/r00/metrics.json" in shown and "data/rounds/r01/metrics.json" in shown
     plots = json.loads(dvc("plots", "show", "--json", cwd=project))["data"]
     assert {"gold_and_proxy_per_round", "gold_against_distance", "rm_accuracy_and_win_rates"} <= set(plots)
+
+
+def test_rlhf_server_listens_on_loopback_only(server):
+    import psutil
+
+    _, api_url, proc = server
+    port = int(api_url.rsplit(":", 1)[1].split("/")[0])
+    listening = [c.laddr for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+                 for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+    assert [a.ip for a in listening] == ["127.0.0.1"]
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ARTIFACTS = Path(__file__).parent / "artifacts"
+
+
+@pytest.mark.skipif(not CHROMIUM, reason="no chromium on PATH (`make test` installs Debian's chromium when run as root)")
+def test_dashboard_page_of_a_flow_run_shows_its_round_tasks(flow_run, server):
+    """Headless Chromium renders the Prefect UI page of the finished run: its name, state and task runs."""
+    flows = flow_run[4]
+    url = f"{server[1].removesuffix('/api')}/runs/flow-run/{flows[-1].id}"
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "flow-run.png"
+    browse = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+              "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
+              f"--user-data-dir={ARTIFACTS / 'chromium-profile'}", "--virtual-time-budget=20000",
+              "--window-size=1400,1000"]
+    dom = subprocess.run([*browse, "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
+    subprocess.run([*browse, f"--screenshot={shot}", url], capture_output=True, timeout=180)
+    shutil.rmtree(ARTIFACTS / "chromium-profile", ignore_errors=True)
+    assert "iterated-rlhf" in dom and "Completed" in dom, dom[-2000:]
+    shown = {name for name in EXPECTED_TASKS if name in dom}
+    assert {"r00-prepare", "r01-generate", "r01-label", "r01-train_rm"} <= shown, shown
+    assert shot.stat().st_size > 20_000  # a rendered page, kept for people to look at
