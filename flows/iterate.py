@@ -111,6 +111,8 @@ def iterate(force: bool = False, more: int = 0) -> list[dict]:
         if step in ("prepare", "evaluate"):
             publish_round(rnd)
             print(footprint(rnd))
+            if cfg.storage.push and (state := push(rnd, cfg.storage.remote, return_state=True)).is_failed():
+                return state  # nothing local is lost: the next run skips what is done and pushes again
     shown = ["r00", *list(cfg.rounds)[: round_index(todo[-1])]]  # not rounds params names but none has run
     rows = metrics_rows(shown)
     table = metrics_table(rows)
@@ -138,3 +140,16 @@ def publish_round(rnd: str) -> None:
     create_table_artifact(key=f"{rnd}-metrics", table=flat(metrics), description=f"Round {rnd}: metrics.json")
     create_markdown_artifact(key=f"{rnd}-summary", markdown=round_markdown(metrics, samples),
                              description=f"Round {rnd}: summary and held-out samples")
+
+
+@task(task_run_name="{rnd}-push")
+def push(rnd: str, remote: str | None) -> str:
+    """storage.push: the round's outputs to the DVC remote as soon as the round completes."""
+    from rlhf.storage import push_round
+
+    try:
+        done = push_round(rnd, remote)
+    except UserError as e:
+        return Failed(message=str(e), data=StageFailed(str(e)))
+    get_run_logger().info(f"{rnd} pushed: {done}")
+    return done

@@ -47,6 +47,24 @@ def parser() -> argparse.ArgumentParser:
                             ".prefect/; `rlhf run`, `rlhf serve` and `rlhf study run` here report to it.")
     server.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     server.add_argument("--port", type=int, default=4200, help="port (default 4200)")
+    remote = sub.add_parser("remote", help="make an S3 bucket the project's DVC remote (then `dvc push`/`dvc pull`)",
+                            description="Make s3://bucket/prefix the project's default DVC remote (`dvc remote add "
+                            "-d`), after checking that the bucket answers. Only the URL and endpoint go into "
+                            ".dvc/config; credentials come from the environment or boto3's chain (AWS_ACCESS_KEY_ID, "
+                            "AWS_PROFILE, ...).")
+    remote.add_argument("url", metavar="S3_URL", help="s3://bucket/prefix")
+    remote.add_argument("--endpoint-url", metavar="URL", help="an S3-compatible endpoint (MinIO, Ceph, ...); "
+                        "default: AWS, or AWS_ENDPOINT_URL")
+    remote.add_argument("--name", default="s3", help="the DVC remote's name (default: s3)")
+    remote.add_argument("--no-check", action="store_true", help="configure it without checking the bucket")
+    publish = sub.add_parser("publish", help="upload a round's policy, reward model, metrics and report to S3",
+                             description="Upload round ROUND's policy, reward model, metrics.json, eval_samples.jsonl, "
+                             "landscape.json and reports/ to S3_URL/ROUND/ with SHA-256 checksums, large files in "
+                             "parts; files already there with the same sha256 are skipped.")
+    publish.add_argument("dest", metavar="S3_URL", help="s3://bucket/prefix")
+    publish.add_argument("--round", required=True, help="the round to publish, e.g. r03")
+    publish.add_argument("--endpoint-url", metavar="URL",
+                         help="an S3-compatible endpoint; default: AWS, or AWS_ENDPOINT_URL")
     sub.add_parser("check", help="validate params.yaml and the files it names, run nothing")
     sub.add_parser("metrics", help="print the per-round metrics table of the rounds run so far")
     rep = sub.add_parser("report", help="write an offline HTML report (plots, alarms, sample responses) of the rounds so far",
@@ -99,7 +117,9 @@ def main(argv: list[str] | None = None) -> None:
         os.execv(sys.executable, [sys.executable, "-m", "rlhf", *argv])
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
-    logging.getLogger("rlhf").setLevel(logging.INFO)
+    from rlhf.launch import is_main
+
+    logging.getLogger("rlhf").setLevel(logging.INFO if is_main() else logging.WARNING)  # a launch's rank 0 logs
     try:
         sys.exit(_dispatch(args))
     except UserError as e:
@@ -121,6 +141,8 @@ def _dispatch(args) -> int:
         from rlhf.server import serve_forever
 
         return serve_forever(args.host, args.port)
+    if args.command in ("remote", "publish"):
+        return _storage(args)
     cfg = load_config(PARAMS)
     if args.command in ("check", "run"):
         check_inputs(cfg)
@@ -151,14 +173,22 @@ def _dispatch(args) -> int:
     rnd = getattr(args, "round", "r00")
     if args.command != "prepare" and rnd not in cfg.rounds:
         raise UserError(f"{PARAMS}: rounds: no round {rnd!r} (have {', '.join(cfg.rounds)})")
+    from rlhf import launch
+
+    if cmd := launch.command(cfg, args.command, rnd):  # runtime.num_processes ranks of this same command
+        return launch.run(cmd)
     _quiet_libraries()
     from rlhf.io import remove_scratch
     from rlhf.paths import round_paths
 
-    remove_scratch(round_paths(rnd).root)  # what a killed earlier attempt left half-written
+    if launch.is_main():  # the one writer
+        remove_scratch(round_paths(rnd).root)  # what a killed earlier attempt left half-written
     fn = getattr(importlib.import_module(f"tasks.{args.command}"), args.command)
     summary = fn(cfg) if args.command == "prepare" else fn(cfg, rnd)
-    print(json.dumps(summary, sort_keys=True))
+    launch.finish()
+    if launch.is_main():
+        print(json.dumps({**summary, "processes": launch.world_size()} if launch.world_size() > 1 else summary,
+                         sort_keys=True))
     return 0
 
 
@@ -170,6 +200,22 @@ def _run(args) -> int:
         from flows.iterate import iterate
 
         iterate(force=args.force, more=args.more)
+    return 0
+
+
+def _storage(args) -> int:
+    from rlhf import storage
+
+    if args.command == "remote":
+        print(storage.configure_remote(args.url, args.endpoint_url, args.name, check=not args.no_check))
+        print("push with `dvc push` (or storage.push: true in params.yaml), fetch with `dvc pull`")
+        return 0
+    from rlhf.config import round_index
+
+    round_index(args.round)
+    done = storage.publish(args.round, args.dest, args.endpoint_url)
+    print(f"published {args.round} to {args.dest.rstrip('/')}/{args.round}/: {len(done['uploaded'])} files uploaded, "
+          f"{len(done['skipped'])} already there unchanged")
     return 0
 
 

@@ -27,6 +27,17 @@ class Runtime(Section):
     seed: int = 0
     threads: int = Field(2, ge=1)  # fixed, because 1 and 2 threads give different weights
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # > 1: the training steps (prepare, train_rm, update_policy) run as that many ranks under `accelerate
+    # launch`, batch sizes staying global (README: Scaling out); several nodes count every node's processes
+    num_processes: int = Field(1, ge=1)
+    accelerate_config: str | None = None  # an `accelerate config` or DeepSpeed/FSDP config file for the launch
+
+    @field_validator("accelerate_config")
+    @classmethod
+    def _config_exists(cls, v: str | None) -> str | None:
+        if v is not None and not Path(v).expanduser().is_file():
+            raise ValueError(f"no such file: {v}")
+        return v
 
 
 class TinyModel(Section):
@@ -71,6 +82,8 @@ class Sampling(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(48, gt=0)
     batch_size: int = Field(64, gt=0)
+    # the generate step's engine: vllm (a GPU and `pip install vllm`) for real runs, else transformers
+    backend: Literal["transformers", "vllm"] = "transformers"
 
 
 class Judge(Section):
@@ -107,6 +120,7 @@ class Label(Section):
     pairs: Literal["best_worst", "all_pairs"] = "best_worst"
     ties: Literal["skip", "keep"] = "skip"  # a pair of equal scores
     noise: float = Field(0.0, ge=0, le=0.5)  # probability of flipping a pair (AlpacaFarm; Coste et al. use 0.25)
+    workers: int = Field(1, gt=0)  # processes scoring shards of the samples at once (on GPUs: worker i on cuda:i)
 
 
 class TrainRM(Section):
@@ -242,6 +256,13 @@ class Evaluate(Section):
     batch_size: int = Field(64, gt=0)
 
 
+class Storage(Section):
+    """The DVC remote every round goes to (set it up with `rlhf remote s3://bucket/prefix`)."""
+
+    push: bool = False  # `dvc push` each round's outputs as soon as the round completes
+    remote: str | None = None  # a DVC remote's name; null = the project's default remote
+
+
 class Config(Section):
     runtime: Runtime = Runtime()
     rounds: dict[str, str]
@@ -252,6 +273,7 @@ class Config(Section):
     train_rm: TrainRM = TrainRM()
     update_policy: UpdatePolicy = UpdatePolicy()
     evaluate: Evaluate = Evaluate()
+    storage: Storage = Storage()
 
     @field_validator("rounds")
     @classmethod
@@ -267,6 +289,15 @@ class Config(Section):
     def _lengths_fit(self) -> Config:
         if self.generate.max_new_tokens >= self.update_policy.max_length:
             raise ValueError("[update_policy.max_length] must exceed generate.max_new_tokens (prompt + response)")
+        n = self.runtime.num_processes
+        if n > 1 and self.update_policy.method == "ppo":
+            raise ValueError("[runtime.num_processes] ppo (the project's own loop) runs in one process; use dpo, "
+                             "rest or rloo to train on several, or num_processes: 1")
+        for key, size in (("prepare", self.prepare.batch_size), ("train_rm", self.train_rm.batch_size),
+                          ("update_policy", self.update_policy.batch_size)):
+            if size % n:
+                raise ValueError(f"[{key}.batch_size] the global batch is split over runtime.num_processes={n}: "
+                                 f"needs a multiple of {n} (got {size})")
         return self
 
 
@@ -358,6 +389,10 @@ def check_inputs(cfg: Config) -> None:
 
         check_local_model(cfg.prepare.policy, "prepare.policy")
         load_tokenizer(cfg.prepare.policy)  # fails, naming it, without a pad or eos token to pad with
+    if cfg.generate.backend == "vllm":
+        from rlhf.sampling import require_vllm
+
+        require_vllm()
     judge = cfg.label.judge
     if judge.type == "rubric":
         from rlhf.judges import PinkElephantJudge
@@ -376,3 +411,7 @@ def check_inputs(cfg: Config) -> None:
         read_jsonl(u.cotrain.data, required=("prompt", "completion"), what="update_policy.cotrain.data")
     if u.method == "rest" and u.rest.keep_sft and cfg.prepare.policy != "tiny":
         read_jsonl(cfg.prepare.sft, required=("prompt", "completion"), what="prepare.sft")
+    if cfg.storage.push:
+        from rlhf.storage import remote_for_push
+
+        remote_for_push(cfg.storage.remote)  # a run that would push to no remote stops before it starts

@@ -11,16 +11,24 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from rlhf.errors import UserError
+from rlhf.launch import is_main
 
 
 def read_jsonl(path: str | Path, required: Iterable[str] = (), what: str = "") -> list[dict]:
-    """Rows of a JSONL file; a bad line is an error naming the file and line number (`what`: the params key)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file" + (f" ({what})" if what else ""))
+    """Rows of a JSONL file, or of an s3://bucket/key object; a bad line is an error naming the file and line
+    number (`what`: the params key)."""
+    if str(path).startswith("s3://"):
+        from rlhf.storage import read_bytes
+
+        data = read_bytes(str(path))
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"{path}: no such file" + (f" ({what})" if what else ""))
+        data = path.read_bytes()
     rows = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = data.decode("utf-8").splitlines()
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not valid UTF-8 (byte {e.start})") from None
     for n, line in enumerate(lines, 1):
@@ -64,6 +72,8 @@ def write_json(path: str | Path, obj) -> None:
 
 
 def write_text(path: str | Path, text: str) -> None:
+    if not is_main():  # a rank of a several-process step (rlhf/launch.py): rank 0 writes the artifact
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -85,6 +95,10 @@ def write_text(path: str | Path, text: str) -> None:
 @contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a scratch folder beside `path`; on success it replaces `path` in one rename."""
+    if not is_main():  # a rank other than 0 (rlhf/launch.py) writes into a folder that is then thrown away
+        with tempfile.TemporaryDirectory() as scratch:
+            yield Path(scratch)
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))

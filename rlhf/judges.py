@@ -22,13 +22,17 @@ An answer of 2-4 well-formed on-topic sentences without elephants scores the bes
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from rlhf.errors import UserError
 
-def make_judge(cfg):
+log = logging.getLogger("rlhf")
+
+
+def make_judge(cfg, dev: str | None = None):
     j = cfg.label.judge
     if j.type == "rubric":
         return PinkElephantJudge(cfg.label.world)
@@ -37,7 +41,64 @@ def make_judge(cfg):
     from rlhf import models
     from rlhf.reward_judges import load_model_judge
 
-    return load_model_judge(j, models.device(cfg))
+    return load_model_judge(j, dev or models.device(cfg))
+
+
+def score_in_workers(cfg, prompts: list[str], responses: list[str]) -> np.ndarray:
+    """Every response's gold score, by `label.workers` processes at once (e.g. a 13B judge on each of several
+    GPUs: worker i on cuda:i), each loading the judge once and scoring one shard. The shards are whole
+    batches of the one-process order (by length), dealt round-robin, so each batch, its padding and so its
+    scores are exactly those of one process."""
+    import multiprocessing
+
+    from rlhf.reward_judges import length_order
+
+    n = min(cfg.label.workers, len(prompts))
+    if n == 1:
+        return make_judge(cfg).score(prompts, responses)
+    order, size = length_order(prompts, responses), cfg.label.judge.batch_size
+    batches = [order[i : i + size] for i in range(0, len(order), size)]
+    shards = [np.concatenate(batches[w::n]) for w in range(n) if batches[w::n]]
+    log.info("scoring %d samples in %d worker processes", len(prompts), len(shards))
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch or CUDA state
+    workers = []
+    for w, idx in enumerate(shards):
+        recv, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_worker, args=(cfg, w, [prompts[i] for i in idx], [responses[i] for i in idx], send),
+                           name=f"label-worker-{w}", daemon=True)
+        proc.start()
+        send.close()
+        workers.append((proc, recv, idx))
+    scores = np.empty(len(prompts), dtype=np.float64)
+    for w, (proc, recv, idx) in enumerate(workers):
+        try:
+            kind, value = recv.recv()
+        except EOFError:
+            proc.join()
+            raise UserError(f"label.workers: worker {w} died (exit status {proc.exitcode})") from None
+        proc.join()
+        if kind == "error":
+            raise UserError(value)
+        scores[idx] = value
+    return scores
+
+
+def _worker(cfg, w: int, prompts: list[str], responses: list[str], conn) -> None:
+    from rlhf.lifetime import die_with_parent
+
+    die_with_parent()
+    dev = None
+    if cfg.label.judge.type in ("hf", "ultrarm"):
+        import torch
+
+        from rlhf import models
+
+        dev = models.device(cfg)
+        dev = f"cuda:{w % torch.cuda.device_count()}" if dev.startswith("cuda") else dev
+    try:
+        conn.send(("ok", make_judge(cfg, dev).score(prompts, responses)))
+    except UserError as e:
+        conn.send(("error", str(e)))
 
 
 class CallableJudge:

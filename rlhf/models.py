@@ -40,13 +40,14 @@ def stage_seed(cfg: Config, step: str, rnd: str) -> int:
 
 
 def device(cfg: Config) -> str:
+    """cpu or cuda; a rank of a several-process launch (rlhf/launch.py) gets its own GPU, cuda:LOCAL_RANK."""
     import torch
 
-    if cfg.runtime.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.runtime.device == "cuda" and not torch.cuda.is_available():
         raise UserError("runtime.device: cuda asked for, but no GPU is visible")
-    return cfg.runtime.device
+    if cfg.runtime.device == "cpu" or not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{os.environ['LOCAL_RANK']}" if "LOCAL_RANK" in os.environ else "cuda"
 
 
 def _existing(path: str | Path, what: str) -> str:
@@ -171,8 +172,13 @@ def build_tiny_lm(tok, spec: TinyModel):
 
 
 def train_args(config_cls, cfg: Config, seed: int, scratch: str | Path, **kw):
-    """A TRL config with this project's CPU-safe, reproducible defaults; `kw` sets the rest."""
+    """A TRL config with this project's CPU-safe, reproducible defaults; `kw` sets the rest. The batch size
+    given is the global one: under a several-process launch each rank takes its share."""
+    from rlhf.launch import world_size
+
     on_cpu = device(cfg) == "cpu"
+    if "per_device_train_batch_size" in kw:
+        kw["per_device_train_batch_size"] //= world_size()  # config checks that it divides
     return config_cls(
         output_dir=str(scratch),
         seed=seed,
@@ -185,6 +191,7 @@ def train_args(config_cls, cfg: Config, seed: int, scratch: str | Path, **kw):
         logging_steps=max(1, kw.pop("logging_steps", 50)),
         disable_tqdm=not os.isatty(2),
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # several processes: every trained weight takes part in the loss
         **kw,
     )
 

@@ -59,7 +59,7 @@ class ModelJudge:
     def score(self, prompts: list[str], responses: list[str]) -> np.ndarray:
         import torch
 
-        order = np.argsort([len(p) + len(r) for p, r in zip(prompts, responses, strict=True)], kind="stable")
+        order = length_order(prompts, responses)
         scores = np.empty(len(prompts), dtype=np.float64)
         for start in range(0, len(order), self.spec.batch_size):
             idx = order[start : start + self.spec.batch_size]
@@ -69,6 +69,11 @@ class ModelJudge:
             out = out if isinstance(out, torch.Tensor) else out.logits[:, 0]
             scores[idx] = out.float().cpu().numpy()
         return scores
+
+
+def length_order(prompts: list[str], responses: list[str]) -> np.ndarray:
+    """The order a model judge scores in: by length, so that a batch wastes little padding (stable)."""
+    return np.argsort([len(p) + len(r) for p, r in zip(prompts, responses, strict=True)], kind="stable")
 
 
 def load_model_judge(spec: Judge, dev: str) -> ModelJudge:
@@ -87,7 +92,7 @@ def load_model_judge(spec: Judge, dev: str) -> ModelJudge:
     except OSError as e:
         raise UserError(f"label.judge.name: cannot load {name} ({str(e).splitlines()[0]})") from None
     kw = {"use_safetensors": not spec.allow_pickle or None, "trust_remote_code": spec.trust_remote_code}
-    if dev == "cuda":  # half precision on a GPU
+    if dev.startswith("cuda"):  # half precision on a GPU
         kw["dtype"] = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     try:
         cls = ultrarm_class() if spec.type == "ultrarm" else AutoModelForSequenceClassification

@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass
 
 from rlhf.config import Sampling
+from rlhf.errors import UserError
 
 log = logging.getLogger("rlhf")
 
@@ -53,6 +54,61 @@ def generate(model, tok, prompts: list[str], k: int, s: Sampling, max_new_tokens
         out.responses.extend(continuations(tok, batch["input_ids"].tolist(), out.response_ids[-len(idx) :]))
         log.info("generated %d/%d samples", min(start + s.batch_size, len(order)), len(order))
     tok.padding_side = "right"
+    return out
+
+
+def require_vllm() -> None:
+    """`generate.backend: vllm` needs vLLM installed and a GPU; otherwise one line saying which is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise UserError("generate.backend: vllm is not installed (pip install vllm, on a machine with a GPU); "
+                        "or use generate.backend: transformers")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError("generate.backend: vllm needs a GPU and none is visible; use generate.backend: transformers")
+
+
+def generate_vllm(policy_dir, tok, prompts: list[str], k: int, s: Sampling, seed: int) -> Samples:
+    """`generate` by vLLM for the policy saved in `policy_dir` (a LoRA adapter runs over its base): the same
+    samples structure, each prompt seeded on its own (seed + its index), so a prompt's samples do not depend
+    on how vLLM batches."""
+    import json
+    from pathlib import Path
+
+    require_vllm()
+    from vllm import LLM, SamplingParams
+
+    engine, lora = {"model": str(policy_dir)}, None
+    adapter = Path(policy_dir) / "adapter_config.json"
+    if adapter.is_file():
+        from vllm.lora.request import LoRARequest
+
+        a = json.loads(adapter.read_text())
+        rank = next(r for r in (8, 16, 32, 64, 128, 256, 512) if r >= a["r"])  # the ranks vLLM accepts
+        engine = {"model": a["base_model_name_or_path"], "enable_lora": True, "max_lora_rank": rank}
+        lora = LoRARequest("policy", 1, str(policy_dir))
+    llm = LLM(**engine, tokenizer=str(policy_dir), seed=seed, trust_remote_code=False)
+    eos = tok.eos_token_id
+    prompt_ids = tok(prompts)["input_ids"]  # tokenised as the transformers backend does
+    params = [SamplingParams(n=k, seed=seed + i, temperature=s.temperature, top_k=s.top_k or -1, top_p=s.top_p,
+                             max_tokens=s.max_new_tokens, stop_token_ids=[eos]) for i in range(len(prompts))]
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, lora_request=lora)
+    out = Samples([], [], [], [])
+    for i, request in enumerate(outputs):  # in the order of the prompts
+        for c in request.outputs:
+            ids = list(c.token_ids)
+            done = c.finish_reason == "stop"
+            if eos in ids:
+                ids = ids[: ids.index(eos) + 1]
+            elif done:  # stopped at the eos, which vLLM may leave out of token_ids
+                ids.append(eos)
+            out.prompt_index.append(i)
+            out.response_ids.append(ids)
+            out.finished.append(done)
+    out.responses = continuations(tok, [prompt_ids[i] for i in out.prompt_index], out.response_ids)
+    log.info("generated %d samples with vLLM", len(out.responses))
     return out
 
 

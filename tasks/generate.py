@@ -10,13 +10,16 @@ from rlhf.paths import round_paths
 def generate(cfg: Config, rnd: str) -> dict:
     from rlhf import models, sampling
 
-    models.setup(cfg, "generate", rnd)
+    seed = models.setup(cfg, "generate", rnd)
     prev = cfg.rounds[rnd]
     policy_dir = round_paths(prev).policy
     prompts = read_prompts(cfg.prompts.label)
     tok = models.load_tokenizer(policy_dir)
-    policy = models.load_policy(policy_dir, models.device(cfg))
-    s = sampling.generate(policy, tok, [p["prompt"] for p in prompts], cfg.generate.k, cfg.generate)
+    texts, k = [p["prompt"] for p in prompts], cfg.generate.k
+    if cfg.generate.backend == "vllm":
+        s = sampling.generate_vllm(policy_dir, tok, texts, k, cfg.generate, seed)
+    else:
+        s = sampling.generate(models.load_policy(policy_dir, models.device(cfg)), tok, texts, k, cfg.generate)
     params = cfg.generate.model_dump(exclude={"batch_size"})
     rows = [
         {"prompt_id": prompts[i]["id"], "prompt": prompts[i]["prompt"], "response": text, "finished": done,

@@ -1,5 +1,8 @@
 """label: the gold judge scores every sample; the scores become preference pairs (best vs worst, or all
-pairs), ties skipped or kept, with optional label noise; every score and each pair's margin are kept."""
+pairs), ties skipped or kept, with optional label noise; every score and each pair's margin are kept.
+
+With `label.workers` > 1 the samples are scored in that many processes at once (rlhf/judges.py), with the
+same scores as one process gives."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import numpy as np
 from rlhf.config import Config
 from rlhf.errors import UserError
 from rlhf.io import read_jsonl, write_jsonl
-from rlhf.judges import make_judge
+from rlhf.judges import score_in_workers
 from rlhf.paths import round_paths
 
 
@@ -61,7 +64,7 @@ def label(cfg: Config, rnd: str) -> dict:
     paths, lab = round_paths(rnd), cfg.label
     groups = group_by_prompt(read_jsonl(paths.samples, required=("prompt_id", "prompt", "response")), str(paths.samples))
     flat = [r for g in groups for r in g]
-    gold = checked(make_judge(cfg).score([r["prompt"] for r in flat], [r["response"] for r in flat]), str(paths.samples))
+    gold = checked(score_in_workers(cfg, [r["prompt"] for r in flat], [r["response"] for r in flat]), str(paths.samples))
     gold = gold.reshape(len(groups), -1)
     prompt, chosen, rejected = pairs_of(gold, lab.pairs, lab.ties)
     if not len(prompt):

@@ -14,6 +14,7 @@ import tempfile
 from rlhf.config import Config
 from rlhf.errors import UserError
 from rlhf.io import read_jsonl, read_prompts
+from rlhf.launch import is_main
 from rlhf.paths import SFT
 
 log = logging.getLogger("rlhf")
@@ -31,6 +32,8 @@ def prepare(cfg: Config) -> dict:
         policy = models.load_policy(cfg.prepare.policy, models.device(cfg))
         models.save(policy, tok, SFT.base)
         models.save(policy, tok, SFT.policy)
+    if not is_main():  # a rank of a several-process launch: evaluation is inference, rank 0's alone
+        return {}
     return evaluate(cfg, "r00")
 
 
