@@ -3,8 +3,9 @@
 Each step is one Prefect task run named `<round>-<step>` (e.g. `r02-train_rm`) that runs
 `dvc repro --single-item <step>@<round>` in its own process: DVC decides what is up to date (a rerun
 skips finished stages, so a crashed flow resumes), records every round in dvc.lock, and the step's
-process frees its memory before the next one loads its models. The step's output lines become the
-task's log lines in Prefect.
+process frees its memory before the next one loads its models. That process is forked from one that has
+imported the ML libraries already (rlhf/preload.py), so a step does not pay their import. The step's
+output lines become the task's log lines in Prefect.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from rlhf.errors import UserError
 from rlhf.io import read_jsonl
 from rlhf.lifetime import RUN_PID, dying_with_parent
 from rlhf.paths import round_paths
+from rlhf.preload import preloaded
 from rlhf.rounds import extend_rounds, last_completed
 from rlhf.report import flat, metrics_rows, metrics_table, round_markdown, write_report
 
@@ -52,6 +54,13 @@ def target(step: str, rnd: str) -> str:
     return "prepare" if step == "prepare" else f"{step}@{rnd}"
 
 
+def stage_env() -> dict[str, str]:
+    """The environment of a stage's command; the stage command `rlhf ...` must resolve to this
+    environment's console script."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            "PYTHONHASHSEED": "0", "HF_HUB_DISABLE_PROGRESS_BARS": "1", RUN_PID: str(os.getpid())}
+
+
 @task(task_run_name="{rnd}-{step}")
 def stage(step: str, rnd: str, force: bool = False) -> bool:
     """Run one step as its DVC stage; returns False when DVC found it up to date and skipped it."""
@@ -59,9 +68,7 @@ def stage(step: str, rnd: str, force: bool = False) -> bool:
     name = target(step, rnd)
     # dvc dies with this process (rlhf/lifetime.py): a killed run leaves no stage behind to race the next one
     cmd = dying_with_parent("dvc", "repro", "--single-item", name, *(["--force"] if force else []))
-    # The stage command `rlhf ...` must resolve to this environment's console script.
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "PYTHONHASHSEED": "0", "HF_HUB_DISABLE_PROGRESS_BARS": "1", RUN_PID: str(os.getpid())}
+    env = stage_env()
     tail: deque[str] = deque(maxlen=20)
     skipped = False
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
@@ -104,15 +111,16 @@ def iterate(force: bool = False, more: int = 0) -> list[dict]:
     todo = todo or list(cfg.rounds)
     if more:
         print(f"continuing from {round_name(last_completed())}: {', '.join(todo)}")
-    for step, rnd in [("prepare", "r00"), *((s, r) for r in todo for s in ROUND_STEPS)]:
-        state = stage(step, rnd, force, return_state=True)
-        if state.is_failed():
-            return state  # the flow run fails with the stage's message; later stages do not run
-        if step in ("prepare", "evaluate"):
-            publish_round(rnd)
-            print(footprint(rnd))
-            if cfg.storage.push and (state := push(rnd, cfg.storage.remote, return_state=True)).is_failed():
-                return state  # nothing local is lost: the next run skips what is done and pushes again
+    with preloaded(stage_env()):  # the steps' processes start with their libraries imported
+        for step, rnd in [("prepare", "r00"), *((s, r) for r in todo for s in ROUND_STEPS)]:
+            state = stage(step, rnd, force, return_state=True)
+            if state.is_failed():
+                return state  # the flow run fails with the stage's message; later stages do not run
+            if step in ("prepare", "evaluate"):
+                publish_round(rnd)
+                print(footprint(rnd))
+                if cfg.storage.push and (state := push(rnd, cfg.storage.remote, return_state=True)).is_failed():
+                    return state  # nothing local is lost: the next run skips what is done and pushes again
     shown = ["r00", *list(cfg.rounds)[: round_index(todo[-1])]]  # not rounds params names but none has run
     rows = metrics_rows(shown)
     table = metrics_table(rows)

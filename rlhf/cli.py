@@ -115,6 +115,11 @@ def main(argv: list[str] | None = None) -> None:
         # Fixed hash seed: libraries that write sets (e.g. PEFT's target_modules) then write them alike.
         os.environ["PYTHONHASHSEED"] = "0"
         os.execv(sys.executable, [sys.executable, "-m", "rlhf", *argv])
+    if args.command in STEPS:
+        from rlhf.preload import hand_over
+
+        if (code := hand_over(argv)) is not None:  # run in a flow's preload process (rlhf/preload.py)
+            sys.exit(code)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
     from rlhf.launch import is_main
@@ -259,18 +264,17 @@ def _lasting_api():
 
 
 def _quiet_libraries() -> None:
-    """Keep a step's log readable: no library chatter, and no progress bars when nobody watches a terminal."""
+    """Keep a step's log readable: no library chatter, and no progress bars when nobody watches a terminal.
+    Said through the variables the libraries read when they load, so a step that needs none of them (label
+    with the rubric judge) does not pay their import; a user's own setting of one wins."""
     import warnings
 
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet = {"TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
+    if not sys.stderr.isatty():  # transformers' bars follow huggingface_hub's switch
+        quiet |= {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+    for key, value in quiet.items():
+        os.environ.setdefault(key, value)
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
-    import datasets
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    if not sys.stderr.isatty():
-        transformers.utils.logging.disable_progress_bar()
-        datasets.disable_progress_bars()
 
 
 if __name__ == "__main__":

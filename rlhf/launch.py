@@ -73,9 +73,8 @@ def run(cmd: list[str]) -> int:
 
 def finish() -> None:
     """Leave the process group cleanly at the end of a rank's step (torch warns otherwise)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
+    dist = sys.modules.get("torch.distributed")  # not imported: no process group, and no import to pay for
+    if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 

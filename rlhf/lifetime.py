@@ -39,15 +39,20 @@ RUN_PID = "RLHF_RUN_PID"
 
 def die_with_run() -> None:
     """In a step started by a run: exit as soon as the run's process (RLHF_RUN_PID) is gone, whatever lies
-    between (dvc, a shell). A pidfd wakes a daemon thread at that moment; no polling."""
+    between (dvc, a shell)."""
+    if (pid := os.environ.get(RUN_PID, "")).isdigit():
+        die_with(int(pid))
+
+
+def die_with(pid: int) -> None:
+    """Exit (status 137) as soon as process `pid` is gone: a pidfd wakes a daemon thread then (Linux 5.3+)."""
     import select
     import threading
 
-    pid = os.environ.get(RUN_PID)
-    if not pid or not hasattr(os, "pidfd_open"):
+    if not hasattr(os, "pidfd_open"):
         return
     try:
-        fd = os.pidfd_open(int(pid))
+        fd = os.pidfd_open(pid)
     except ProcessLookupError:  # gone already
         os._exit(137)
     except (OSError, ValueError):  # an old kernel, or not ours to watch
@@ -57,7 +62,7 @@ def die_with_run() -> None:
         select.select([fd], [], [])
         os._exit(137)
 
-    threading.Thread(target=watch, name="die-with-run", daemon=True).start()
+    threading.Thread(target=watch, name=f"die-with-{pid}", daemon=True).start()
 
 
 def dying_with_parent(module: str, *args: str) -> list[str]:

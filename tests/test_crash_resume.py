@@ -38,7 +38,7 @@ def step_processes(project: Path, step: str | None = None) -> list[psutil.Proces
     """Processes of this project's steps (`rlhf <step> ...`, as DVC starts them)."""
     found = []
     for p in psutil.process_iter(["cmdline", "cwd"]):
-        cmd = p.info["cmdline"] or []
+        cmd = " ".join(p.info["cmdline"] or []).split()  # a preloaded step's title is one padded string
         at = next((i for i, c in enumerate(cmd) if c == "rlhf" or c.endswith("/rlhf")), None)
         if p.info["cwd"] == str(project) and at is not None and cmd[at + 1:at + 2] and cmd[at + 1] in STEPS:
             if step is None or cmd[at + 1] == step:
