@@ -1,5 +1,6 @@
 # make demo: set up .venv if needed, then run the offline default (3 rounds) through Prefect and DVC.
 # make test: set up .venv (with test extras) and chromium if needed, then run the test suite.
+# make bench: the benchmarks under bench/ (README: Performance).
 VENV        ?= .venv
 PYTHON      ?= python3
 TORCH_INDEX ?=
@@ -7,7 +8,7 @@ PIP         := $(VENV)/bin/pip
 export DVC_SITE_CACHE_DIR ?= $(CURDIR)/.dvc/tmp/site_cache
 export DVC_NO_ANALYTICS   := 1
 
-.PHONY: demo test test-slow install browser clean-rounds
+.PHONY: demo test test-slow bench install browser clean-rounds
 
 install: $(VENV)/.installed
 
@@ -32,6 +33,10 @@ browser:
 
 test-slow: install
 	$(VENV)/bin/python -m pytest -q -m slow
+
+# Every benchmark in turn (about 35 minutes on 2 CPU cores); each prints its ratios, kept in bench/out/.
+bench: install
+	for b in orchestration generation labelling dpo cost_growth storage; do $(VENV)/bin/python bench/$$b.py || exit 1; done
 
 clean-rounds:
 	rm -rf data/rounds dvc.lock
