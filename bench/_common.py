@@ -30,10 +30,12 @@ BIN = Path(sys.executable).parent
 DEFAULT = {"prepare": {"tiny": {"pretrain_epochs": 0.25}, "sft_epochs": 1.0}}
 
 
-def parser(doc: str) -> argparse.ArgumentParser:
+def parser(doc: str, repeats: bool = True) -> argparse.ArgumentParser:
+    """The command line every benchmark takes; `repeats` False for one that runs each side once."""
     p = argparse.ArgumentParser(description=doc.strip().split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc.split("\n\n", 1)[-1])
-    p.add_argument("--repeats", type=int, default=3, help="timed repetitions of each side, interleaved (default 3)")
+    if repeats:
+        p.add_argument("--repeats", type=int, default=3, help="timed repetitions of each side, interleaved (default 3)")
     p.add_argument("--out", type=Path, default=OUT, help=f"folder for projects and results (default {OUT.relative_to(ROOT)})")
     p.add_argument("--threads", type=int, help="torch threads of both sides (default: runtime.threads of params.yaml); "
                    "1 keeps the ratio steady on a machine other work shares, where 2 threads wait on each other")

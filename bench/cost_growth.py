@@ -22,7 +22,7 @@ PAIRS = 180  # about one round's pairs (best vs worst of each of the 200 label p
 
 
 def main() -> None:
-    p = parser(__doc__)
+    p = parser(__doc__, repeats=False)
     p.add_argument("--rounds", type=int, default=6, help="rounds per variant (default 6)")
     args = p.parse_args()
     quiet()

@@ -22,7 +22,7 @@ VARIANTS = {"full weights": 0, "LoRA rank 8": 8}
 
 
 def main() -> None:
-    args = parser(__doc__).parse_args()
+    args = parser(__doc__, repeats=False).parse_args()
     quiet()
     base = {"rounds": {"r01": "r00", "r02": "r01"}, "generate": {"k": 4}}
     projects = {v: from_round0(args.out, f"storage/rank{rank}", {**base, "update_policy": {"lora": {"rank": rank}}})
