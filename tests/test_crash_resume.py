@@ -11,6 +11,7 @@ Slow: about two full tiny runs and six restarts.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -58,6 +59,14 @@ def snapshot(project: Path) -> tuple[set, dict]:
     return set(done), files
 
 
+def still_running(p: psutil.Process) -> str | None:
+    """The start of p's command line if p is alive (not gone, not a zombie), else None."""
+    try:
+        return " ".join(p.cmdline()[:4]) if p.status() != psutil.STATUS_ZOMBIE else None
+    except psutil.NoSuchProcess:
+        return None
+
+
 def start_run(project: Path, env: dict, log: Path) -> subprocess.Popen:
     return subprocess.Popen([BIN / "rlhf", "run"], cwd=project, env=env, stdout=log.open("ab"),
                             stderr=subprocess.STDOUT)
@@ -78,21 +87,23 @@ def runs(tmp_path_factory):
         before = snapshot(crashed)
         run = start_run(crashed, env_b, log)
         deadline = time.monotonic() + 600
-        while not step_processes(crashed, step):  # wait until the step is under way
+        while not (steps := step_processes(crashed, step)):  # wait until the step is under way
             assert run.poll() is None, f"the run ended before {step} started"
             assert time.monotonic() < deadline
-            time.sleep(0.2)
-        time.sleep(0.5)  # into the step: its imports under way
-        steps = step_processes(crashed, step)
-        for p in steps:  # held still, so that the kill lands inside the step on a machine of any speed
-            p.suspend()
+            time.sleep(0.02)  # a preloaded step can be over in half a second (label with the rubric)
+        # Held still at once, so that the kill lands inside the step on a machine of any speed: a step whose
+        # command is held cannot exit, so DVC cannot record it as done even where its work is finished.
+        for p in steps:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.suspend()
         tree = psutil.Process(run.pid).children(recursive=True)  # its Prefect server, dvc, the step
         run.send_signal(signal.SIGKILL)
         run.wait()
-        for p in steps:
-            p.resume()
+        for p in steps:  # a preloaded step may already be gone: it dies with the run's preload process
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.resume()
         time.sleep(2.0)
-        orphans = [" ".join(p.cmdline()[:4]) for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        orphans = [title for title in map(still_running, tree) if title]
         history.append({"step": step, "before": before, "after": snapshot(crashed), "orphans": orphans})
     final = subprocess.run([BIN / "rlhf", "run"], cwd=crashed, env=env_b, capture_output=True, text=True, timeout=1200)
     log.open("a").write(final.stdout + final.stderr)
