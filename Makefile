@@ -36,7 +36,7 @@ test-slow: install
 
 # Every benchmark in turn (about 35 minutes on 2 CPU cores); each prints its ratios, kept in bench/out/.
 bench: install
-	for b in orchestration generation labelling dpo cost_growth storage; do $(VENV)/bin/python bench/$$b.py || exit 1; done
+	for b in orchestration generation labelling dpo cost_growth storage parallel_runs; do $(VENV)/bin/python bench/$$b.py || exit 1; done
 
 clean-rounds:
 	rm -rf data/rounds dvc.lock

@@ -47,7 +47,7 @@ def run_one(study_path: str, run_id: str, api_url: str) -> str:
     write_state(run, "running", started=started)
     last = ""
     with open(run.folder / "run.log", "a") as record, subprocess.Popen(
-            RUN, cwd=run.folder, env={**os.environ, "PREFECT_API_URL": api_url}, text=True,
+            RUN, cwd=run.folder, env=run_env(study.spec.parallel, api_url), text=True,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
         for line in proc.stdout:
             record.write(line)
@@ -60,6 +60,17 @@ def run_one(study_path: str, run_id: str, api_url: str) -> str:
         return Failed(message=f"{run_id}: {message}", data=StudyFailed(f"{run_id}: {message}"))
     write_state(run, "done", started=started)
     return f"done in {time.time() - started:.0f} s"
+
+
+def run_env(parallel: int, api_url: str) -> dict[str, str]:
+    """The environment of one run's `rlhf run`: this one's, reporting to `api_url`. With runs side by side,
+    each step's OpenMP threads sleep while they wait (unless the user says otherwise): spinning threads of
+    two steps on the same cores starve each other (bench/parallel_runs.py: two generate steps at once on 2
+    cores took 14x longer spinning than sleeping). The wait policy changes no result, only the waiting."""
+    env = {**os.environ, "PREFECT_API_URL": api_url}
+    if parallel > 1:
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return env
 
 
 @flow(name="rlhf-study", flow_run_name="{path}", log_prints=True)

@@ -129,6 +129,17 @@ def test_shipped_studies_are_valid_grids(monkeypatch, name, axes, runs):
     assert set(study.spec.axes) == axes and len(study.runs) == runs and len({r.id for r in study.runs}) == runs
 
 
+def test_runs_side_by_side_let_waiting_threads_sleep_unless_told_otherwise(monkeypatch):
+    """Spinning OpenMP threads of two runs on the same cores starve each other (bench/parallel_runs.py)."""
+    from flows.study import run_env
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert "OMP_WAIT_POLICY" not in run_env(1, "http://127.0.0.1:1/api")  # one at a time: the libraries' default
+    assert run_env(2, "http://127.0.0.1:1/api")["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert run_env(2, "http://127.0.0.1:1/api")["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
 @pytest.fixture(scope="module")
 def tiny_study(project, server):
     """The tiny study run once through `rlhf study run`, then its state, report, workspaces and records."""
