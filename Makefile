@@ -34,7 +34,7 @@ browser:
 test-slow: install
 	$(VENV)/bin/python -m pytest -q -m slow
 
-# Every benchmark in turn (about 35 minutes on 2 CPU cores); each prints its ratios, kept in bench/out/.
+# Every benchmark in turn (about 45 minutes on 2 CPU cores); each prints its ratios, kept in bench/out/.
 bench: install
 	for b in orchestration generation labelling dpo cost_growth storage parallel_runs; do $(VENV)/bin/python bench/$$b.py || exit 1; done
 

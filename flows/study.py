@@ -66,7 +66,7 @@ def run_env(parallel: int, api_url: str) -> dict[str, str]:
     """The environment of one run's `rlhf run`: this one's, reporting to `api_url`. With runs side by side,
     each step's OpenMP threads sleep while they wait (unless the user says otherwise): spinning threads of
     two steps on the same cores starve each other (bench/parallel_runs.py: two generate steps at once on 2
-    cores took 14x longer spinning than sleeping). The wait policy changes no result, only the waiting."""
+    cores took 16x longer spinning than sleeping). The wait policy changes no result, only the waiting."""
     env = {**os.environ, "PREFECT_API_URL": api_url}
     if parallel > 1:
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
