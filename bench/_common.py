@@ -51,11 +51,11 @@ def quiet() -> None:
     """A step's log as the CLI has it: no library chatter or progress bars, warnings only."""
     import logging
 
-    from rlhf.cli import _quiet_libraries
+    from rlhf.orchestration.preload import quiet_libraries
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-    _quiet_libraries()
+    quiet_libraries()
     import datasets
     import transformers
 
@@ -65,7 +65,7 @@ def quiet() -> None:
 
 def config(change: dict | None = None):
     """The project's (the current folder's) config with `change` over its params.yaml, validated as usual."""
-    from rlhf.config import parse_config, read_yaml
+    from rlhf.core.config import parse_config, read_yaml
 
     return parse_config(deep_update(read_yaml("params.yaml"), change or {}), "params.yaml")
 

@@ -27,7 +27,7 @@ def main() -> None:
     with chdir(default_project(args.out)):
         import torch
 
-        from rlhf.paths import round_paths
+        from rlhf.core.paths import round_paths
         from tasks.update_policy import update_policy
 
         cfg, rnd = config(overrides(args)), "r01"
@@ -58,7 +58,7 @@ def main() -> None:
 
 def _round_until_rm(cfg, rnd: str) -> None:
     """generate, label and train_rm of round 1, once: what the update needs."""
-    from rlhf.paths import round_paths
+    from rlhf.core.paths import round_paths
     from tasks.generate import generate
     from tasks.label import label
     from tasks.train_rm import train_rm
@@ -77,9 +77,9 @@ def _bare(cfg, rnd: str, rm_dir, loss: dict) -> dict[str, float]:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from rlhf.io import read_prompts
-    from rlhf.models import stage_seed
-    from rlhf.paths import SFT
+    from rlhf.core.io import read_prompts
+    from rlhf.core.seeds import stage_seed
+    from rlhf.core.paths import SFT
 
     up, s, seed = cfg.update_policy, cfg.generate, stage_seed(cfg, "update_policy", rnd)
     clock, t = {}, time.perf_counter()

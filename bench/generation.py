@@ -20,9 +20,10 @@ def main() -> None:
     with chdir(default_project(args.out)):
         import torch
 
-        from rlhf import models
-        from rlhf.io import read_jsonl, read_prompts
-        from rlhf.paths import SFT, round_paths
+        from rlhf.ml import models
+        from rlhf.core.io import read_jsonl, read_prompts
+        from rlhf.core.paths import SFT, round_paths
+        from rlhf.core.seeds import stage_seed
         from tasks.generate import generate
 
         cfg, rnd = config(overrides(args)), "r01"
@@ -34,7 +35,7 @@ def main() -> None:
 
         def bare() -> None:
             bare_out.clear()
-            torch.manual_seed(models.stage_seed(cfg, "generate", rnd))  # the step's own seed
+            torch.manual_seed(stage_seed(cfg, "generate", rnd))  # the step's own seed
             for start in range(0, len(texts), s.batch_size):
                 batch = tok(texts[start : start + s.batch_size], return_tensors="pt", padding=True)
                 with torch.no_grad():

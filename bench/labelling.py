@@ -24,10 +24,10 @@ def main() -> None:
         import numpy as np
         import torch
 
-        from rlhf import models
-        from rlhf.io import read_jsonl
+        from rlhf.ml import models
+        from rlhf.core.io import read_jsonl
         from rlhf.judges import make_judge
-        from rlhf.paths import SFT, round_paths
+        from rlhf.core.paths import SFT, round_paths
         from tasks.generate import generate
         from tasks.label import label
 

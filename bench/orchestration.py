@@ -32,9 +32,9 @@ DIRECT, SERVED, TEMP = "direct (one process)", "rlhf run (rlhf server running)",
 # The same step functions, in one process; each step's seconds as JSON on the last line.
 DIRECT_CODE = """
 import importlib, json, time
-from rlhf.cli import _quiet_libraries
-from rlhf.config import load_config
-_quiet_libraries()
+from rlhf.orchestration.preload import quiet_libraries
+from rlhf.core.config import load_config
+quiet_libraries()
 cfg, took = load_config(), {}
 for step in %r:
     t = time.perf_counter()
@@ -140,7 +140,7 @@ class _server:
 def import_seconds(project: Path, env: dict) -> dict[str, float]:
     """The seconds a step's own process spends importing modules when nothing is preloaded (python -X
     importtime, run once more in the flow's finished copy): what the flow's preload process saves each step
-    (rlhf/preload.py), and the direct side pays once."""
+    (rlhf/orchestration/preload.py), and the direct side pays once."""
     took = {}
     for step in STEPS:
         out = subprocess.run([str(BIN / "python"), "-X", "importtime", "-m", "rlhf", step, "r01"], cwd=project,

@@ -32,7 +32,7 @@ def main() -> None:
     for rnd in ROUNDS:
         for v, project in projects.items():
             with chdir(project):
-                from rlhf.paths import round_paths
+                from rlhf.core.paths import round_paths
 
                 cfg = config(overrides(args))
                 for step in STEPS:

@@ -4,7 +4,7 @@ Each step is one Prefect task run named `<round>-<step>` (e.g. `r02-train_rm`) t
 `dvc repro --single-item <step>@<round>` in its own process: DVC decides what is up to date (a rerun
 skips finished stages, so a crashed flow resumes), records every round in dvc.lock, and the step's
 process frees its memory before the next one loads its models. That process is forked from one that has
-imported the ML libraries already (rlhf/preload.py), so a step does not pay their import. The step's
+imported the ML libraries already (rlhf/orchestration/preload.py), so a step does not pay their import. The step's
 output lines become the task's log lines in Prefect.
 """
 
@@ -15,26 +15,22 @@ import logging
 import os
 import subprocess
 import sys
-from collections import deque
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Failed
 
-from rlhf import ROUND_STEPS
-from rlhf.config import load_config, round_index, round_name
-from rlhf.errors import UserError
-from rlhf.io import read_jsonl
-from rlhf.lifetime import RUN_PID, dying_with_parent
-from rlhf.paths import round_paths
-from rlhf.preload import preloaded
-from rlhf.rounds import extend_rounds, last_completed
-from rlhf.report import flat, metrics_rows, metrics_table, round_markdown, write_report
-
-
-class StageFailed(UserError):
-    pass
+from rlhf.core.paths import ROUND_STEPS
+from rlhf.core.config import load_config, round_index, round_name
+from rlhf.core.errors import StageFailed, UserError
+from rlhf.core.io import read_jsonl
+from rlhf.core.processes import RUN_PID, dying_with_parent, error_line, relay
+from rlhf.core.paths import round_paths
+from rlhf.orchestration import stages
+from rlhf.orchestration.preload import preloaded
+from rlhf.core.rounds import extend_rounds, last_completed
+from rlhf.evaluation.report import flat, metrics_rows, metrics_table, round_markdown, write_report
 
 
 class _NoEmptyTraceback(logging.Filter):
@@ -66,23 +62,15 @@ def stage(step: str, rnd: str, force: bool = False) -> bool:
     """Run one step as its DVC stage; returns False when DVC found it up to date and skipped it."""
     log = get_run_logger()
     name = target(step, rnd)
-    # dvc dies with this process (rlhf/lifetime.py): a killed run leaves no stage behind to race the next one
+    # dvc dies with this process (rlhf/core/processes.py): a killed run leaves no stage behind to race the next one
     cmd = dying_with_parent("dvc", "repro", "--single-item", name, *(["--force"] if force else []))
     env = stage_env()
-    tail: deque[str] = deque(maxlen=20)
-    skipped = False
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
-        for line in proc.stdout:
-            line = line.rstrip()
-            if line:
-                log.info(line)
-                tail.append(line)
-                skipped |= "didn't change, skipping" in line
+        tail = relay(proc.stdout, log.info)
+    skipped = any("didn't change, skipping" in line for line in tail)
     if proc.returncode != 0:
         # The step's own one-line "error: ..." says most; DVC's "ERROR: failed to reproduce" comes next.
-        ours = [t.removeprefix("error:").strip() for t in tail if t.startswith("error:")]
-        theirs = [t.removeprefix("ERROR:").strip() for t in tail if t.startswith("ERROR:")]
-        message = f"stage {name} failed: {(ours or theirs or list(tail) or ['no output'])[-1]}"
+        message = f"stage {name} failed: {error_line(tail)}"
         # DVC removed the stage's outputs before running it: put back the ones dvc.lock records (from the
         # cache), so that a failure never costs a completed round's artifacts.
         subprocess.run([sys.executable, "-m", "dvc", "checkout", "--quiet", name], env=env, capture_output=True)
@@ -109,6 +97,8 @@ def iterate(force: bool = False, more: int = 0) -> list[dict]:
     todo = extend_rounds(more) if more else None
     cfg = load_config()
     todo = todo or list(cfg.rounds)
+    if stages.write(cfg):  # the stages of these params and this code (rlhf/orchestration/stages.py)
+        print(f"dvc.yaml: written for params.yaml ({len(cfg.rounds)} rounds)")
     if more:
         print(f"continuing from {round_name(last_completed())}: {', '.join(todo)}")
     with preloaded(stage_env()):  # the steps' processes start with their libraries imported
@@ -153,7 +143,7 @@ def publish_round(rnd: str) -> None:
 @task(task_run_name="{rnd}-push")
 def push(rnd: str, remote: str | None) -> str:
     """storage.push: the round's outputs to the DVC remote as soon as the round completes."""
-    from rlhf.storage import push_round
+    from rlhf.orchestration.storage import push_round
 
     try:
         done = push_round(rnd, remote)

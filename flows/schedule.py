@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rlhf.errors import UserError
+from rlhf.core.errors import UserError
 
 
 def schedule_of(cron: str | None, interval: float | None):

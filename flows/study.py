@@ -21,13 +21,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.states import Failed
 
-from flows.iterate import StageFailed
-from rlhf.io import remove_scratch
-from rlhf.lifetime import dying_with_parent
-from rlhf.study import (Study, axis_names, check_study, final_rows, load_study, markdown_table, prepare_workspace,
-                        run_status, study_lock, write_report, write_state)
+from rlhf.core.errors import StageFailed
+from rlhf.core.io import remove_scratch
+from rlhf.core.processes import dying_with_parent, relay
+from rlhf.orchestration.preflight import check_study
+from rlhf.studies.grid import Study, load_study, prepare_workspace, run_status, study_lock, write_state
+from rlhf.studies.report import axis_names, final_rows, markdown_table, write_report
 
-# `rlhf run` as a process that dies with this one, taking its stages with it (rlhf.lifetime).
+# `rlhf run` as a process that dies with this one, taking its stages with it (rlhf/core/processes.py).
 RUN = dying_with_parent("rlhf", "run")
 _CHILD_PREFIX = re.compile(r"^\d\d:\d\d:\d\d \w+ [\w.]+: ")  # the child's own "time level logger: "
 
@@ -45,17 +46,19 @@ def run_one(study_path: str, run_id: str, api_url: str) -> str:
     prepare_workspace(study, run)
     started = time.time()
     write_state(run, "running", started=started)
-    last = ""
     with open(run.folder / "run.log", "a") as record, subprocess.Popen(
             RUN, cwd=run.folder, env=run_env(study.spec.parallel, api_url), text=True,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
-        for line in proc.stdout:
-            record.write(line)
-            if line := _CHILD_PREFIX.sub("", line.rstrip()):
-                log.info(f"[{run_id}] {line}")  # the run, for a console where several interleave
-                last = line
+
+        def lines():
+            for line in proc.stdout:
+                record.write(line)
+                yield _CHILD_PREFIX.sub("", line)
+
+        # the run's lines, for a console where several interleave
+        tail = relay(lines(), lambda line: log.info(f"[{run_id}] {line}"), keep=1)
     if proc.returncode != 0:
-        message = last.removeprefix("error: ") or f"rlhf run exited with status {proc.returncode}"
+        message = (tail[-1] if tail else "").removeprefix("error: ") or f"rlhf run exited with status {proc.returncode}"
         write_state(run, "failed", message, started)
         return Failed(message=f"{run_id}: {message}", data=StudyFailed(f"{run_id}: {message}"))
     write_state(run, "done", started=started)

@@ -9,9 +9,9 @@ import logging
 import os
 import sys
 
-from rlhf import ROUND_STEPS, STEPS
-from rlhf.errors import UserError
-from rlhf.lifetime import die_with_parent, die_with_run
+from rlhf.core.errors import UserError
+from rlhf.core.paths import ROUND_STEPS, STEPS
+from rlhf.core.processes import die_with_parent, die_with_run
 
 PARAMS = "params.yaml"
 
@@ -66,6 +66,10 @@ def parser() -> argparse.ArgumentParser:
     publish.add_argument("--endpoint-url", metavar="URL",
                          help="an S3-compatible endpoint; default: AWS, or AWS_ENDPOINT_URL")
     sub.add_parser("check", help="validate params.yaml and the files it names, run nothing")
+    sub.add_parser("stages", help="write dvc.yaml from params.yaml and the code (before `dvc repro` by hand)",
+                   description="Write dvc.yaml: each step's DVC stage with the project files its step imports and "
+                   "the round outputs it reads under these params. `rlhf run` does it itself; run this after "
+                   "editing params.yaml when you use `dvc repro` or `dvc status` directly.")
     sub.add_parser("metrics", help="print the per-round metrics table of the rounds run so far")
     rep = sub.add_parser("report", help="write an offline HTML report (plots, alarms, sample responses) of the rounds so far",
                          description="Write report.html (plots embedded, opens offline), the plots as PNG and "
@@ -107,6 +111,10 @@ def _schedule_args(p: argparse.ArgumentParser, default_name: str) -> argparse.Ar
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_preload"]:  # a flow's preload process (rlhf/orchestration/preload.py): runs steps by main
+        from rlhf.orchestration.preload import serve
+
+        return serve(argv[1], main)
     args = parser().parse_args(argv)
     if args.command in STEPS:
         die_with_parent()
@@ -116,13 +124,13 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["PYTHONHASHSEED"] = "0"
         os.execv(sys.executable, [sys.executable, "-m", "rlhf", *argv])
     if args.command in STEPS:
-        from rlhf.preload import hand_over
+        from rlhf.orchestration.preload import hand_over
 
-        if (code := hand_over(argv)) is not None:  # run in a flow's preload process (rlhf/preload.py)
+        if (code := hand_over(argv)) is not None:  # run in a flow's preload process (rlhf/orchestration/preload.py)
             sys.exit(code)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
-    from rlhf.launch import is_main
+    from rlhf.core.ranks import is_main
 
     logging.getLogger("rlhf").setLevel(logging.INFO if is_main() else logging.WARNING)  # a launch's rank 0 logs
     try:
@@ -138,29 +146,34 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _dispatch(args) -> int:
-    from rlhf.config import check_inputs, load_config
+    from rlhf.core.config import load_config
 
     if args.command == "study":
         return _study(args)
     if args.command == "server":
-        from rlhf.server import serve_forever
+        from rlhf.orchestration.server import serve_forever
 
         return serve_forever(args.host, args.port)
     if args.command in ("remote", "publish"):
         return _storage(args)
     cfg = load_config(PARAMS)
     if args.command in ("check", "run"):
+        from rlhf.orchestration.preflight import check_inputs
+
         check_inputs(cfg)
     if args.command == "check":
-        print(f"{PARAMS}: ok ({len(cfg.rounds)} rounds)")
+        from rlhf.orchestration.stages import current
+
+        stale = "" if current(cfg) else "; dvc.yaml is out of date (`rlhf run` or `rlhf stages` rewrites it)"
+        print(f"{PARAMS}: ok ({len(cfg.rounds)} rounds){stale}")
         return 0
     if args.command == "metrics":
-        from rlhf.report import metrics_rows, metrics_table
+        from rlhf.evaluation.report import metrics_rows, metrics_table
 
         print(metrics_table(metrics_rows(["r00", *cfg.rounds])))
         return 0
     if args.command == "report":
-        from rlhf.report import write_report
+        from rlhf.evaluation.report import write_report
 
         print(write_report(["r00", *cfg.rounds], args.out))
         return 0
@@ -175,31 +188,45 @@ def _dispatch(args) -> int:
 
             serve_flow(iterate, args.name, cron=args.cron, interval=args.interval, parameters={"more": args.more})
         return 0
+    if args.command == "stages":
+        from rlhf.orchestration import stages
+
+        changed = stages.write(cfg)
+        print(f"{stages.DVC_YAML}: {'written' if changed else 'up to date'} ({len(cfg.rounds)} rounds)")
+        return 0
+    return _step(args, cfg)
+
+
+def _step(args, cfg) -> int:
+    """One step, as its DVC stage runs it: in this process, or as runtime.num_processes ranks of itself."""
+    from rlhf.core.io import remove_scratch
+    from rlhf.core.paths import round_paths
+    from rlhf.core.processes import RUN_PID
+    from rlhf.core.ranks import is_main, world_size
+    from rlhf.orchestration import launch, stages
+    from rlhf.orchestration.preload import quiet_libraries
+
     rnd = getattr(args, "round", "r00")
     if args.command != "prepare" and rnd not in cfg.rounds:
         raise UserError(f"{PARAMS}: rounds: no round {rnd!r} (have {', '.join(cfg.rounds)})")
-    from rlhf import launch
-
+    if "DVC_STAGE" in os.environ and RUN_PID not in os.environ and "LOCAL_RANK" not in os.environ:
+        stages.require_current(cfg)  # DVC runs it, not under `rlhf run` (which wrote dvc.yaml): `dvc repro` by hand
     if cmd := launch.command(cfg, args.command, rnd):  # runtime.num_processes ranks of this same command
         return launch.run(cmd)
-    _quiet_libraries()
-    from rlhf.io import remove_scratch
-    from rlhf.paths import round_paths
-
-    if launch.is_main():  # the one writer
+    quiet_libraries()
+    if is_main():  # the one writer
         remove_scratch(round_paths(rnd).root)  # what a killed earlier attempt left half-written
     fn = getattr(importlib.import_module(f"tasks.{args.command}"), args.command)
     summary = fn(cfg) if args.command == "prepare" else fn(cfg, rnd)
     launch.finish()
-    if launch.is_main():
-        print(json.dumps({**summary, "processes": launch.world_size()} if launch.world_size() > 1 else summary,
-                         sort_keys=True))
+    if is_main():
+        print(json.dumps({**summary, "processes": world_size()} if world_size() > 1 else summary, sort_keys=True))
     return 0
 
 
 def _run(args) -> int:
     """The flow, against PREFECT_API_URL or else a temporary server that lives (and dies) with this run."""
-    from rlhf.lifetime import prefect_api
+    from rlhf.orchestration.server import prefect_api
 
     with prefect_api():
         from flows.iterate import iterate
@@ -209,13 +236,13 @@ def _run(args) -> int:
 
 
 def _storage(args) -> int:
-    from rlhf import storage
+    from rlhf.orchestration import storage
 
     if args.command == "remote":
         print(storage.configure_remote(args.url, args.endpoint_url, args.name, check=not args.no_check))
         print("push with `dvc push` (or storage.push: true in params.yaml), fetch with `dvc pull`")
         return 0
-    from rlhf.config import round_index
+    from rlhf.core.config import round_index
 
     round_index(args.round)
     done = storage.publish(args.round, args.dest, args.endpoint_url)
@@ -225,16 +252,17 @@ def _storage(args) -> int:
 
 
 def _study(args) -> int:
-    from rlhf import study
+    from rlhf.orchestration.preflight import check_study
+    from rlhf.studies import grid, report
 
-    s = study.load_study(args.study)  # the whole grid is validated before anything runs or is created
+    s = grid.load_study(args.study)  # the whole grid is validated before anything runs or is created
     if args.action == "status":
-        print(study.status_table(s))
+        print(grid.status_table(s))
         return 0
     if args.action == "report":
-        print(f"{study.markdown_table(study.final_rows(s), study.axis_names(s))}\nreport: {study.write_report(s)}")
+        print(f"{report.markdown_table(report.final_rows(s), report.axis_names(s))}\nreport: {report.write_report(s)}")
         return 0
-    study.check_study(s)
+    check_study(s)
     if args.action == "serve":
         with _lasting_api():  # before anything imports Prefect, which reads its settings once
             from flows.schedule import serve_flow
@@ -243,7 +271,7 @@ def _study(args) -> int:
             serve_flow(study_flow, args.name or s.path.stem, cron=args.cron, interval=args.interval,
                        parameters={"path": args.study})
         return 0
-    from rlhf.lifetime import prefect_api
+    from rlhf.orchestration.server import prefect_api
 
     with prefect_api():  # the study's runs report to the same server
         from flows.study import study as study_flow
@@ -254,27 +282,12 @@ def _study(args) -> int:
 
 def _lasting_api():
     """A schedule needs a server that outlives this process: PREFECT_API_URL, or this project's `rlhf server`."""
-    from rlhf.lifetime import prefect_api
-    from rlhf.server import project_server
+    from rlhf.orchestration.server import prefect_api, project_server
 
     if not (os.environ.get("PREFECT_API_URL") or project_server()):
         raise UserError("no Prefect server to serve on: start one with `rlhf server` (in another terminal), "
                         "or set PREFECT_API_URL")
     return prefect_api()
-
-
-def _quiet_libraries() -> None:
-    """Keep a step's log readable: no library chatter, and no progress bars when nobody watches a terminal.
-    Said through the variables the libraries read when they load, so a step that needs none of them (label
-    with the rubric judge) does not pay their import; a user's own setting of one wins."""
-    import warnings
-
-    quiet = {"TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
-    if not sys.stderr.isatty():  # transformers' bars follow huggingface_hub's switch
-        quiet |= {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
-    for key, value in quiet.items():
-        os.environ.setdefault(key, value)
-    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """evaluate: the round's policy on held-out prompts: gold and proxy scores, the proxy's pairwise accuracy,
 win rates, KL to the reference, best-of-n and alarms; the samples themselves go to eval_samples.jsonl,
-and gold and proxy over the reward landscape grid (rlhf/landscape.py) to landscape.json.
+and gold and proxy over the reward landscape grid (rlhf/evaluation/landscape.py) to landscape.json.
 
 Samples are drawn at temperature 1 with no top-k/top-p, so they come from the policy itself. KL(policy ||
 ref) sums, over each sampled response, the exact KL of the two next-token distributions at every
@@ -17,20 +17,38 @@ import math
 
 import numpy as np
 
-from rlhf import metrics as stats
-from rlhf.config import Config, Sampling
-from rlhf.io import read_jsonl, read_prompts, write_json, write_jsonl
-from rlhf.judges import make_judge
-from rlhf.paths import SFT, round_paths
-from tasks.label import checked
+from rlhf.evaluation import metrics as stats
+from rlhf.core.config import Config, Sampling
+from rlhf.core.io import read_jsonl, read_prompts, write_json, write_jsonl
+from rlhf.judges import checked, judge_files, make_judge
+from rlhf.core.paths import SFT, round_paths
 
 log = logging.getLogger("rlhf")
 
 
+PARAMS = ("runtime.seed", "runtime.threads", "runtime.device", "evaluate", "label.judge", "update_policy.reward",
+          "update_policy.uwo_lambda", "update_policy.init", "update_policy.eta", "update_policy.ref")
+
+
+def reads(cfg: Config, rnd: str) -> list[str]:
+    """The round's policy, its reward and reference, the held-out prompts, the judge's files, and the
+    earlier held-out samples the win rates compare with (round 0: the SFT policy alone)."""
+    from rlhf.ml.policy import reference_rounds
+    from rlhf.ml.reward import reward_rounds
+
+    out = [str(round_paths(rnd).policy), cfg.prompts.eval, *judge_files(cfg)]
+    if rnd == "r00":
+        return out
+    refs = dict.fromkeys([*reference_rounds(cfg, rnd), "r00"])  # with ref: init, the KL to the SFT policy too
+    return [*out[:1], *(str(round_paths(r).policy) for r in refs if r != rnd),
+            *(str(round_paths(r).reward_model) for r in reward_rounds(cfg, rnd)),
+            *(str(round_paths(r).eval_samples) for r in dict.fromkeys([cfg.rounds[rnd], "r00"])), *out[1:]]
+
+
 def evaluate(cfg: Config, rnd: str) -> dict:
-    from rlhf import models, sampling
-    from rlhf.policy import reference
-    from rlhf.reward import ProxyReward
+    from rlhf.ml import models, sampling
+    from rlhf.ml.policy import reference
+    from rlhf.ml.reward import ProxyReward
 
     models.setup(cfg, "evaluate", rnd)
     paths, dev, e = round_paths(rnd), models.device(cfg), cfg.evaluate
@@ -97,7 +115,8 @@ def _pure_sampling(e, k: int) -> Sampling:
 
 def _landscape(e, policy, tok, judge, reward, rnd: str) -> dict:
     """Gold and proxy over the evaluate.landscape grid ({"axes": {}} when it is off)."""
-    from rlhf import landscape, sampling
+    from rlhf.evaluation import landscape
+    from rlhf.ml import sampling
 
     spec = e.landscape
     if not spec.axes:

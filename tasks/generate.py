@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-from rlhf.config import Config
-from rlhf.io import read_prompts, write_jsonl
-from rlhf.paths import round_paths
+from rlhf.core.config import Config
+from rlhf.core.io import read_prompts, write_jsonl
+from rlhf.core.paths import SFT, round_paths
+
+# What the stage's outputs depend on besides the files below: dvc.yaml is generated from these
+# (rlhf/orchestration/stages.py). Not runtime.num_processes: generate is one process however training runs.
+PARAMS = ("runtime.seed", "runtime.threads", "runtime.device", "generate")
+
+
+def reads(cfg: Config, rnd: str) -> list[str]:
+    """The files and folders generate reads: the policy it samples from (a LoRA adapter's base too)."""
+    return [str(round_paths(cfg.rounds[rnd]).policy), str(SFT.policy), cfg.prompts.label]
 
 
 def generate(cfg: Config, rnd: str) -> dict:
-    from rlhf import models, sampling
+    from rlhf.ml import models, sampling
 
     seed = models.setup(cfg, "generate", rnd)
     prev = cfg.rounds[rnd]

@@ -10,18 +10,32 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from pathlib import Path
 
-from rlhf.config import Config
-from rlhf.errors import UserError
-from rlhf.io import read_jsonl, read_prompts
-from rlhf.launch import is_main
-from rlhf.paths import SFT
+from rlhf.core.config import Config
+from rlhf.core.errors import UserError
+from rlhf.core.io import read_jsonl, read_prompts
+from rlhf.core.ranks import is_main
+from rlhf.core.paths import SFT
 
 log = logging.getLogger("rlhf")
 
 
+PARAMS = ("runtime", "prepare", "evaluate", "label.judge")
+
+
+def reads(cfg: Config, rnd: str = "r00") -> list[str]:
+    """The SFT policy it copies, or the texts it builds the tiny one from; then what evaluate@r00 reads."""
+    from tasks.evaluate import reads as evaluate_reads
+
+    p = cfg.prepare
+    built = [p.pretrain, p.sft, cfg.prompts.label, cfg.prompts.policy] if p.policy == "tiny" else \
+        [str(Path(p.policy).expanduser())] if Path(p.policy).expanduser().is_dir() else []
+    return [*built, *(r for r in evaluate_reads(cfg, "r00") if r != str(SFT.policy))]
+
+
 def prepare(cfg: Config) -> dict:
-    from rlhf import models
+    from rlhf.ml import models
     from tasks.evaluate import evaluate
 
     seed = models.setup(cfg, "prepare", "r00")
@@ -41,7 +55,7 @@ def _build_tiny(cfg: Config, seed: int) -> None:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from rlhf import models
+    from rlhf.ml import models
 
     p = cfg.prepare
     sft = read_jsonl(p.sft, required=("prompt", "completion"))

@@ -13,19 +13,39 @@ import logging
 import random
 import tempfile
 
-from rlhf.config import Config
-from rlhf.errors import UserError
-from rlhf.paths import SFT, round_paths
-from rlhf.reward import rm_rounds
-from tasks.label import read_pairs
+from rlhf.core.config import Config
+from rlhf.core.errors import UserError
+from rlhf.core.paths import SFT, round_paths
+from rlhf.ml.reward import rm_rounds
+from rlhf.ml.pairs import read_pairs
 
 log = logging.getLogger("rlhf")
+
+
+PARAMS = ("runtime", "train_rm")
+
+
+def data_rounds(cfg: Config, rnd: str) -> list[str]:
+    """The rounds whose labels round `rnd`'s RM trains on (train_rm.data)."""
+    return [rnd] if cfg.train_rm.data == "last" else rm_rounds(rnd)
+
+
+def init_dir(cfg: Config, rnd: str):
+    """The folder the RM starts from (train_rm.init): the SFT policy, the base LM, or the previous RM."""
+    t, prev = cfg.train_rm, cfg.rounds[rnd]
+    if t.init == "last" and prev != "r00":
+        return round_paths(prev).reward_model
+    return SFT.base if t.init == "base" else SFT.policy
+
+
+def reads(cfg: Config, rnd: str) -> list[str]:
+    return [*(str(round_paths(r).labels) for r in data_rounds(cfg, rnd)), str(init_dir(cfg, rnd))]
 
 
 def rm_pairs(cfg: Config, rnd: str, seed: int) -> list[dict]:
     """The pairs this round's RM trains on, each tagged with the round it was labelled in."""
     t = cfg.train_rm
-    rounds = [rnd] if t.data == "last" else rm_rounds(rnd)
+    rounds = data_rounds(cfg, rnd)
     per_round = {r: [{**p, "round": r} for p in read_pairs(round_paths(r).labels)] for r in rounds}
     if t.data != "sample":
         return [p for r in rounds for p in per_round[r]]
@@ -47,9 +67,9 @@ def train_rm(cfg: Config, rnd: str) -> dict:
     from datasets import Dataset
     from trl import RewardConfig
 
-    from rlhf import models
-    from rlhf.rm_objectives import ObjectiveRewardTrainer
-    from rlhf.sampling import reward_scores
+    from rlhf.ml import models
+    from rlhf.ml.rm_objectives import ObjectiveRewardTrainer
+    from rlhf.ml.sampling import reward_scores
 
     seed = models.setup(cfg, "train_rm", rnd)
     paths, t = round_paths(rnd), cfg.train_rm
@@ -79,20 +99,19 @@ def train_rm(cfg: Config, rnd: str) -> dict:
 
 def _initial_rm(cfg: Config, rnd: str):
     """Tokenizer and RM to train: from the SFT policy or the base LM with a new head, or the previous RM."""
-    from rlhf import models
+    from rlhf.ml import models
 
-    t, prev = cfg.train_rm, cfg.rounds[rnd]
+    t, prev, init = cfg.train_rm, cfg.rounds[rnd], init_dir(cfg, rnd)
     heads = 2 if t.objective == "combined" else 1
-    if t.init == "last" and prev != "r00":
-        rm = models.load_reward_model(round_paths(prev).reward_model, models.device(cfg))
+    if init == round_paths(prev).reward_model:
+        rm = models.load_reward_model(init, models.device(cfg))
         if rm.config.num_labels != heads:
             raise UserError(f"train_rm.init: last, but {prev}'s RM has {rm.config.num_labels} outputs and "
                             f"objective {t.objective} needs {heads}")
-        return models.load_tokenizer(round_paths(prev).reward_model), rm
-    init = SFT.base if t.init == "base" else SFT.policy
+        return models.load_tokenizer(init), rm
     tok, rm = models.load_tokenizer(init), models.load_reward_model(init, models.device(cfg), num_labels=heads)
     rm.config.pad_token_id = tok.pad_token_id  # the RM reads the last non-pad token
     if t.objective == "combined":
-        rm.config.combined_weight = t.weight  # saved with the RM, read by rlhf.sampling.reward_of
+        rm.config.combined_weight = t.weight  # saved with the RM, read by rlhf.ml.sampling.reward_of
     return tok, rm
 

@@ -4,16 +4,35 @@ trains every weight or a LoRA adapter, and can mix in an auxiliary co-training s
 
 from __future__ import annotations
 
-import importlib
 import logging
 import tempfile
 from dataclasses import dataclass
 
-from rlhf.config import Config
-from rlhf.io import read_prompts
-from rlhf.paths import RoundPaths, round_paths
+from rlhf.core.config import Config
+from rlhf.core.io import read_prompts
+from rlhf.core.paths import RoundPaths, round_paths
 
 log = logging.getLogger("rlhf")
+
+
+PARAMS = ("runtime", "generate", "update_policy")
+
+
+def reads(cfg: Config, rnd: str) -> list[str]:
+    """The policies it starts from and is regularised toward, the reward models of its reward, its prompts,
+    and the co-training and SFT sets where it mixes them in."""
+    from rlhf.ml.policy import initial_rounds, reference_rounds
+    from rlhf.ml.reward import reward_rounds
+
+    up = cfg.update_policy
+    policies = dict.fromkeys([cfg.rounds[rnd], "r00", *initial_rounds(cfg, rnd), *reference_rounds(cfg, rnd)])
+    out = [*(str(round_paths(r).policy) for r in policies),
+           *(str(round_paths(r).reward_model) for r in reward_rounds(cfg, rnd)), cfg.prompts.policy]
+    if up.cotrain.ratio:
+        out.append(up.cotrain.data)
+    if up.method == "rest" and up.rest.keep_sft:
+        out.append(cfg.prepare.sft)
+    return out
 
 
 @dataclass
@@ -28,16 +47,17 @@ class Update:
     tok: object
     policy: object  # trained in place; a PeftModel with LoRA
     ref: object
-    proxy: object  # rlhf.reward.ProxyReward: (prompts, responses) -> scores, the reward the update optimises
+    proxy: object  # rlhf.ml.reward.ProxyReward: (prompts, responses) -> scores, the reward the update optimises
     prompts: list[str]
-    aux: object  # rlhf.cotrain.Aux, or None without co-training
+    aux: object  # rlhf.ml.cotrain.Aux, or None without co-training
     scratch: str  # a temporary folder for trainer output
 
 
 def update_policy(cfg: Config, rnd: str) -> dict:
-    from rlhf import models, policy
-    from rlhf.cotrain import Aux
-    from rlhf.reward import ProxyReward
+    from rlhf.ml import models, policy
+    from rlhf.ml.cotrain import Aux
+    from rlhf.ml.methods import METHODS
+    from rlhf.ml.reward import ProxyReward
 
     seed = models.setup(cfg, "update_policy", rnd)
     paths, dev, up = round_paths(rnd), models.device(cfg), cfg.update_policy
@@ -47,11 +67,10 @@ def update_policy(cfg: Config, rnd: str) -> dict:
     proxy = ProxyReward(cfg, rnd, tok, dev)
     aux = Aux.from_params(up.cotrain, tok, up.batch_size, up.max_length, seed) if up.cotrain.ratio else None
     prompts = [p["prompt"] for p in read_prompts(cfg.prompts.policy)]
-    method = importlib.import_module(f"rlhf.methods.{up.method}")
     log.info("update_policy %s: %s from %s, reference %s%s", rnd, up.method, up.init, up.ref,
              f", LoRA rank {up.lora.rank}" if up.lora.rank else "")
     with tempfile.TemporaryDirectory() as scratch:
-        summary = method.update(Update(cfg, rnd, paths, seed, dev, tok, model, ref, proxy, prompts, aux, scratch))
+        summary = METHODS[up.method](Update(cfg, rnd, paths, seed, dev, tok, model, ref, proxy, prompts, aux, scratch))
     models.save(model, tok, paths.policy)
     summary = {"method": up.method, "trainable_parameters": _trainable(model), **summary}
     return {**summary, "cotrain": aux.counts()} if aux else summary

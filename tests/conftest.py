@@ -42,7 +42,6 @@ def make_project(dest: Path, params: dict | None = None, subset: bool = True) ->
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("rlhf", "tasks", "flows"):
         shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "dvc.yaml", dest)
     (dest / "data" / "prompts").mkdir(parents=True)
     for name in ("world.json", "sft.jsonl", "pretrain.txt", "cotrain.jsonl"):
         shutil.copy(ROOT / "data" / name, dest / "data" / name)
@@ -51,10 +50,24 @@ def make_project(dest: Path, params: dict | None = None, subset: bool = True) ->
         (dest / "data" / "prompts" / f"{split}.jsonl").write_text("".join(lines[:n] if subset else lines))
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
     (dest / "params.yaml").write_text(yaml.safe_dump(deep_update(base, params or {}), sort_keys=False))
+    write_stages(dest)
     subprocess.run([BIN / "dvc", "init", "--no-scm", "-q"], cwd=dest, check=True)
     shutil.copy(ROOT / ".dvcignore", dest)
     subprocess.run([BIN / "dvc", "config", "core.analytics", "false"], cwd=dest, check=True)
     return dest
+
+
+def write_stages(project: Path) -> None:
+    """dvc.yaml for the project's params.yaml, as `rlhf stages` writes it."""
+    from rlhf.core.config import load_config
+    from rlhf.orchestration import stages
+
+    old = os.getcwd()
+    os.chdir(project)
+    try:
+        stages.write(load_config())
+    finally:
+        os.chdir(old)
 
 
 # Set before Prefect or DVC is imported: tests never touch ~/.prefect, /var/tmp/dvc or the network.
@@ -71,7 +84,7 @@ os.environ.pop("PREFECT_API_URL", None)
 @pytest.fixture(scope="session")
 def tiny_project(tmp_path_factory) -> Path:
     """The tiny project after prepare and one full round, run in-process by the step functions."""
-    from rlhf.config import load_config
+    from rlhf.core.config import load_config
     from tasks.evaluate import evaluate
     from tasks.generate import generate
     from tasks.label import label
@@ -96,6 +109,6 @@ def tiny_project(tmp_path_factory) -> Path:
 @pytest.fixture
 def in_project(tiny_project, monkeypatch):
     monkeypatch.chdir(tiny_project)
-    from rlhf.config import load_config
+    from rlhf.core.config import load_config
 
     return load_config()

@@ -4,7 +4,8 @@ clean run still succeeds.
 
 The project is the tiny one after a full round (r01), its gold judge a Python callable kept in the
 project (`project_judge:score`, the rubric) so that judge-output cases can change what it returns. Cases
-that only a running step can catch add a round r02, whose steps fail; r00 and r01 must stay intact.
+that only a running step can catch add a round r02, whose steps fail; r00 and r01 must stay intact. The
+judge's module is a dep of every stage that scores with it, the first being prepare's evaluation of r00.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import BIN
+from tests.conftest import BIN, write_stages
 
 JUDGE = "from rlhf.judges import PinkElephantJudge\n\n_RUBRIC = PinkElephantJudge('data/world.json')\n\n\n" \
         "def score(prompts, responses):\n    return {body}\n"
@@ -40,6 +41,7 @@ def project(tiny_project, tmp_path_factory):
     shutil.copytree(tiny_project, dest, symlinks=True)
     (dest / "project_judge.py").write_text(JUDGE.format(body=RUBRIC))
     set_params(dest, lambda p: p["label"].update(judge={"type": "python", "name": "project_judge:score", "best": 1.0}))
+    write_stages(dest)
     subprocess.run([BIN / "dvc", "commit", "-f", "-q"], cwd=dest, check=True)  # record the round as DVC's
     return dest
 
@@ -156,12 +158,15 @@ CASES = {
     "policy with pickle weights": (model_folder("pickled-policy"), "prepare.policy: ./models/pickled-policy has only pickle weights"),
     "tokenizer without pad or eos": (model_folder("nopad"), "./models/nopad: tokenizer has neither a pad nor an eos token"),
     "judge that does not import": (params(label__judge={"type": "python", "name": "no_such_module:score"}), "label.judge.name: cannot import no_such_module:score"),
-    # judge output, caught by the step that sees it
-    "judge returns nan": (judge_returns("[float('nan') if i == 2 else 0.5 * i for i in range(len(responses))]"), "stage label@r02 failed: data/rounds/r02/samples.jsonl: the judge returned nan for sample 3"),
-    "judge returns infinity": (judge_returns("[float('inf')] * len(responses)"), "stage label@r02 failed: data/rounds/r02/samples.jsonl: the judge returned inf for sample 1"),
-    "judge scores all alike": (judge_returns("[0.5] * len(responses)"), "stage label@r02 failed: data/rounds/r02/samples.jsonl: the judge gave every sample of each prompt the same score"),
-    "judge returns too few scores": (judge_returns("[0.5]"), "stage label@r02 failed: label.judge.name: project_judge:score returned 1 scores for"),
+    # judge output, caught by the first step that scores with the changed judge: prepare's evaluation of r00
+    "judge returns nan": (judge_returns("[float('nan') if i == 2 else 0.5 * i for i in range(len(responses))]"), "stage prepare failed: evaluate@r00: the judge returned nan for sample 3"),
+    "judge returns infinity": (judge_returns("[float('inf')] * len(responses)"), "stage prepare failed: evaluate@r00: the judge returned inf for sample 1"),
+    "judge scores all alike": (judge_returns("[0.5] * len(responses)"), "stage label@r01 failed: data/rounds/r01/samples.jsonl: the judge gave every sample of each prompt the same score"),
+    "judge returns too few scores": (judge_returns("[0.5]"), "stage prepare failed: label.judge.name: project_judge:score returned 1 scores for"),
 }
+
+
+RESCORES_R00 = {"judge scores all alike"}
 
 
 # First, so that DVC's run-cache has no generate@r02 to restore instead of running it.
@@ -190,7 +195,9 @@ def test_a_full_disk_fails_the_step_that_writes_and_names_its_file(project, tmp_
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_one_line_naming_the_culprit_and_loses_nothing(project, case):
     change, expected = CASES[case]
-    before = digest(project / "data" / "rounds" / "r01"), digest(project / "data" / "rounds" / "r00")
+    # a judge that now ties everything lets r00 be scored anew (its gold changed, rightly); its models stay
+    r00 = [project / "data/rounds/r00" / d for d in (("base", "policy") if case in RESCORES_R00 else ("",))]
+    before = digest(project / "data" / "rounds" / "r01"), [digest(d) for d in r00]
     saved = {p: p.read_bytes() for p in [project / "params.yaml", project / "project_judge.py",
                                          *(project / "data").glob("*.*"), *(project / "data/prompts").glob("*")]}
     try:
@@ -204,7 +211,7 @@ def test_bad_input_is_one_line_naming_the_culprit_and_loses_nothing(project, cas
     assert out.returncode == 2, out.stderr[-2000:]
     assert last.startswith("error: ") and expected in last, out.stderr[-2000:]
     assert "Traceback" not in out.stderr + out.stdout
-    assert (digest(project / "data" / "rounds" / "r01"), digest(project / "data" / "rounds" / "r00")) == before
+    assert (digest(project / "data" / "rounds" / "r01"), [digest(d) for d in r00]) == before
 
 
 def test_after_the_bad_inputs_a_clean_run_succeeds(project):

@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from rlhf import STEPS
+from rlhf.core.paths import STEPS
 from tests.conftest import BIN, make_project
 
 

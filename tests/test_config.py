@@ -3,8 +3,8 @@
 import pytest
 import yaml
 
-from rlhf.config import load_config
-from rlhf.errors import UserError
+from rlhf.core.config import load_config
+from rlhf.core.errors import UserError
 from tests.conftest import ROOT
 
 

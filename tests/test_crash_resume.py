@@ -22,7 +22,7 @@ import psutil
 import pytest
 import yaml
 
-from rlhf import STEPS
+from rlhf.core.paths import STEPS
 from tests.conftest import BIN, TINY, make_project
 
 pytestmark = pytest.mark.slow

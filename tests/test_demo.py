@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 import yaml
 
-from rlhf import ROUND_STEPS
+from rlhf.core.paths import ROUND_STEPS
 from tests.conftest import BIN, make_project
 
 pytestmark = pytest.mark.slow

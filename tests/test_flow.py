@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf import ROUND_STEPS
+from rlhf.core.paths import ROUND_STEPS
 from tests.conftest import BIN, TINY, make_project
 
 EXPECTED_TASKS = {"r00-prepare", *(f"r01-{step}" for step in ROUND_STEPS)}

@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from rlhf import landscape
-from rlhf.config import Landscape
-from rlhf.paths import round_paths
+from rlhf.evaluation import landscape
+from rlhf.core.config import Landscape
+from rlhf.core.paths import round_paths
 
 SPEC = Landscape(template="say {tone} things about {topic}", axes={"tone": ["calm", "angry"],
                                                                      "topic": ["sea", "city", "sky"]}, samples=2)
@@ -39,8 +39,8 @@ def test_grid_averages_samples_per_cell_and_disagreements_rank_the_standardised_
 def test_bad_landscape_params_name_the_key(tmp_path, spec, message):
     import yaml
 
-    from rlhf.config import load_config
-    from rlhf.errors import UserError
+    from rlhf.core.config import load_config
+    from rlhf.core.errors import UserError
 
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump({"rounds": {"r01": "r00"}, "evaluate": {"landscape": spec}}))

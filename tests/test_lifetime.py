@@ -10,11 +10,11 @@ import time
 
 import psutil
 
-from rlhf.lifetime import RUN_PID
+from rlhf.core.processes import RUN_PID
 
 # The "run" starts a shell that forks (a compound command), as DVC's shell does on some systems; the shell
 # starts a "step" that calls die_with_run. Neither dies with its parent by itself.
-STEP = "from rlhf.lifetime import die_with_run; die_with_run(); import time; print('ready', flush=True); time.sleep({})"
+STEP = "from rlhf.core.processes import die_with_run; die_with_run(); import time; print('ready', flush=True); time.sleep({})"
 RUN = """import os, subprocess, sys, time
 os.environ[{pid!r}] = str(os.getpid())
 subprocess.Popen(["/bin/sh", "-c", 'true; "$0" -c "$1"', sys.executable, {step!r}])

@@ -1,4 +1,4 @@
-"""A flow's steps run in processes forked from a preload process (rlhf/preload.py): a step's command hands
+"""A flow's steps run in processes forked from a preload process (rlhf/orchestration/preload.py): a step's command hands
 its work over, imports none of the ML libraries itself, and behaves exactly as if it had run the step."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import time
 import psutil
 import pytest
 
-from rlhf.preload import ENV, preloaded
+from rlhf.orchestration.preload import ENV, preloaded
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the preload process is Linux-only")
 

@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
-from rlhf import models
-from rlhf.config import Judge
-from rlhf.errors import UserError
+from rlhf.ml import models
+from rlhf.core.config import Judge
+from rlhf.core.errors import UserError
 from rlhf.judges import CallableJudge
-from rlhf.reward_judges import load_model_judge, ultrarm_class
+from rlhf.judges.reward_models import load_model_judge, ultrarm_class
 
 WORDS = "user : describe the ocean forest city please . assistant the water is blue and deep a tree grows".split()
 PROMPTS = ["user : describe the ocean please . assistant :", "user : describe the city . assistant :"] * 3

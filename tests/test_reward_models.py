@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from rlhf import models, sampling
-from rlhf.config import Config
-from rlhf.io import write_jsonl
-from rlhf.paths import round_paths
-from rlhf.reward import ProxyReward, average_weights, combine
+from rlhf.ml import models, sampling
+from rlhf.core.config import Config
+from rlhf.core.io import write_jsonl
+from rlhf.core.paths import round_paths
+from rlhf.ml.reward import ProxyReward, average_weights, combine
 from tasks.train_rm import rm_pairs
 from tests.conftest import deep_update
 
@@ -46,7 +46,7 @@ def test_last_concat_and_sample_use_exactly_their_rows(tmp_path, monkeypatch):
     again = rm_pairs(cfg_with(data="sample", sample_size=91), "r03", 0)
     assert again == rm_pairs(cfg_with(data="sample", sample_size=91), "r03", 0)  # seeded
 
-    from rlhf.errors import UserError
+    from rlhf.core.errors import UserError
 
     with pytest.raises(UserError, match="train_rm.sample_size: round r01 has 80 usable pairs, its share is 90"):
         rm_pairs(cfg_with(data="sample", sample_size=90), "r01", 0)

@@ -11,11 +11,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from rlhf import models
-from rlhf.config import load_config, parse_config
-from rlhf.errors import UserError
-from rlhf.io import read_jsonl, read_prompts, write_jsonl
-from rlhf.paths import SFT, round_paths
+from rlhf.ml import models
+from rlhf.core.config import load_config, parse_config
+from rlhf.core.errors import UserError
+from rlhf.core.io import read_jsonl, read_prompts, write_jsonl
+from rlhf.core.paths import SFT, round_paths
 from tests.conftest import BIN, TINY, make_project
 
 K = 4

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf.errors import UserError
-from rlhf.rounds import with_rounds_upto
+from rlhf.core.errors import UserError
+from rlhf.core.rounds import with_rounds_upto
 from tests.conftest import BIN, ROOT, TINY, make_project
 
 PARAMS = (ROOT / "params.yaml").read_text()

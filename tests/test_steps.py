@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from rlhf import models, sampling
-from rlhf.io import read_jsonl, read_prompts
-from rlhf.paths import SFT, round_paths
+from rlhf.ml import models, sampling
+from rlhf.core.io import read_jsonl, read_prompts
+from rlhf.core.paths import SFT, round_paths
 from rlhf.judges import make_judge
-from tasks.label import best_worst
+from rlhf.ml.pairs import best_worst
 
 
 def test_prepare_builds_loadable_models_below_the_best(in_project):

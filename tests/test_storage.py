@@ -175,7 +175,7 @@ def test_publish_uploads_a_round_with_checksums_and_then_skips_it(project, s3):
 
 
 def test_large_files_go_up_in_parts_with_their_sha256(tmp_path, s3, monkeypatch):
-    from rlhf.storage import publish
+    from rlhf.orchestration.storage import publish
 
     for key, value in env(tmp_path).items():
         if key.startswith("AWS_"):
@@ -238,6 +238,7 @@ def test_prompt_sets_from_s3_are_read_checked_and_tracked_by_dvc(tiny_project, t
     out = run(["rlhf", "check"], project, **endpoint)
     assert out.returncode == 0 and "params.yaml: ok" in out.stdout, out.stderr
     # DVC records the object (by its ETag) as a dependency of the stages that read it, and sees it change
+    assert run(["rlhf", "stages"], project, **endpoint).returncode == 0  # params changed: dvc.yaml follows
     assert run(["dvc", "commit", "-f", "-q"], project, **endpoint).returncode == 0
     assert "path: s3://prompts/eval.jsonl" in (project / "dvc.lock").read_text()
     assert "up to date" in run(["dvc", "status"], project, **endpoint).stdout

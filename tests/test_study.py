@@ -16,7 +16,7 @@ import matplotlib.image
 import pytest
 import yaml
 
-from rlhf.errors import UserError
+from rlhf.core.errors import UserError
 from tests.conftest import BIN, ROOT, TINY, make_project
 
 # TINY, cheaper still (no pre-training, a small SFT set, one epoch, no landscape); the two configurations differ
@@ -93,7 +93,8 @@ def task_runs(url):
      "studies/bad.yaml: ratio=4: data/no.jsonl: no such file (update_policy.cotrain.data)"),
 ])
 def test_a_bad_study_fails_naming_the_key_before_anything_runs(project, monkeypatch, spec, message):
-    from rlhf.study import check_study, load_study
+    from rlhf.orchestration.preflight import check_study
+    from rlhf.studies.grid import load_study
 
     monkeypatch.chdir(project)
     with pytest.raises(UserError) as err:
@@ -121,7 +122,8 @@ def test_every_study_command_has_help(tmp_path, args):
     ("cotrain-mini", {"update_policy.cotrain.ratio", "prepare.tiny.hidden_size"}, 12),
 ])
 def test_shipped_studies_are_valid_grids(monkeypatch, name, axes, runs):
-    from rlhf.study import check_study, load_study
+    from rlhf.orchestration.preflight import check_study
+    from rlhf.studies.grid import load_study
 
     monkeypatch.chdir(ROOT)
     study = load_study(f"studies/{name}.yaml")

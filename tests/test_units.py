@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import yaml
 
-from rlhf import ROUND_STEPS
-from rlhf.errors import UserError
-from rlhf.io import atomic_dir, read_jsonl, read_prompts, write_jsonl
-from rlhf.paths import STEP_OUTPUT, round_paths
-from tasks.label import best_worst, checked, group_by_prompt, pairs_of
+from rlhf.core.paths import ROUND_STEPS
+from rlhf.core.errors import UserError
+from rlhf.core.io import atomic_dir, read_jsonl, read_prompts, write_jsonl
+from rlhf.core.paths import STEP_OUTPUT, round_paths
+from rlhf.judges import checked
+from rlhf.ml.pairs import best_worst, group_by_prompt, pairs_of
 from tests.conftest import ROOT
 
 
@@ -34,8 +35,9 @@ def test_pairs_best_worst_and_all_pairs_with_ties_skipped_or_kept():
 
 
 def test_label_noise_flips_the_configured_fraction_seeded(tmp_path, monkeypatch):
-    from rlhf.config import Config
-    from tasks.label import label, read_pairs
+    from rlhf.core.config import Config
+    from rlhf.ml.pairs import read_pairs
+    from tasks.label import label
 
     monkeypatch.chdir(tmp_path)
     shutil.copy(ROOT / "data" / "world.json", tmp_path / "world.json")

@@ -7,12 +7,12 @@ import shutil
 import pytest
 import torch
 
-from rlhf import models, sampling
-from rlhf.config import PPO, Config, CoTrain
-from rlhf.cotrain import Aux
-from rlhf.io import read_prompts
-from rlhf.methods import ppo
-from rlhf.paths import SFT, round_paths
+from rlhf.ml import models, sampling
+from rlhf.core.config import PPO, Config, CoTrain
+from rlhf.ml.cotrain import Aux
+from rlhf.core.io import read_prompts
+from rlhf.ml.methods import ppo
+from rlhf.core.paths import SFT, round_paths
 from tests.conftest import deep_update
 
 
@@ -145,7 +145,7 @@ def two_rounds(change: dict) -> Config:
 
 
 def test_init_sft_last_and_liti_weights(scratch_project, monkeypatch):
-    from rlhf.policy import initial_policy
+    from rlhf.ml.policy import initial_policy
 
     monkeypatch.chdir(scratch_project)
     sft, last = weights(models.load_policy(SFT.policy)), weights(models.load_policy(round_paths("r01").policy))
@@ -161,7 +161,7 @@ def test_init_sft_last_and_liti_weights(scratch_project, monkeypatch):
 
 
 def test_reference_is_sft_or_the_initial_policy(scratch_project, monkeypatch):
-    from rlhf.policy import reference
+    from rlhf.ml.policy import reference
 
     monkeypatch.chdir(scratch_project)
     last = weights(models.load_policy(round_paths("r01").policy))
@@ -194,7 +194,7 @@ def test_lora_round_stores_only_an_adapter_that_reloads_and_generates(scratch_pr
     merged, sft = weights(policy), weights(models.load_policy(SFT.policy))
     assert any(not torch.equal(merged[k], sft[k]) for k in sft)  # the adapter changed the weights
 
-    from rlhf.policy import trainable_policy
+    from rlhf.ml.policy import trainable_policy
 
     cont = trainable_policy(two_rounds({"lora": {"rank": 4, "target_modules": ["q_proj", "v_proj"]}}), "r02")
     lora = {k: v for k, v in cont.named_parameters() if "lora_" in k}

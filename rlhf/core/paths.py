@@ -1,0 +1,63 @@
+"""The one place for round paths, and the steps' names. dvc.yaml names the same paths (it is generated
+from them: rlhf/orchestration/stages.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+# One name per step everywhere: tasks/<step>.py, the DVC stage <step>@<round>, the Prefect task
+# <round>-<step>, and the round's output folder or file.
+ROUND_STEPS = ("generate", "label", "train_rm", "update_policy", "evaluate")
+STEPS = ("prepare", *ROUND_STEPS)
+
+ROUNDS_DIR = Path("data/rounds")
+
+
+@dataclass(frozen=True)
+class RoundPaths:
+    root: Path
+
+    @property
+    def samples(self) -> Path:  # generate
+        return self.root / "samples.jsonl"
+
+    @property
+    def labels(self) -> Path:  # label
+        return self.root / "labels.jsonl"
+
+    @property
+    def reward_model(self) -> Path:  # train_rm
+        return self.root / "reward_model"
+
+    @property
+    def policy(self) -> Path:  # update_policy (r00: prepare's SFT policy)
+        return self.root / "policy"
+
+    @property
+    def metrics(self) -> Path:  # evaluate
+        return self.root / "metrics.json"
+
+    @property
+    def eval_samples(self) -> Path:  # evaluate: the held-out samples behind the metrics
+        return self.root / "eval_samples.jsonl"
+
+    @property
+    def landscape(self) -> Path:  # evaluate: gold and proxy over the landscape grid (evaluate.landscape)
+        return self.root / "landscape.json"
+
+    @property
+    def base(self) -> Path:  # prepare only: the pre-trained base LM (r00)
+        return self.root / "base"
+
+
+# What each round step writes (attributes of RoundPaths: outs, then metrics); dvc.yaml must agree.
+STEP_OUTPUT = {"generate": ("samples",), "label": ("labels",), "train_rm": ("reward_model",),
+               "update_policy": ("policy",), "evaluate": ("eval_samples", "landscape", "metrics")}
+
+
+def round_paths(name: str, project: str | Path = ".") -> RoundPaths:
+    return RoundPaths(Path(project) / ROUNDS_DIR / name)
+
+
+SFT = round_paths("r00")

@@ -1,0 +1,102 @@
+"""The report's figures (matplotlib, rendered to PNG bytes, no display needed)."""
+
+from __future__ import annotations
+
+import io
+
+from rlhf.evaluation.metrics import lookup
+
+
+def png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def figures(rows: list[dict]) -> dict[str, bytes]:
+    """Title -> PNG of each plot over the rounds' metrics (rounds lacking a metric are left out of it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r["round"] for r in rows]
+    out = {}
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    gold = [lookup(r, "gold", "mean") for r in rows]
+    ax.errorbar(rounds, gold, yerr=[lookup(r, "gold", "sem") or 0 for r in rows], marker="o", label="gold", capsize=3)
+    ax.set_ylabel("gold score")
+    proxied = [(r["round"], lookup(r, "proxy", "mean")) for r in rows if lookup(r, "proxy", "mean") is not None]
+    if proxied:
+        twin = ax.twinx()
+        twin.plot(*zip(*proxied), marker="s", color="tab:orange", label="proxy")
+        twin.set_ylabel("proxy reward (that round's RM)")
+        fig.legend(loc="lower right")
+    ax.set_xlabel("round")
+    out["Gold and proxy reward per round"] = png(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    d = [lookup(r, "kl", "d") for r in rows]
+    ax.plot(d, gold, marker="o")
+    for x, y, name in zip(d, gold, rounds):
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4))
+    ax.set_xlabel("d = √KL(policy ‖ reference)")
+    ax.set_ylabel("gold score")
+    out["Gold against distance from the reference"] = png(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, keys in (("RM accuracy vs gold", ("proxy_accuracy", "mean")),
+                        ("win rate vs previous round", ("win_rate", "vs_previous", "mean")),
+                        ("win rate vs SFT", ("win_rate", "vs_sft", "mean"))):
+        pts = [(r["round"], lookup(r, *keys)) for r in rows if lookup(r, *keys) is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=label)
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("round")
+    ax.legend(loc="lower right", fontsize=8)
+    out["RM accuracy and win rates (gold, ties count half)"] = png(fig)
+
+    bon = [r for r in rows if r.get("best_of_n")]
+    if bon:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for r in bon:
+            ns = sorted(r["best_of_n"], key=int)
+            ax.plot([r["best_of_n"][n]["kl"] for n in ns], [r["best_of_n"][n]["gold"] for n in ns], marker="o",
+                    label=r["round"])
+        ax.set_xlabel("KL of best-of-n (log n − (n−1)/n)")
+        ax.set_ylabel("gold of the proxy's best of n")
+        ax.legend(fontsize=8)
+        out["Best-of-n: gold against KL"] = png(fig)
+    return out
+
+
+def landscape(land: dict, rnd: str, marked: list[dict]) -> bytes:
+    """Gold and proxy over the landscape grid as two heatmaps, the `marked` cells (where they disagree
+    most) outlined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    (a, rows), (b, cols) = land["axes"].items()
+    maps = [("gold", land["gold"]), *([("proxy", land["proxy"])] if land.get("proxy") else [])]
+    fig, axes = plt.subplots(1, len(maps), figsize=(0.55 * len(cols) * len(maps) + 3, 0.45 * len(rows) + 2),
+                             squeeze=False)
+    for ax, (name, values) in zip(axes[0], maps):
+        im = ax.imshow(values, cmap="viridis", aspect="auto")
+        fig.colorbar(im, ax=ax, shrink=0.8)
+        ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(rows)), rows, fontsize=8)
+        ax.set_xlabel(b)
+        ax.set_ylabel(a)
+        ax.set_title(f"{name} ({rnd})")
+        for cell in marked:
+            i, j = rows.index(cell[a]), cols.index(cell[b])
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", lw=2))
+    return png(fig)

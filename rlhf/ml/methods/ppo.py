@@ -1,0 +1,199 @@
+"""PPO for causal LMs, the InstructGPT recipe in one readable file (TRL removed its PPOTrainer in 1.13).
+
+Each iteration samples a rollout batch, then takes `ppo_epochs` passes of minibatch steps over it:
+- score: the proxy RM at the end of each response (the EOS), less `missing_eos_penalty` for a response
+  that never ended; per-token reward r_t = -beta (log pi(y_t) - log pi_ref(y_t)), the score added at the
+  last token; beta is fixed, or adapted toward `target_kl` (Ziegler et al. 2019's controller);
+- advantages by GAE(gamma, lambda) on a value model separate from the policy (initialised from the proxy
+  RM; the value of each prefix is the RM head applied to that position's hidden state), whitened;
+- losses: the clipped policy ratio, the clipped value error, plus the co-training NLL when configured.
+Dropout stays off (eval mode), so at the first minibatch the new and old log-probs agree: ratio 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+from rlhf.ml import sampling
+from rlhf.core.config import PPO, Sampling
+
+log = logging.getLogger("rlhf")
+MAX_GRAD_NORM = 1.0
+
+
+@dataclass
+class Rollout:
+    """One rollout batch: packed sequences and response-aligned [rows, longest response] tensors."""
+
+    ids: object
+    attn: object
+    start: object
+    length: object
+    mask: object
+    logp: object
+    values: object
+    advantages: object
+    returns: object
+    stats: dict
+
+
+def values_of(value_model, ids, attn, start, length, grad: bool = True):
+    """The value model's estimate at each prefix before a response token: the RM head on hidden states."""
+    import torch
+
+    backbone, head = getattr(value_model, value_model.base_model_prefix), value_model.score
+    pos, mask = sampling.response_positions(start, length)
+    pos = pos.clamp(max=ids.shape[1] - 1).to(value_model.device)
+    with torch.set_grad_enabled(grad):
+        hidden = backbone(input_ids=ids.to(pos.device), attention_mask=attn.to(pos.device)).last_hidden_state
+        v = head(hidden)[..., 0].float().gather(1, pos - 1)  # a combined RM's first (preference) head
+    return v * mask.to(v.device)
+
+
+def gae(rewards, values, mask, gamma: float, lam: float):
+    """Generalised advantage estimates and returns, vectorised over rows, one step per token position."""
+    import torch
+
+    adv = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        nxt = mask[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(running)
+        next_value = values[:, t + 1] * nxt if t + 1 < rewards.shape[1] else 0.0
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * nxt * running
+        adv[:, t] = running
+    adv = adv * mask
+    return adv, (adv + values) * mask
+
+
+def whiten(x, mask):
+    mean = (x * mask).sum() / mask.sum()
+    var = (((x - mean) * mask) ** 2).sum() / mask.sum()
+    return (x - mean) * (var + 1e-8).rsqrt() * mask
+
+
+def rollout(policy, ref, value_model, tok, prompts, reward_fn, p: PPO, k: int, s: Sampling, beta: float,
+            batch_size: int) -> Rollout:
+    import torch
+
+    samples = sampling.generate(policy, tok, prompts, k, s)
+    asked = [prompts[i] for i in samples.prompt_index]
+    score = torch.as_tensor(reward_fn(asked, samples.responses), dtype=torch.float32)
+    unfinished = ~torch.tensor(samples.finished)
+    if p.missing_eos_penalty is not None:
+        score = score - p.missing_eos_penalty * unfinished
+    ids, attn, start, length = sampling.pack(tok, asked, samples.response_ids)
+    chunks = {"logp": [], "ref": [], "values": []}
+    for sl in _chunks(len(asked), batch_size):
+        part = (ids[sl], attn[sl], start[sl], length[sl])
+        chunks["logp"].append(sampling.response_logprobs(policy, *part, grad=False)[0].cpu())
+        chunks["ref"].append(sampling.response_logprobs(ref, *part, grad=False)[0].cpu())
+        chunks["values"].append(values_of(value_model, *part, grad=False).cpu())
+    width = int(length.max())
+    logp, ref_logp, values = (torch.cat([_pad(c, width) for c in chunks[key]]) for key in ("logp", "ref", "values"))
+    _, mask = sampling.response_positions(start, length)
+    mask = mask.float()
+    kl = (logp - ref_logp) * mask
+    rewards = -beta * kl
+    rewards[torch.arange(len(asked)), length - 1] += score
+    adv, returns = gae(rewards, values, mask, p.gamma, p.lam)
+    if p.whiten:
+        adv = whiten(adv, mask)
+    stats = {"score": float(score.mean()), "kl": float(kl.sum(1).mean()), "beta": beta,
+             "finished": float(1 - unfinished.float().mean()), "length": float(length.float().mean())}
+    return Rollout(ids, attn, start, length, mask, logp, values, adv, returns, stats)
+
+
+def _chunks(n: int, size: int):
+    return [slice(i, i + size) for i in range(0, n, size)]
+
+
+def _pad(x, width: int):
+    import torch.nn.functional as F
+
+    return F.pad(x, (0, width - x.shape[1]))
+
+
+def ppo_step(policy, value_model, r: Rollout, rows, p: PPO):
+    """The loss of one minibatch (rows of the rollout) and its statistics."""
+    import torch
+
+    part = (r.ids[rows], r.attn[rows], r.start[rows], r.length[rows])
+    width = int(r.length[rows].max())
+    mask, old_logp, adv, ret, old_v = (x[rows, :width].to(policy.device)
+                                       for x in (r.mask, r.logp, r.advantages, r.returns, r.values))
+    logp = sampling.response_logprobs(policy, *part)[0]
+    ratio = torch.exp(logp - old_logp)
+    pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - p.clip, 1 + p.clip))
+    v = values_of(value_model, *part).to(policy.device)
+    v_clipped = old_v + (v - old_v).clamp(-p.value_clip, p.value_clip)
+    vf = 0.5 * torch.max((v - ret) ** 2, (v_clipped - ret) ** 2)
+    n = mask.sum()
+    pg_loss, vf_loss = (pg * mask).sum() / n, (vf * mask).sum() / n
+    ratio = ratio.detach()
+    stats = {"ratio": float((ratio * mask).sum() / n), "ratio_max_dev": float(((ratio - 1).abs() * mask).max()),
+             "clipfrac": float((((ratio - 1).abs() > p.clip).float() * mask).sum() / n),
+             "policy_loss": float(pg_loss.detach()), "value_loss": float(vf_loss.detach())}
+    return pg_loss + p.value_coef * vf_loss, stats
+
+
+def adapt_beta(beta: float, kl: float, p: PPO, n: int) -> float:
+    """Ziegler et al.'s proportional controller: move beta so the per-sequence KL approaches target_kl."""
+    if p.target_kl is None:
+        return beta
+    error = min(max(kl / p.target_kl - 1, -0.2), 0.2)
+    return beta * (1 + error * n / p.horizon)
+
+
+def train(policy, ref, value_model, tok, prompts: list[str], reward_fn, p: PPO, k: int, s: Sampling,
+          batch_size: int, seed: int, aux=None) -> list[dict]:
+    """PPO over `prompts` (p.epochs passes); returns one stats dict per iteration (rollout batch)."""
+    import random
+
+    import torch
+
+    params = [q for q in policy.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW([{"params": params, "lr": p.learning_rate},
+                             {"params": list(value_model.parameters()), "lr": p.value_learning_rate}])
+    rng = random.Random(seed)
+    order = [i for _ in range(math.ceil(p.epochs) + 1) for i in rng.sample(range(len(prompts)), len(prompts))]
+    iterations = max(1, math.ceil(p.epochs * len(prompts) / p.rollout_prompts))
+    beta, history = p.kl_coef, []
+    for it in range(iterations):
+        batch = [prompts[i] for i in order[it * p.rollout_prompts : (it + 1) * p.rollout_prompts]]
+        policy.eval(), value_model.eval()  # dropout off: ratio 1 at the first minibatch
+        r = rollout(policy, ref, value_model, tok, batch, reward_fn, p, k, s, beta, batch_size)
+        steps = []
+        for _ in range(p.ppo_epochs):
+            for rows in torch.randperm(len(r.ids)).split(batch_size):
+                loss, st = ppo_step(policy, value_model, r, rows, p)
+                opt.zero_grad()
+                loss.backward()
+                if aux is not None and (extra := aux.after_update_batch(len(rows))) is not None:
+                    aux.loss(policy, extra).backward()
+                torch.nn.utils.clip_grad_norm_(params + list(value_model.parameters()), MAX_GRAD_NORM)
+                opt.step()
+                steps.append(st)
+        stats = {**r.stats, "first_minibatch": steps[0],
+                 **{key: sum(st[key] for st in steps) / len(steps) for key in ("policy_loss", "value_loss", "clipfrac")}}
+        history.append(stats)
+        log.info("ppo %d/%d: score %.3f  kl %.3f  beta %.4f  clipfrac %.3f", it + 1, iterations, stats["score"],
+                 stats["kl"], beta, stats["clipfrac"])
+        beta = adapt_beta(beta, r.stats["kl"], p, len(r.ids))
+    return history
+
+
+def update(u) -> dict:
+    """The update_policy method `ppo` (u: tasks.update_policy.Update)."""
+    from rlhf.ml import models
+
+    cfg = u.cfg
+    value_model = models.load_reward_model(u.paths.reward_model, u.dev)  # the value model starts as the proxy RM
+    value_model.config.pad_token_id = u.tok.pad_token_id
+    up = cfg.update_policy
+    history = train(u.policy, u.ref, value_model, u.tok, u.prompts, u.proxy, up.ppo, up.k, cfg.generate,
+                    up.batch_size, u.seed, u.aux)
+    return {"iterations": len(history), "score_first": history[0]["score"], "score_last": history[-1]["score"],
+            "kl_last": history[-1]["kl"], "beta_last": history[-1]["beta"]}

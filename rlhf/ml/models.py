@@ -1,0 +1,197 @@
+"""Model loading and saving, the locally built tiny models, and the per-stage runtime setup.
+
+Everything loads through `from_pretrained(path_or_hub_id)`, the tiny default included, so the code
+path is the one a hub model takes. Weights load from safetensors; remote code stays off.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from pathlib import Path
+
+from rlhf.core.config import Config, TinyModel, missing_local_dir
+from rlhf.core.errors import UserError
+from rlhf.core.io import atomic_dir
+from rlhf.core.seeds import stage_seed
+
+log = logging.getLogger("rlhf")
+SPECIALS = {"pad": "<pad>", "eos": "<eos>", "unk": "<unk>"}
+
+
+def setup(cfg: Config, step: str, rnd: str) -> int:
+    """Fix threads and seeds for one stage run; returns the stage's seed."""
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(cfg.runtime.threads)
+    seed = stage_seed(cfg, step, rnd)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return seed
+
+
+def device(cfg: Config) -> str:
+    """cpu or cuda; a rank of a several-process launch (rlhf/orchestration/launch.py) gets its own GPU, cuda:LOCAL_RANK."""
+    import torch
+
+    if cfg.runtime.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("runtime.device: cuda asked for, but no GPU is visible")
+    if cfg.runtime.device == "cpu" or not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{os.environ['LOCAL_RANK']}" if "LOCAL_RANK" in os.environ else "cuda"
+
+
+def _existing(path: str | Path, what: str) -> str:
+    if missing_local_dir(str(path)):
+        raise UserError(f"{path}: no such {what} directory")
+    return str(Path(path).expanduser()) if Path(path).expanduser().is_dir() else str(path)
+
+
+def check_local_model(path: str, section: str, trust_remote_code: bool = False, allow_pickle: bool = False) -> dict:
+    """Checks of a local model folder that load no weights, before the first step runs: a readable
+    config.json, no remote code unless trusted, no pickle-only weights (.bin/.pt can run code when
+    loaded) unless allowed. `section` is the params key that names the model. Returns the config ({} for
+    a hub id, which is checked as it loads)."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        return {}
+    key = section if section.endswith(".policy") else f"{section}.name"
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{key}: {folder}/config.json: not a Hugging Face model folder ({e})") from None
+    flags = not section.endswith(".policy")  # policies load with remote code and pickle always off
+    if "auto_map" in config and not trust_remote_code:
+        raise UserError(f"{section}: {path} needs its own remote code to load; "
+                        + (f"set {section}.trust_remote_code: true if you trust it" if flags else "this project never runs it for a policy"))
+    if not allow_pickle and not list(folder.glob("*.safetensors")) and list(folder.glob("*.bin")) + list(folder.glob("*.pt")):
+        raise UserError(f"{section}: {path} has only pickle weights (.bin/.pt), which can run code when loaded; "
+                        + (f"set {section}.allow_pickle: true to load them anyway" if flags else "convert them to safetensors"))
+    return config
+
+
+def load_tokenizer(path: str | Path, padding_side: str = "right"):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(_existing(path, "tokenizer"), trust_remote_code=False)
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise UserError(f"{path}: tokenizer has neither a pad nor an eos token to pad with")
+        tok.pad_token = tok.eos_token
+    tok.padding_side = padding_side
+    return tok
+
+
+def load_policy(path: str | Path, dev: str = "cpu", trainable: bool = False):
+    """A causal LM. A folder holding a LoRA adapter loads its base (as recorded in adapter_config.json)
+    and applies it: merged for inference, or as a trainable PeftModel with `trainable=True`."""
+    from transformers import AutoModelForCausalLM
+
+    path = _existing(path, "policy")
+    if is_adapter(path):
+        from peft import PeftModel
+
+        base = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+        model = PeftModel.from_pretrained(load_policy(base, dev), path, is_trainable=trainable)
+        return model if trainable else model.merge_and_unload()
+    model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
+    return model.to(dev)
+
+
+def is_adapter(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def load_reward_model(path: str | Path, dev: str = "cpu", num_labels: int | None = None):
+    """A sequence-classification RM. Give `num_labels` to start one from a causal LM (a new head); a
+    trained RM keeps its own (2 for the `combined` objective)."""
+    from transformers import AutoModelForSequenceClassification
+
+    kw = {"num_labels": num_labels} if num_labels else {}
+    model = AutoModelForSequenceClassification.from_pretrained(
+        _existing(path, "reward model"), use_safetensors=True, trust_remote_code=False, **kw
+    )
+    return model.to(dev)
+
+
+def save(model, tok, out: str | Path) -> None:
+    """Save weights (safetensors; a PeftModel saves its adapter only) and tokenizer into `out` atomically."""
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+
+
+def build_tokenizer(texts: list[str]):
+    """A word-level tokenizer over the shipped data's words: tiny, and exact for the toy language."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for t in texts for w in t.lower().split()})
+    vocab = {tok: i for i, tok in enumerate([SPECIALS["pad"], SPECIALS["eos"], SPECIALS["unk"], *words])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token=SPECIALS["unk"]))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token=SPECIALS["pad"],
+        eos_token=SPECIALS["eos"],
+        unk_token=SPECIALS["unk"],
+        model_max_length=512,
+    )
+    return tok
+
+
+def build_tiny_lm(tok, spec: TinyModel):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.heads,
+        max_position_embeddings=512,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    log.info("built a tiny Llama: %.2fM parameters, vocabulary %d", model.num_parameters() / 1e6, len(tok))
+    return model
+
+
+def train_args(config_cls, cfg: Config, seed: int, scratch: str | Path, **kw):
+    """A TRL config with this project's CPU-safe, reproducible defaults; `kw` sets the rest. The batch size
+    given is the global one: under a several-process launch each rank takes its share."""
+    from rlhf.core.ranks import world_size
+
+    on_cpu = device(cfg) == "cpu"
+    if "per_device_train_batch_size" in kw:
+        kw["per_device_train_batch_size"] //= world_size()  # config checks that it divides
+    return config_cls(
+        output_dir=str(scratch),
+        seed=seed,
+        data_seed=seed,
+        bf16=not on_cpu and _bf16_ok(),
+        use_cpu=on_cpu,
+        activation_checkpointing=False,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=max(1, kw.pop("logging_steps", 50)),
+        disable_tqdm=not os.isatty(2),
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # several processes: every trained weight takes part in the loss
+        **kw,
+    )
+
+
+def _bf16_ok() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()

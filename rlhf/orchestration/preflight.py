@@ -1,0 +1,61 @@
+"""Preflight: what can fail in a second rather than after an hour of rounds, checked before the first step.
+
+The config schema (rlhf/core/config.py) checks each value on its own; the checks here need the
+implementations: the files params name are read, a local model folder is inspected (remote code, pickle
+weights, architecture, pad token), the judge is built or imported, the remote is looked up.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rlhf.core.config import Config
+from rlhf.core.errors import UserError
+from rlhf.core.io import read_jsonl, read_prompts
+from rlhf.judges import CallableJudge, PinkElephantJudge
+from rlhf.judges.reward_models import check_judge
+from rlhf.ml.models import check_local_model, load_tokenizer
+from rlhf.ml.sampling import require_vllm
+from rlhf.orchestration.storage import remote_for_push
+from rlhf.studies.grid import Study
+
+
+def check_inputs(cfg: Config) -> None:
+    """What can fail in a second rather than after an hour of rounds: the project and the files params name."""
+    for path in ("dvc.yaml", ".dvc"):
+        if not Path(path).exists():
+            raise UserError(f"{path}: not found; run from the project root (a DVC repository)")
+    for key in ("label", "policy", "eval"):
+        read_prompts(getattr(cfg.prompts, key))
+    if cfg.prepare.policy == "tiny":
+        if not Path(cfg.prepare.pretrain).is_file():
+            raise UserError(f"{cfg.prepare.pretrain}: no such file (prepare.pretrain)")
+        read_jsonl(cfg.prepare.sft, required=("prompt", "completion"), what="prepare.sft")
+    elif Path(cfg.prepare.policy).expanduser().is_dir():
+        check_local_model(cfg.prepare.policy, "prepare.policy")
+        load_tokenizer(cfg.prepare.policy)  # fails, naming it, without a pad or eos token to pad with
+    if cfg.generate.backend == "vllm":
+        require_vllm()
+    judge = cfg.label.judge
+    if judge.type == "rubric":
+        PinkElephantJudge(cfg.label.world)  # reads and checks the world file (label.world)
+    elif judge.type == "python":
+        CallableJudge(judge.name)  # imports it: a typo fails now, not after prepare
+    else:
+        check_judge(judge)
+    u = cfg.update_policy
+    if u.cotrain.ratio:
+        read_jsonl(u.cotrain.data, required=("prompt", "completion"), what="update_policy.cotrain.data")
+    if u.method == "rest" and u.rest.keep_sft and cfg.prepare.policy != "tiny":
+        read_jsonl(cfg.prepare.sft, required=("prompt", "completion"), what="prepare.sft")
+    if cfg.storage.push:
+        remote_for_push(cfg.storage.remote)  # a run that would push to no remote stops before it starts
+
+
+def check_study(study: Study) -> None:
+    """What `rlhf check` checks, for each configuration: files its params name, model folders, judges."""
+    for config, runs in study.configs.items():
+        try:
+            check_inputs(Config.model_validate(runs[0].params))
+        except UserError as e:
+            raise UserError(f"{study.path}: {config}: {e}") from None

@@ -1,0 +1,156 @@
+"""S3 storage: the DVC remote that versions every round, and boto3 for what DVC does not own.
+
+DVC owns the rounds' data and models: `rlhf remote` makes an S3 bucket its default remote, `storage.push`
+pushes each round as soon as it completes, and `dvc push` / `dvc pull` are the user's own commands.
+boto3 does the rest: `rlhf publish` puts one round's models and results under a plain S3 prefix for
+people who do not use DVC, and prompt sets may be `s3://bucket/key` objects.
+
+Credentials come from the environment or boto3's chain (profiles, SSO, instance roles) and are never
+written by this module; the endpoint of an S3-compatible store from `--endpoint-url` or AWS_ENDPOINT_URL,
+which boto3 and DVC both read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import subprocess
+from pathlib import Path
+
+from rlhf.core.errors import UserError
+from rlhf.core.processes import dying_with_parent, error_line
+from rlhf.core.paths import ROUND_STEPS, round_paths
+from rlhf.core.s3 import check_bucket, client, s3_errors, split_s3
+
+MiB = 2**20
+
+
+# ---- DVC's remote -------------------------------------------------------------------------------------
+
+def dvc(*args: str) -> str:
+    """Run a dvc command in the project; its output, or a UserError with DVC's first error line."""
+    out = subprocess.run(dying_with_parent("dvc", *args), capture_output=True, text=True)
+    if out.returncode:
+        raise UserError(f"dvc {args[0]} failed: {error_line(out.stderr.splitlines())}")
+    return out.stdout
+
+
+def remotes() -> dict[str, tuple[str, bool]]:
+    """The project's DVC remotes: name -> (URL, whether it is the default)."""
+    rows = [line.split() for line in dvc("remote", "list").splitlines() if line.strip()]
+    return {r[0]: (r[1], "(default)" in r) for r in rows}
+
+
+def configure_remote(url: str, endpoint_url: str | None = None, name: str = "s3", check: bool = True) -> str:
+    """Make `url` the project's default DVC remote, `name` (replacing one of that name). Only the URL and
+    the endpoint are written, to .dvc/config: credentials stay in the environment or boto3's chain."""
+    split_s3(url)
+    if check:
+        check_bucket(url, endpoint_url)
+    dvc("remote", "add", "--default", "--force", name, url)
+    if endpoint_url:
+        dvc("remote", "modify", name, "endpointurl", endpoint_url)
+    return f"DVC remote {name!r}: {url}" + (f" at {endpoint_url}" if endpoint_url else "") + " (the default)"
+
+
+def remote_for_push(name: str | None) -> str:
+    """The remote `storage.push` pushes to: `name`, or the default one; one line when there is none."""
+    have = remotes()
+    if name is None:
+        default = [n for n, (_, is_default) in have.items() if is_default]
+        if not default:
+            raise UserError("storage.push: the project has no default DVC remote; add one with "
+                            "`rlhf remote s3://bucket/prefix`, or name one in storage.remote")
+        return default[0]
+    if name not in have:
+        raise UserError(f"storage.remote: no DVC remote {name!r} (have: {', '.join(have) or 'none'})")
+    return name
+
+
+def push_round(rnd: str, remote: str | None = None) -> str:
+    """`dvc push` the outputs of round `rnd`'s stages; DVC's summary, or one line naming the remote."""
+    targets = ["prepare"] if rnd == "r00" else [f"{step}@{rnd}" for step in ROUND_STEPS]
+    name = remote_for_push(remote)
+    try:
+        out = dvc("push", "--remote", name, *targets)
+    except UserError as e:
+        url = remotes()[name][0]
+        raise UserError(f"dvc push of {rnd} to remote {name!r} ({url}) failed: {_dvc_problem(e)}") from None
+    return out.strip().splitlines()[-1] if out.strip() else "Everything is up to date."
+
+
+def _dvc_problem(e: UserError) -> str:
+    """DVC's error line for an S3 failure, without the repetition botocore adds."""
+    problem = re.sub(r"^dvc \w+ failed: (unexpected error - |failed to transfer '\w+(\.dir)?' - )?", "", str(e))
+    if dead := re.search(r'Could not connect to the endpoint URL: "(\w+://[^/"]+)', problem):
+        return f"cannot connect to the S3 endpoint {dead[1]}"  # not the URL of the first object it tried
+    problem = re.sub(r": An error occurred \((\w+)\) when calling the \w+ operation.*", r" (\1)", problem)
+    denied = re.search(r"\b403\b|Forbidden|AccessDenied|InvalidAccessKeyId|SignatureDoesNotMatch", problem)
+    return problem + (": check the credentials" if denied else "")
+
+
+# ---- publishing a round -------------------------------------------------------------------------------
+
+def round_files(rnd: str, project: str | Path = ".") -> dict[str, Path]:
+    """What `rlhf publish` uploads of a round, relative key -> local file: the policy, the reward model,
+    the metrics, the held-out samples and landscape, and the report (reports/) if there is one."""
+    paths = round_paths(rnd, project)
+    if not paths.metrics.is_file():
+        raise UserError(f"{paths.metrics}: no such file; round {rnd} has not completed")
+    files = {}
+    for item in (paths.policy, paths.reward_model, paths.metrics, paths.eval_samples, paths.landscape):
+        for f in sorted(item.rglob("*")) if item.is_dir() else [item]:
+            if f.is_file():
+                files[f.relative_to(paths.root).as_posix()] = f
+    for f in sorted((Path(project) / "reports").glob("*")):
+        if f.is_file():
+            files[f"report/{f.name}"] = f
+    return files
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(MiB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def publish(rnd: str, dest: str, endpoint_url: str | None = None, project: str | Path = ".",
+            multipart_mib: int = 64, log=print) -> dict[str, list[str]]:
+    """Upload round `rnd`'s files under `dest`/rNN/ with SHA-256 checksums (S3 verifies each request's;
+    the whole file's is kept in the object's metadata as `sha256`), in parts above `multipart_mib` MiB,
+    skipping objects already there with the same sha256. Returns the keys uploaded and skipped."""
+    from boto3.s3.transfer import TransferConfig
+    from botocore.exceptions import ClientError
+
+    bucket, prefix = split_s3(dest)
+    files = round_files(rnd, project)
+    s3 = client(endpoint_url)
+    transfer = TransferConfig(multipart_threshold=multipart_mib * MiB, multipart_chunksize=multipart_mib * MiB)
+    done: dict[str, list[str]] = {"uploaded": [], "skipped": []}
+    with s3_errors(dest, s3):
+        s3.head_bucket(Bucket=bucket)
+        for rel, path in files.items():
+            key = "/".join(p for p in (prefix, rnd, rel) if p)
+            digest = sha256(path)
+            try:
+                there = s3.head_object(Bucket=bucket, Key=key)["Metadata"].get("sha256")
+            except ClientError as e:
+                if e.response["Error"].get("Code") not in ("404", "NoSuchKey"):
+                    raise
+                there = None
+            if there == digest:
+                done["skipped"].append(key)
+                log(f"skipped s3://{bucket}/{key} (already there, same sha256)")
+                continue
+            s3.upload_file(str(path), bucket, key, Config=transfer,
+                           ExtraArgs={"ChecksumAlgorithm": "SHA256", "Metadata": {"sha256": digest}})
+            done["uploaded"].append(key)
+            log(f"uploaded s3://{bucket}/{key} ({_size(path.stat().st_size)}, sha256 {digest[:12]}...)")
+    return done
+
+
+def _size(n: int) -> str:
+    unit = next(u for u in ((30, "GiB"), (20, "MiB"), (10, "KiB"), (0, "B")) if n >= 2 ** u[0] or not u[0])
+    return f"{n / 2 ** unit[0]:.1f} {unit[1]}"
