@@ -1,6 +1,6 @@
 # make demo: set up .venv if needed, then run the offline default (3 rounds) through Prefect and DVC.
-# make test: set up .venv (with test extras) and chromium if needed, then run the test suite.
-# make bench: the benchmarks under bench/ (README: Performance).
+# make test: set up .venv (with test extras) and chromium if needed, then ruff and the test suite.
+# make bench: the benchmarks under bench/ (docs/performance.md).
 VENV        ?= .venv
 PYTHON      ?= python3
 TORCH_INDEX ?=
@@ -8,7 +8,7 @@ PIP         := $(VENV)/bin/pip
 export DVC_SITE_CACHE_DIR ?= $(CURDIR)/.dvc/tmp/site_cache
 export DVC_NO_ANALYTICS   := 1
 
-.PHONY: demo test test-slow bench install browser clean-rounds
+.PHONY: demo test test-slow bench install browser lint clean-rounds
 
 install: $(VENV)/.installed
 
@@ -22,8 +22,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: install
 	$(VENV)/bin/rlhf run
 
-test: install browser
+test: install browser lint
 	$(VENV)/bin/python -m pytest -q
+
+# ruff, as configured in pyproject.toml: the linter, and the formatter's check (`ruff format .` applies it).
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # The dashboard test drives Debian's chromium; install it where we may (root with apt), else it is skipped.
 browser:

@@ -15,13 +15,13 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tests.conftest import TINY, deep_update, make_project  # noqa: E402  (sets the isolation env vars)
+from tests.conftest import deep_update, make_project  # noqa: E402  (sets the isolation env vars)
 
 OUT = ROOT / "bench" / "out"
 BIN = Path(sys.executable).parent
@@ -32,13 +32,22 @@ DEFAULT = {"prepare": {"tiny": {"pretrain_epochs": 0.25}, "sft_epochs": 1.0}}
 
 def parser(doc: str, repeats: bool = True) -> argparse.ArgumentParser:
     """The command line every benchmark takes; `repeats` False for one that runs each side once."""
-    p = argparse.ArgumentParser(description=doc.strip().split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc.split("\n\n", 1)[-1])
+    p = argparse.ArgumentParser(
+        description=doc.strip().split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=doc.split("\n\n", 1)[-1],
+    )
     if repeats:
         p.add_argument("--repeats", type=int, default=3, help="timed repetitions of each side, interleaved (default 3)")
-    p.add_argument("--out", type=Path, default=OUT, help=f"folder for projects and results (default {OUT.relative_to(ROOT)})")
-    p.add_argument("--threads", type=int, help="torch threads of both sides (default: runtime.threads of params.yaml); "
-                   "1 keeps the ratio steady on a machine other work shares, where 2 threads wait on each other")
+    p.add_argument(
+        "--out", type=Path, default=OUT, help=f"folder for projects and results (default {OUT.relative_to(ROOT)})"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads of both sides (default: runtime.threads of params.yaml); "
+        "1 keeps the ratio steady on a machine other work shares, where 2 threads wait on each other",
+    )
     return p
 
 
@@ -92,7 +101,9 @@ def prepared(dest: Path, params: dict | None = None, subset: bool = True) -> Pat
     benchmark when its params.yaml is unchanged, since prepare is not what is measured."""
     import yaml
 
-    want = yaml.safe_dump(deep_update(yaml.safe_load((ROOT / "params.yaml").read_text()), params or {}), sort_keys=False)
+    want = yaml.safe_dump(
+        deep_update(yaml.safe_load((ROOT / "params.yaml").read_text()), params or {}), sort_keys=False
+    )
     if (dest / "data/rounds/r00/policy").is_dir() and (dest / "params.yaml").read_text() == want:
         return dest
     fresh_project(dest, params, subset)
@@ -155,8 +166,13 @@ def report(name: str, out: Path, text: str, result: dict) -> None:
     """Print the result and keep it, with the machine it ran on, as <out>/<name>.json and .txt."""
     import torch
 
-    machine = {"cpus": os.cpu_count(), "threads": torch.get_num_threads(), "load_avg": os.getloadavg(),
-               "python": platform.python_version(), "torch": torch.__version__}
+    machine = {
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "load_avg": os.getloadavg(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
     text += f"\nmachine: {machine['cpus']} CPU cores, load average {machine['load_avg'][0]:.2f} at the end"
     print(text)
     out.mkdir(parents=True, exist_ok=True)

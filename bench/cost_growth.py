@@ -29,9 +29,10 @@ def main() -> None:
     rounds = ROUNDS[: args.rounds]
     chain = {r: (ROUNDS[i - 1] if i else "r00") for i, r in enumerate(rounds)}
     base = {"rounds": chain, "generate": {"k": 4}, "train_rm": {"sample_size": PAIRS}}
-    projects = {data: from_round0(args.out, f"cost_growth/{data}",
-                                  {**base, "train_rm": {**base["train_rm"], "data": data}})
-                for data in ("concat", "sample")}
+    projects = {
+        data: from_round0(args.out, f"cost_growth/{data}", {**base, "train_rm": {**base["train_rm"], "data": data}})
+        for data in ("concat", "sample")
+    }
     took = {data: {r: {} for r in rounds} for data in projects}
     pairs = {data: {} for data in projects}
     for rnd in rounds:
@@ -44,22 +45,35 @@ def main() -> None:
                     took[data][rnd][step] = time.perf_counter() - t
                     if step == "train_rm":
                         pairs[data][rnd] = out["pairs"]
-            print(f"  {data} {rnd}: {sum(took[data][rnd].values()):.1f} s, RM trained on {pairs[data][rnd]} pairs",
-                  flush=True)
-    rows = [[r, *(x for d in projects for x in (pairs[d][r], took[d][r]["train_rm"], sum(took[d][r].values())))]
-            for r in rounds]
+            print(
+                f"  {data} {rnd}: {sum(took[data][rnd].values()):.1f} s, RM trained on {pairs[data][rnd]} pairs",
+                flush=True,
+            )
+    rows = [
+        [r, *(x for d in projects for x in (pairs[d][r], took[d][r]["train_rm"], sum(took[d][r].values())))]
+        for r in rounds
+    ]
     growth = {d: sum(took[d][rounds[-1]].values()) / sum(took[d][rounds[0]].values()) for d in projects}
     rm_growth = {d: took[d][rounds[-1]]["train_rm"] / took[d][rounds[0]]["train_rm"] for d in projects}
-    text = (f"cost growth: rounds {rounds[0]}-{rounds[-1]}, train_rm.data concat against sample "
-            f"(sample_size {PAIRS}); seconds per round\n"
-            + table(["round", "concat: RM pairs", "train_rm s", "round s", "sample: RM pairs", "train_rm s", "round s"],
-                    rows)
-            + "".join(f"\n{d}: {rounds[-1]} / {rounds[0]} round time {growth[d]:.2f}x (train_rm {rm_growth[d]:.2f}x)"
-                      for d in projects)
-            + f"\nconcat / sample, {rounds[-1]}'s round time: "
-              f"{sum(took['concat'][rounds[-1]].values()) / sum(took['sample'][rounds[-1]].values()):.2f}x")
-    report("cost_growth", args.out, text, {"seconds": took, "pairs": pairs, "round_growth": growth,
-                                           "train_rm_growth": rm_growth})
+    text = (
+        f"cost growth: rounds {rounds[0]}-{rounds[-1]}, train_rm.data concat against sample "
+        f"(sample_size {PAIRS}); seconds per round\n"
+        + table(
+            ["round", "concat: RM pairs", "train_rm s", "round s", "sample: RM pairs", "train_rm s", "round s"], rows
+        )
+        + "".join(
+            f"\n{d}: {rounds[-1]} / {rounds[0]} round time {growth[d]:.2f}x (train_rm {rm_growth[d]:.2f}x)"
+            for d in projects
+        )
+        + f"\nconcat / sample, {rounds[-1]}'s round time: "
+        f"{sum(took['concat'][rounds[-1]].values()) / sum(took['sample'][rounds[-1]].values()):.2f}x"
+    )
+    report(
+        "cost_growth",
+        args.out,
+        text,
+        {"seconds": took, "pairs": pairs, "round_growth": growth, "train_rm_growth": rm_growth},
+    )
 
 
 if __name__ == "__main__":

@@ -15,8 +15,7 @@ from __future__ import annotations
 import tempfile
 import time
 
-from _common import (chdir, config, default_project, interleaved, med, overrides, parser, quiet, report, table,
-                     verdict)
+from _common import chdir, config, default_project, interleaved, med, overrides, parser, quiet, report, table, verdict
 
 TARGET = 1.05
 
@@ -48,12 +47,18 @@ def main() -> None:
     rows = [[k, med(v), min(v)] for k, v in times.items()]
     rows += [[f"  bare: {k}", med(v[1:]), min(v[1:])] for k, v in parts.items()]  # v[0]: the warm-up
     up = cfg.update_policy
-    text = (f"dpo: {up.k} samples per policy prompt, {up.dpo.epochs:g} epochs, batch {up.batch_size}; training loss "
-            f"step {loss['step']:.6f}, bare {loss['bare']:.6f} (equal: the same pairs)\n"
-            + table(["side", "median s", "min s"], rows)
-            + f"\nstep / bare time: {verdict(ratio, TARGET, higher_is_better=False)}")
-    report("dpo", args.out, text, {"times": times, "bare_parts": parts, "train_loss": loss, "ratio": ratio,
-                                   "target": TARGET})
+    text = (
+        f"dpo: {up.k} samples per policy prompt, {up.dpo.epochs:g} epochs, batch {up.batch_size}; training loss "
+        f"step {loss['step']:.6f}, bare {loss['bare']:.6f} (equal: the same pairs)\n"
+        + table(["side", "median s", "min s"], rows)
+        + f"\nstep / bare time: {verdict(ratio, TARGET, higher_is_better=False)}"
+    )
+    report(
+        "dpo",
+        args.out,
+        text,
+        {"times": times, "bare_parts": parts, "train_loss": loss, "ratio": ratio, "target": TARGET},
+    )
 
 
 def _round_until_rm(cfg, rnd: str) -> None:
@@ -78,8 +83,8 @@ def _bare(cfg, rnd: str, rm_dir, loss: dict) -> dict[str, float]:
     from trl import DPOConfig, DPOTrainer
 
     from rlhf.core.io import read_prompts
-    from rlhf.core.seeds import stage_seed
     from rlhf.core.paths import SFT
+    from rlhf.core.seeds import stage_seed
 
     up, s, seed = cfg.update_policy, cfg.generate, stage_seed(cfg, "update_policy", rnd)
     clock, t = {}, time.perf_counter()
@@ -102,9 +107,16 @@ def _bare(cfg, rnd: str, rm_dir, loss: dict) -> dict[str, float]:
     for start in range(0, len(texts), s.batch_size):
         batch = tok(texts[start : start + s.batch_size], return_tensors="pt", padding=True)
         with torch.no_grad():
-            seqs = policy.generate(**batch, do_sample=True, temperature=s.temperature, top_k=s.top_k or None,
-                                   top_p=s.top_p, max_new_tokens=s.max_new_tokens, pad_token_id=tok.pad_token_id,
-                                   eos_token_id=tok.eos_token_id)
+            seqs = policy.generate(
+                **batch,
+                do_sample=True,
+                temperature=s.temperature,
+                top_k=s.top_k or None,
+                top_p=s.top_p,
+                max_new_tokens=s.max_new_tokens,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
         new = seqs[:, batch["input_ids"].shape[1] :]
         responses += [" " + r if r else r for r in tok.batch_decode(new, skip_special_tokens=True)]
     lap("model.generate")
@@ -116,18 +128,34 @@ def _bare(cfg, rnd: str, rm_dir, loss: dict) -> dict[str, float]:
             scores.append(rm(**tok(scored[start : start + 64], return_tensors="pt", padding=True)).logits[:, 0])
     scores = torch.cat(scores).numpy().reshape(len(prompts), up.k)
     lap("RM forward")
-    rows = [{"prompt": p, "chosen": responses[i * up.k + b], "rejected": responses[i * up.k + w]}
-            for i, (p, b, w) in enumerate(zip(prompts, scores.argmax(1), scores.argmin(1)))
-            if scores[i, b] > scores[i, w] and responses[i * up.k + b] != responses[i * up.k + w]]
+    rows = [
+        {"prompt": p, "chosen": responses[i * up.k + b], "rejected": responses[i * up.k + w]}
+        for i, (p, b, w) in enumerate(zip(prompts, scores.argmax(1), scores.argmin(1)))
+        if scores[i, b] > scores[i, w] and responses[i * up.k + b] != responses[i * up.k + w]
+    ]
     with tempfile.TemporaryDirectory() as scratch:
-        args = DPOConfig(output_dir=scratch, seed=seed, data_seed=seed, bf16=False, use_cpu=True,
-                         activation_checkpointing=False, save_strategy="no", report_to="none", logging_steps=50,
-                         disable_tqdm=True, dataloader_num_workers=0, beta=up.dpo.beta,
-                         num_train_epochs=up.dpo.epochs, per_device_train_batch_size=up.batch_size,
-                         learning_rate=up.dpo.learning_rate, max_length=up.max_length)
+        args = DPOConfig(
+            output_dir=scratch,
+            seed=seed,
+            data_seed=seed,
+            bf16=False,
+            use_cpu=True,
+            activation_checkpointing=False,
+            save_strategy="no",
+            report_to="none",
+            logging_steps=50,
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            beta=up.dpo.beta,
+            num_train_epochs=up.dpo.epochs,
+            per_device_train_batch_size=up.batch_size,
+            learning_rate=up.dpo.learning_rate,
+            max_length=up.max_length,
+        )
         policy.train()
-        trainer = DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=Dataset.from_list(rows),
-                             processing_class=tok)
+        trainer = DPOTrainer(
+            model=policy, ref_model=ref, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok
+        )
         loss["bare"] = trainer.train().training_loss
         lap("DPOTrainer")
         policy.save_pretrained(scratch, safe_serialization=True)

@@ -8,8 +8,7 @@ Takes about 3 minutes on 2 CPU cores (the first run also builds the project's SF
 
 from __future__ import annotations
 
-from _common import (chdir, config, default_project, interleaved, med, overrides, parser, quiet, report, table,
-                     verdict)
+from _common import chdir, config, default_project, interleaved, med, overrides, parser, quiet, report, table, verdict
 
 TARGET = 0.9
 
@@ -20,10 +19,10 @@ def main() -> None:
     with chdir(default_project(args.out)):
         import torch
 
-        from rlhf.ml import models
         from rlhf.core.io import read_jsonl, read_prompts
         from rlhf.core.paths import SFT, round_paths
         from rlhf.core.seeds import stage_seed
+        from rlhf.ml import models
         from tasks.generate import generate
 
         cfg, rnd = config(overrides(args)), "r01"
@@ -39,9 +38,16 @@ def main() -> None:
             for start in range(0, len(texts), s.batch_size):
                 batch = tok(texts[start : start + s.batch_size], return_tensors="pt", padding=True)
                 with torch.no_grad():
-                    seqs = model.generate(**batch, do_sample=True, temperature=s.temperature, top_k=s.top_k or None,
-                                          top_p=s.top_p, max_new_tokens=s.max_new_tokens,
-                                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                    seqs = model.generate(
+                        **batch,
+                        do_sample=True,
+                        temperature=s.temperature,
+                        top_k=s.top_k or None,
+                        top_p=s.top_p,
+                        max_new_tokens=s.max_new_tokens,
+                        pad_token_id=tok.pad_token_id,
+                        eos_token_id=tok.eos_token_id,
+                    )
                 for ids in seqs[:, batch["input_ids"].shape[1] :].tolist():  # up to and with the first eos
                     bare_out.append(ids[: ids.index(tok.eos_token_id) + 1] if tok.eos_token_id in ids else ids)
 
@@ -53,12 +59,18 @@ def main() -> None:
     rate = {k: tokens / med(v) for k, v in times.items()}
     ratio = rate["generate step"] / rate["bare model.generate"]
     rows = [[k, med(v), min(v), f"{rate[k]:.0f}"] for k, v in times.items()]
-    text = (f"generation: {len(texts)} samples ({len(texts) // s.k} prompts x k={s.k}), {tokens} new tokens, "
-            f"batch {s.batch_size}, max_new_tokens {s.max_new_tokens}; same tokens on both sides: {same}\n"
-            + table(["side", "median s", "min s", "new tokens/s"], rows)
-            + f"\nstep / bare throughput: {verdict(ratio, TARGET, higher_is_better=True)}")
-    report("generation", args.out, text, {"times": times, "tokens": tokens, "same_tokens": same, "ratio": ratio,
-                                          "target": TARGET})
+    text = (
+        f"generation: {len(texts)} samples ({len(texts) // s.k} prompts x k={s.k}), {tokens} new tokens, "
+        f"batch {s.batch_size}, max_new_tokens {s.max_new_tokens}; same tokens on both sides: {same}\n"
+        + table(["side", "median s", "min s", "new tokens/s"], rows)
+        + f"\nstep / bare throughput: {verdict(ratio, TARGET, higher_is_better=True)}"
+    )
+    report(
+        "generation",
+        args.out,
+        text,
+        {"times": times, "tokens": tokens, "same_tokens": same, "ratio": ratio, "target": TARGET},
+    )
 
 
 if __name__ == "__main__":

@@ -11,8 +11,7 @@ Takes about 2 minutes on 2 CPU cores (the first run also builds the project's SF
 
 from __future__ import annotations
 
-from _common import (chdir, config, default_project, interleaved, med, overrides, parser, quiet, report, table,
-                     verdict)
+from _common import chdir, config, default_project, interleaved, med, overrides, parser, quiet, report, table, verdict
 
 TARGET = 0.9
 
@@ -24,10 +23,10 @@ def main() -> None:
         import numpy as np
         import torch
 
-        from rlhf.ml import models
         from rlhf.core.io import read_jsonl
-        from rlhf.judges import make_judge
         from rlhf.core.paths import SFT, round_paths
+        from rlhf.judges import make_judge
+        from rlhf.ml import models
         from tasks.generate import generate
         from tasks.label import label
 
@@ -50,26 +49,40 @@ def main() -> None:
 
         def bare() -> None:
             for start in range(0, len(texts), spec.batch_size):
-                batch = tok(texts[start : start + spec.batch_size], padding=True, truncation=True,
-                            max_length=spec.max_length, return_tensors="pt")
+                batch = tok(
+                    texts[start : start + spec.batch_size],
+                    padding=True,
+                    truncation=True,
+                    max_length=spec.max_length,
+                    return_tensors="pt",
+                )
                 with torch.no_grad():
                     bare_scores[start : start + spec.batch_size] = model(**batch).logits[:, 0].numpy()
 
-        sides = {"bare forward": bare, "judge.score": lambda: judge_scores.append(judge.score(prompts, responses)),
-                 "label step": lambda: label(cfg, rnd)}
+        sides = {
+            "bare forward": bare,
+            "judge.score": lambda: judge_scores.append(judge.score(prompts, responses)),
+            "label step": lambda: label(cfg, rnd),
+        }
         times = interleaved(sides, args.repeats)
         gap = float(np.abs(judge_scores[-1] - bare_scores).max())
         tokens = sum(len(tok(t)["input_ids"]) for t in texts)
     rate = {k: len(texts) / med(v) for k, v in times.items()}
     ratio = rate["label step"] / rate["bare forward"]
     rows = [[k, med(v), min(v), f"{rate[k]:.0f}"] for k, v in times.items()]
-    text = (f"labelling: {len(texts)} samples ({tokens} tokens), judge batch {spec.batch_size}; largest score "
-            f"difference judge vs bare {gap:.1e}\n"
-            + table(["side", "median s", "min s", "samples/s"], rows)
-            + f"\njudge.score / bare throughput: {rate['judge.score'] / rate['bare forward']:.3f}x"
-            + f"\nlabel step / bare throughput: {verdict(ratio, TARGET, higher_is_better=True)}")
-    report("labelling", args.out, text, {"times": times, "samples": len(texts), "ratio": ratio, "target": TARGET,
-                                         "max_score_difference": gap})
+    text = (
+        f"labelling: {len(texts)} samples ({tokens} tokens), judge batch {spec.batch_size}; largest score "
+        f"difference judge vs bare {gap:.1e}\n"
+        + table(["side", "median s", "min s", "samples/s"], rows)
+        + f"\njudge.score / bare throughput: {rate['judge.score'] / rate['bare forward']:.3f}x"
+        + f"\nlabel step / bare throughput: {verdict(ratio, TARGET, higher_is_better=True)}"
+    )
+    report(
+        "labelling",
+        args.out,
+        text,
+        {"times": times, "samples": len(texts), "ratio": ratio, "target": TARGET, "max_score_difference": gap},
+    )
 
 
 if __name__ == "__main__":

@@ -19,12 +19,13 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 from _common import BIN, DEFAULT, ROOT, default_project, fresh_project, med, parser, report, table, verdict
+
+from rlhf.core.processes import free_port, stop
 
 TARGET = 1.25
 STEPS = ("generate", "label", "train_rm", "update_policy", "evaluate")
@@ -36,12 +37,12 @@ from rlhf.orchestration.preload import quiet_libraries
 from rlhf.core.config import load_config
 quiet_libraries()
 cfg, took = load_config(), {}
-for step in %r:
+for step in STEPS:
     t = time.perf_counter()
     getattr(importlib.import_module(f"tasks.{step}"), step)(cfg, "r01")
     took[step] = time.perf_counter() - t
 print(json.dumps(took))
-""" % (STEPS,)
+""".replace("STEPS", repr(STEPS))
 
 
 def main() -> None:
@@ -54,8 +55,11 @@ def main() -> None:
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     env.pop("PREFECT_API_URL", None)
     with _server(base / "server") as api_url:
-        cmds = {DIRECT: [str(BIN / "python"), "-c", DIRECT_CODE], SERVED: [str(BIN / "rlhf"), "run"],
-                TEMP: [str(BIN / "rlhf"), "run"]}
+        cmds = {
+            DIRECT: [str(BIN / "python"), "-c", DIRECT_CODE],
+            SERVED: [str(BIN / "rlhf"), "run"],
+            TEMP: [str(BIN / "rlhf"), "run"],
+        }
         envs = {DIRECT: env, SERVED: {**env, "PREFECT_API_URL": api_url}, TEMP: env}
         times: dict[str, list[float]] = {s: [] for s in cmds}
         split: dict[str, list[dict]] = {DIRECT: [], SERVED: []}
@@ -80,18 +84,33 @@ def main() -> None:
         d, f = med([x[s] for x in split[DIRECT]]), med([x[f"r01-{s}"] for x in split[SERVED]])
         per_step.append([s, d, f, f - d, imports[s]])
     tasks = med([sum(x.values()) for x in split[SERVED]])
-    text = ("orchestration: one round (r01) of the embedded default, round 0 already built\n"
-            + table(["side", "median s", "min s", "/ direct"],
-                    [[k, med(v), min(v), med(v) / med(times[DIRECT])] for k, v in times.items()])
-            + "\n\nwhere the time goes (median s; flow: Prefect's task runs, each a `dvc repro` of the step's CLI)\n"
-            + table(["step", "direct: function", "flow: task run", "difference", "imports, unpreloaded"], per_step)
-            + f"\nflow: task runs {tasks:.1f} s in all (prepare's up-to-date check included); the rest of the "
-              f"command (Python, Prefect client, flow run, artifacts, report) {med(times[SERVED]) - tasks:.1f} s"
-            + f"\nwith a temporary server: {temp_ratio:.3f}x ({med(times[TEMP]) - med(times[SERVED]):.1f} s to start "
-              "and stop it, once per `rlhf run`)"
-            + f"\nrlhf run (server running) / direct: {verdict(ratio, TARGET, higher_is_better=False)}")
-    report("orchestration", args.out, text, {"times": times, "split": split, "imports": imports, "ratio": ratio,
-                                             "temporary_server_ratio": temp_ratio, "target": TARGET})
+    text = (
+        "orchestration: one round (r01) of the embedded default, round 0 already built\n"
+        + table(
+            ["side", "median s", "min s", "/ direct"],
+            [[k, med(v), min(v), med(v) / med(times[DIRECT])] for k, v in times.items()],
+        )
+        + "\n\nwhere the time goes (median s; flow: Prefect's task runs, each a `dvc repro` of the step's CLI)\n"
+        + table(["step", "direct: function", "flow: task run", "difference", "imports, unpreloaded"], per_step)
+        + f"\nflow: task runs {tasks:.1f} s in all (prepare's up-to-date check included); the rest of the "
+        f"command (Python, Prefect client, flow run, artifacts, report) {med(times[SERVED]) - tasks:.1f} s"
+        + f"\nwith a temporary server: {temp_ratio:.3f}x ({med(times[TEMP]) - med(times[SERVED]):.1f} s to start "
+        "and stop it, once per `rlhf run`)"
+        + f"\nrlhf run (server running) / direct: {verdict(ratio, TARGET, higher_is_better=False)}"
+    )
+    report(
+        "orchestration",
+        args.out,
+        text,
+        {
+            "times": times,
+            "split": split,
+            "imports": imports,
+            "ratio": ratio,
+            "temporary_server_ratio": temp_ratio,
+            "target": TARGET,
+        },
+    )
 
 
 def _template(dest: Path, source: Path) -> Path:
@@ -116,12 +135,15 @@ class _server:
     def __enter__(self) -> str:
         shutil.rmtree(self.where, ignore_errors=True)
         self.where.mkdir(parents=True)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_HOME", "PREFECT_API_URL")}
-        self.proc = subprocess.Popen([BIN / "rlhf", "server", "--port", str(port)], cwd=self.where, env=env,
-                                     stdout=(self.where / "server.log").open("w"), stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [BIN / "rlhf", "server", "--port", str(port)],
+            cwd=self.where,
+            env=env,
+            stdout=(self.where / "server.log").open("w"),
+            stderr=subprocess.STDOUT,
+        )
         record = self.where / ".prefect" / "server.json"
         while not record.exists():
             if self.proc.poll() is not None:
@@ -133,8 +155,7 @@ class _server:
 
     def __exit__(self, *exc) -> None:
         os.environ.pop("PREFECT_API_URL", None)
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
+        stop(self.proc, timeout=30)
 
 
 def import_seconds(project: Path, env: dict) -> dict[str, float]:
@@ -143,8 +164,14 @@ def import_seconds(project: Path, env: dict) -> dict[str, float]:
     (rlhf/orchestration/preload.py), and the direct side pays once."""
     took = {}
     for step in STEPS:
-        out = subprocess.run([str(BIN / "python"), "-X", "importtime", "-m", "rlhf", step, "r01"], cwd=project,
-                             env=env, capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [str(BIN / "python"), "-X", "importtime", "-m", "rlhf", step, "r01"],
+            cwd=project,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         top = re.finditer(r"^import time:\s+\d+ \|\s+(\d+) \| \S", out.stderr, re.M)  # top-level: cumulative
         took[step] = sum(int(m[1]) for m in top) / 1e6
     return took

@@ -35,8 +35,16 @@ def main() -> None:
         for f in folders:
             (f / SAMPLES).unlink(missing_ok=True)
         t = time.perf_counter()
-        procs = [subprocess.Popen([BIN / "rlhf", "generate", "r01"], cwd=f, env={**env, **policy},
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for f in folders]
+        procs = [
+            subprocess.Popen(
+                [BIN / "rlhf", "generate", "r01"],
+                cwd=f,
+                env={**env, **policy},
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            for f in folders
+        ]
         for p in procs:
             _, err = p.communicate()
             if p.returncode:
@@ -46,16 +54,21 @@ def main() -> None:
         return took, {(f / SAMPLES).read_bytes() for f in folders}
 
     passive = {"OMP_WAIT_POLICY": "PASSIVE"}
-    sides = {"one alone (default)": ([first], {}), "two at once, spinning (default)": ([first, second], {}),
-             "two at once, sleeping (PASSIVE)": ([first, second], passive)}
+    sides = {
+        "one alone (default)": ([first], {}),
+        "two at once, spinning (default)": ([first, second], {}),
+        "two at once, sleeping (PASSIVE)": ([first, second], passive),
+    }
     results = {name: steps(*side) for name, side in sides.items()}
     same = len(set().union(*(s for _, s in results.values()))) == 1
     took = {name: t for name, (t, _) in results.items()}
     ratio = took["two at once, spinning (default)"] / took["two at once, sleeping (PASSIVE)"]
-    text = ("parallel runs: `rlhf generate r01` of the embedded default (each step its own process), "
-            f"identical samples on every side: {same}\n"
-            + table(["side", "wall s"], [[k, v] for k, v in took.items()])
-            + f"\nspinning / sleeping, two at once: {verdict(ratio, TARGET, higher_is_better=True)}")
+    text = (
+        "parallel runs: `rlhf generate r01` of the embedded default (each step its own process), "
+        f"identical samples on every side: {same}\n"
+        + table(["side", "wall s"], [[k, v] for k, v in took.items()])
+        + f"\nspinning / sleeping, two at once: {verdict(ratio, TARGET, higher_is_better=True)}"
+    )
     report("parallel_runs", args.out, text, {"seconds": took, "same_samples": same, "ratio": ratio, "target": TARGET})
 
 

@@ -25,8 +25,10 @@ def main() -> None:
     args = parser(__doc__, repeats=False).parse_args()
     quiet()
     base = {"rounds": {"r01": "r00", "r02": "r01"}, "generate": {"k": 4}}
-    projects = {v: from_round0(args.out, f"storage/rank{rank}", {**base, "update_policy": {"lora": {"rank": rank}}})
-                for v, rank in VARIANTS.items()}
+    projects = {
+        v: from_round0(args.out, f"storage/rank{rank}", {**base, "update_policy": {"lora": {"rank": rank}}})
+        for v, rank in VARIANTS.items()
+    }
     sizes: dict[str, dict[str, dict[str, int]]] = {v: {} for v in projects}
     update_s: dict[str, dict[str, float]] = {v: {} for v in projects}
     for rnd in ROUNDS:
@@ -44,16 +46,25 @@ def main() -> None:
                 sizes[v][rnd] = {"policy": _bytes(paths.policy), "round": _bytes(paths.root)}
             print(f"  {v} {rnd}: policy {sizes[v][rnd]['policy'] / 2**20:.2f} MiB", flush=True)
     full, lora = projects
-    rows = [[f"{v} {r}", sizes[v][r]["policy"] / 2**20, sizes[v][r]["round"] / 2**20, update_s[v][r]]
-            for r in ROUNDS for v in projects]
+    rows = [
+        [f"{v} {r}", sizes[v][r]["policy"] / 2**20, sizes[v][r]["round"] / 2**20, update_s[v][r]]
+        for r in ROUNDS
+        for v in projects
+    ]
     ratio = {r: sizes[lora][r]["policy"] / sizes[full][r]["policy"] for r in ROUNDS}
     round_ratio = {r: sizes[lora][r]["round"] / sizes[full][r]["round"] for r in ROUNDS}
-    text = ("storage: each round's folder with a LoRA adapter against full policy weights (MiB)\n"
-            + table(["variant, round", "policy MiB", "round MiB", "update_policy s"], rows)
-            + "".join(f"\n{r}: LoRA / full, policy {ratio[r]:.4f}x, whole round {round_ratio[r]:.3f}x" for r in ROUNDS)
-            + "\n(a round's folder also holds its proxy RM, samples and labels, which LoRA does not change)")
-    report("storage", args.out, text, {"bytes": sizes, "update_policy_s": update_s, "policy_ratio": ratio,
-                                       "round_ratio": round_ratio})
+    text = (
+        "storage: each round's folder with a LoRA adapter against full policy weights (MiB)\n"
+        + table(["variant, round", "policy MiB", "round MiB", "update_policy s"], rows)
+        + "".join(f"\n{r}: LoRA / full, policy {ratio[r]:.4f}x, whole round {round_ratio[r]:.3f}x" for r in ROUNDS)
+        + "\n(a round's folder also holds its proxy RM, samples and labels, which LoRA does not change)"
+    )
+    report(
+        "storage",
+        args.out,
+        text,
+        {"bytes": sizes, "update_policy_s": update_s, "policy_ratio": ratio, "round_ratio": round_ratio},
+    )
 
 
 def _bytes(folder: Path) -> int:

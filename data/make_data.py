@@ -40,9 +40,7 @@ def main() -> None:
     rng = random.Random(1234)
     combos = list(itertools.product(world["prompt_openers"], world["topics"], world["prompt_closers"]))
     rng.shuffle(combos)
-    prompts = [
-        {"topic": t, "prompt": world["prompt_format"].format(opener=o, topic=t, closer=c)} for o, t, c in combos
-    ]
+    prompts = [{"topic": t, "prompt": world["prompt_format"].format(opener=o, topic=t, closer=c)} for o, t, c in combos]
     splits = {"eval": prompts[:100], "label": prompts[100:300], "policy": prompts[300:]}
     for name, rows in splits.items():
         lines = [json.dumps({"id": f"{name}-{i:04d}", **r}) for i, r in enumerate(rows)]
@@ -52,7 +50,11 @@ def main() -> None:
     sft = []
     for i in range(3000):
         p = rng.choice(train_prompts)
-        sft.append(json.dumps({"id": f"sft-{i:04d}", "prompt": p["prompt"], "completion": " " + answer(rng, world, p["topic"])}))
+        sft.append(
+            json.dumps(
+                {"id": f"sft-{i:04d}", "prompt": p["prompt"], "completion": " " + answer(rng, world, p["topic"])}
+            )
+        )
     (HERE / "sft.jsonl").write_text("\n".join(sft) + "\n")
 
     # Plain text for the brief pre-training of the base model: dialogues, trained on every token. (Answers
@@ -69,7 +71,15 @@ def main() -> None:
     aux = []
     for i in range(500):
         p = aux_rng.choice(train_prompts)
-        aux.append(json.dumps({"id": f"cotrain-{i:04d}", "prompt": p["prompt"], "completion": " " + answer(aux_rng, world, p["topic"])}))
+        aux.append(
+            json.dumps(
+                {
+                    "id": f"cotrain-{i:04d}",
+                    "prompt": p["prompt"],
+                    "completion": " " + answer(aux_rng, world, p["topic"]),
+                }
+            )
+        )
     (HERE / "cotrain.jsonl").write_text("\n".join(aux) + "\n")
 
 

@@ -21,16 +21,15 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Failed
 
-from rlhf.core.paths import ROUND_STEPS
 from rlhf.core.config import load_config, round_index, round_name
 from rlhf.core.errors import StageFailed, UserError
 from rlhf.core.io import read_jsonl
+from rlhf.core.paths import ROUND_STEPS, round_paths
 from rlhf.core.processes import RUN_PID, dying_with_parent, error_line, relay
-from rlhf.core.paths import round_paths
-from rlhf.orchestration import stages
-from rlhf.orchestration.preload import preloaded
 from rlhf.core.rounds import extend_rounds, last_completed
 from rlhf.evaluation.report import flat, metrics_rows, metrics_table, round_markdown, write_report
+from rlhf.orchestration import stages
+from rlhf.orchestration.preload import preloaded
 
 
 class _NoEmptyTraceback(logging.Filter):
@@ -53,8 +52,13 @@ def target(step: str, rnd: str) -> str:
 def stage_env() -> dict[str, str]:
     """The environment of a stage's command; the stage command `rlhf ...` must resolve to this
     environment's console script."""
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-            "PYTHONHASHSEED": "0", "HF_HUB_DISABLE_PROGRESS_BARS": "1", RUN_PID: str(os.getpid())}
+    return {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONHASHSEED": "0",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        RUN_PID: str(os.getpid()),
+    }
 
 
 @task(task_run_name="{rnd}-{step}")
@@ -136,8 +140,11 @@ def publish_round(rnd: str) -> None:
     metrics = json.loads(paths.metrics.read_text())
     samples = read_jsonl(paths.eval_samples) if paths.eval_samples.is_file() else []
     create_table_artifact(key=f"{rnd}-metrics", table=flat(metrics), description=f"Round {rnd}: metrics.json")
-    create_markdown_artifact(key=f"{rnd}-summary", markdown=round_markdown(metrics, samples),
-                             description=f"Round {rnd}: summary and held-out samples")
+    create_markdown_artifact(
+        key=f"{rnd}-summary",
+        markdown=round_markdown(metrics, samples),
+        description=f"Round {rnd}: summary and held-out samples",
+    )
 
 
 @task(task_run_name="{rnd}-push")

@@ -28,17 +28,27 @@ def schedule_of(cron: str | None, interval: float | None):
     try:
         return CronSchedule(cron=cron)
     except ValueError:
-        raise UserError(f"--cron: not a cron expression: {cron!r} (five fields, e.g. '0 2 * * *' for 02:00 daily)") \
-            from None
+        raise UserError(
+            f"--cron: not a cron expression: {cron!r} (five fields, e.g. '0 2 * * *' for 02:00 daily)"
+        ) from None
 
 
-def serve_flow(flow, name: str, *, cron: str | None = None, interval: float | None = None,
-               parameters: dict[str, Any] | None = None) -> None:
+def serve_flow(
+    flow, name: str, *, cron: str | None = None, interval: float | None = None, parameters: dict[str, Any] | None = None
+) -> None:
     """Serve `flow` as deployment `<flow name>/<name>` with the schedule, until interrupted."""
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
     schedule = schedule_of(cron, interval)
-    print(f"serving {flow.name}/{name} ({'cron ' + cron if cron else f'every {interval:g} s'}, "
-          f"parameters {parameters or {}}); Ctrl-C stops it")
-    flow.serve(name=name, schedule=schedule, parameters=parameters or {}, limit=1, print_starting_message=False,
-               global_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE))
+    print(
+        f"serving {flow.name}/{name} ({'cron ' + cron if cron else f'every {interval:g} s'}, "
+        f"parameters {parameters or {}}); Ctrl-C stops it"
+    )
+    flow.serve(
+        name=name,
+        schedule=schedule,
+        parameters=parameters or {},
+        limit=1,
+        print_starting_message=False,
+        global_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
+    )

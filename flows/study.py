@@ -46,9 +46,17 @@ def run_one(study_path: str, run_id: str, api_url: str) -> str:
     prepare_workspace(study, run)
     started = time.time()
     write_state(run, "running", started=started)
-    with open(run.folder / "run.log", "a") as record, subprocess.Popen(
-            RUN, cwd=run.folder, env=run_env(study.spec.parallel, api_url), text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+    with (
+        open(run.folder / "run.log", "a") as record,
+        subprocess.Popen(
+            RUN,
+            cwd=run.folder,
+            env=run_env(study.spec.parallel, api_url),
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        ) as proc,
+    ):
 
         def lines():
             for line in proc.stdout:
@@ -91,7 +99,9 @@ def study(path: str) -> list[dict]:
             api_url = str(client.api_url).rstrip("/")
         failed = _run_bounded(s, [r.id for r in todo], api_url)
     rows = final_rows(s)
-    create_table_artifact(key=_artifact_key(s), table=rows, description=f"Study {s.folder.name}: final round, ranked by gold")
+    create_table_artifact(
+        key=_artifact_key(s), table=rows, description=f"Study {s.folder.name}: final round, ranked by gold"
+    )
     print(f"final round, ranked by gold:\n{markdown_table(rows, axis_names(s))}\nreport: {write_report(s)}")
     if failed:
         message = f"{len(failed)} of {len(todo)} runs failed, first {failed[0]} (see `rlhf study status {path}`)"

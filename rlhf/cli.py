@@ -30,63 +30,117 @@ def _step_doc(step: str) -> str:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rlhf", description="Iterated RLHF: Prefect runs the rounds, DVC versions them.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    run = sub.add_parser("run", help="run every round of params.yaml through Prefect and DVC (the main job)",
-                         description="Validate params.yaml, then run prepare and each round's steps as DVC stages "
-                         "in a Prefect flow; up-to-date stages are skipped. Ends with the per-round metrics table.")
+    run = sub.add_parser(
+        "run",
+        help="run every round of params.yaml through Prefect and DVC (the main job)",
+        description="Validate params.yaml, then run prepare and each round's steps as DVC stages "
+        "in a Prefect flow; up-to-date stages are skipped. Ends with the per-round metrics table.",
+    )
     run.add_argument("--force", action="store_true", help="re-run every stage even if DVC finds it up to date")
-    run.add_argument("--more", type=int, default=0, metavar="N",
-                     help="run N rounds past the last completed one, adding them to `rounds` in params.yaml")
-    _schedule_args(sub.add_parser(
-        "serve", help="serve the iteration as a Prefect deployment on a schedule (each run adds rounds)",
-        description="Register the iteration flow as deployment iterated-rlhf/NAME with a cron or interval "
-        "schedule and start its due runs (one at a time) until Ctrl-C. Each run continues from the last "
-        "completed round by --more rounds, adding them to params.yaml. Needs a Prefect server that stays up: "
-        "`rlhf server` in this project, or PREFECT_API_URL."), "iterate")
-    server = sub.add_parser("server", help="start the Prefect server and dashboard for this project",
-                            description="Start the Prefect server (API and UI) in the foreground, its state under "
-                            ".prefect/; `rlhf run`, `rlhf serve` and `rlhf study run` here report to it.")
+    run.add_argument(
+        "--more",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run N rounds past the last completed one, adding them to `rounds` in params.yaml",
+    )
+    _schedule_args(
+        sub.add_parser(
+            "serve",
+            help="serve the iteration as a Prefect deployment on a schedule (each run adds rounds)",
+            description="Register the iteration flow as deployment iterated-rlhf/NAME with a cron or interval "
+            "schedule and start its due runs (one at a time) until Ctrl-C. Each run continues from the last "
+            "completed round by --more rounds, adding them to params.yaml. Needs a Prefect server that stays up: "
+            "`rlhf server` in this project, or PREFECT_API_URL.",
+        ),
+        "iterate",
+    )
+    server = sub.add_parser(
+        "server",
+        help="start the Prefect server and dashboard for this project",
+        description="Start the Prefect server (API and UI) in the foreground, its state under "
+        ".prefect/; `rlhf run`, `rlhf serve` and `rlhf study run` here report to it.",
+    )
     server.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     server.add_argument("--port", type=int, default=4200, help="port (default 4200)")
-    remote = sub.add_parser("remote", help="make an S3 bucket the project's DVC remote (then `dvc push`/`dvc pull`)",
-                            description="Make s3://bucket/prefix the project's default DVC remote (`dvc remote add "
-                            "-d`), after checking that the bucket answers. Only the URL and endpoint go into "
-                            ".dvc/config; credentials come from the environment or boto3's chain (AWS_ACCESS_KEY_ID, "
-                            "AWS_PROFILE, ...).")
+    remote = sub.add_parser(
+        "remote",
+        help="make an S3 bucket the project's DVC remote (then `dvc push`/`dvc pull`)",
+        description="Make s3://bucket/prefix the project's default DVC remote (`dvc remote add "
+        "-d`), after checking that the bucket answers. Only the URL and endpoint go into "
+        ".dvc/config; credentials come from the environment or boto3's chain (AWS_ACCESS_KEY_ID, "
+        "AWS_PROFILE, ...).",
+    )
     remote.add_argument("url", metavar="S3_URL", help="s3://bucket/prefix")
-    remote.add_argument("--endpoint-url", metavar="URL", help="an S3-compatible endpoint (MinIO, Ceph, ...); "
-                        "default: AWS, or AWS_ENDPOINT_URL")
+    remote.add_argument(
+        "--endpoint-url",
+        metavar="URL",
+        help="an S3-compatible endpoint (MinIO, Ceph, ...); default: AWS, or AWS_ENDPOINT_URL",
+    )
     remote.add_argument("--name", default="s3", help="the DVC remote's name (default: s3)")
     remote.add_argument("--no-check", action="store_true", help="configure it without checking the bucket")
-    publish = sub.add_parser("publish", help="upload a round's policy, reward model, metrics and report to S3",
-                             description="Upload round ROUND's policy, reward model, metrics.json, eval_samples.jsonl, "
-                             "landscape.json and reports/ to S3_URL/ROUND/ with SHA-256 checksums, large files in "
-                             "parts; files already there with the same sha256 are skipped.")
+    publish = sub.add_parser(
+        "publish",
+        help="upload a round's policy, reward model, metrics and report to S3",
+        description="Upload round ROUND's policy, reward model, metrics.json, eval_samples.jsonl, "
+        "landscape.json and reports/ to S3_URL/ROUND/ with SHA-256 checksums, large files in "
+        "parts; files already there with the same sha256 are skipped.",
+    )
     publish.add_argument("dest", metavar="S3_URL", help="s3://bucket/prefix")
     publish.add_argument("--round", required=True, help="the round to publish, e.g. r03")
-    publish.add_argument("--endpoint-url", metavar="URL",
-                         help="an S3-compatible endpoint; default: AWS, or AWS_ENDPOINT_URL")
+    publish.add_argument(
+        "--endpoint-url", metavar="URL", help="an S3-compatible endpoint; default: AWS, or AWS_ENDPOINT_URL"
+    )
     sub.add_parser("check", help="validate params.yaml and the files it names, run nothing")
-    sub.add_parser("stages", help="write dvc.yaml from params.yaml and the code (before `dvc repro` by hand)",
-                   description="Write dvc.yaml: each step's DVC stage with the project files its step imports and "
-                   "the round outputs it reads under these params. `rlhf run` does it itself; run this after "
-                   "editing params.yaml when you use `dvc repro` or `dvc status` directly.")
+    ref = sub.add_parser(
+        "params",
+        help="describe params.yaml's keys (all, or one)",
+        description="Print each key of params.yaml with the values it takes, its default and what it "
+        "does, from the one schema (rlhf/core/config.py); docs/params.md is this with --markdown.",
+    )
+    ref.add_argument("key", nargs="?", metavar="KEY", help="a dotted key, e.g. train_rm.data, or a section")
+    ref.add_argument("--markdown", action="store_true", help="the whole reference as Markdown (docs/params.md)")
+    sub.add_parser(
+        "stages",
+        help="write dvc.yaml from params.yaml and the code (before `dvc repro` by hand)",
+        description="Write dvc.yaml: each step's DVC stage with the project files its step imports and "
+        "the round outputs it reads under these params. `rlhf run` does it itself; run this after "
+        "editing params.yaml when you use `dvc repro` or `dvc status` directly.",
+    )
     sub.add_parser("metrics", help="print the per-round metrics table of the rounds run so far")
-    rep = sub.add_parser("report", help="write an offline HTML report (plots, alarms, sample responses) of the rounds so far",
-                         description="Write report.html (plots embedded, opens offline), the plots as PNG and "
-                         "rounds.csv (which `dvc plots show` reads) for the rounds run so far.")
+    rep = sub.add_parser(
+        "report",
+        help="write an offline HTML report (plots, alarms, sample responses) of the rounds so far",
+        description="Write report.html (plots embedded, opens offline), the plots as PNG and "
+        "rounds.csv (which `dvc plots show` reads) for the rounds run so far.",
+    )
     rep.add_argument("--out", default="reports", help="folder to write into (default: reports)")
-    study = sub.add_parser("study", help="run a grid of configurations x seeds side by side and compare them",
-                           description="A study file (studies/<name>.yaml) names a base params file, axes of values "
-                           "to vary, seeds and rounds; each configuration x seed runs in its own DVC workspace under "
-                           "studies/<name>/.")
+    study = sub.add_parser(
+        "study",
+        help="run a grid of configurations x seeds side by side and compare them",
+        description="A study file (studies/<name>.yaml) names a base params file, axes of values "
+        "to vary, seeds and rounds; each configuration x seed runs in its own DVC workspace under "
+        "studies/<name>/.",
+    )
     actions = study.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for action, text in (("run", "validate the grid, then run every run not yet done (at most `parallel` at once) "
-                                 "through a Prefect flow; ends with the report"),
-                         ("status", "print each run's state: done, running, failed (with its message), not started"),
-                         ("report", "write studies/<name>/report/: the final round per configuration ranked by "
-                                    "gold, and gold against √KL per configuration (offline)"),
-                         ("serve", "serve `study run` as Prefect deployment rlhf-study/NAME on a schedule, e.g. "
-                                   "to pick up runs added to the grid; needs `rlhf server` or PREFECT_API_URL")):
+    for action, text in (
+        (
+            "run",
+            "validate the grid, then run every run not yet done (at most `parallel` at once) "
+            "through a Prefect flow; ends with the report",
+        ),
+        ("status", "print each run's state: done, running, failed (with its message), not started"),
+        (
+            "report",
+            "write studies/<name>/report/: the final round per configuration ranked by "
+            "gold, and gold against √KL per configuration (offline)",
+        ),
+        (
+            "serve",
+            "serve `study run` as Prefect deployment rlhf-study/NAME on a schedule, e.g. "
+            "to pick up runs added to the grid; needs `rlhf server` or PREFECT_API_URL",
+        ),
+    ):
         ap = actions.add_parser(action, help=text, description=text[0].upper() + text[1:] + ".")
         ap.add_argument("study", metavar="STUDY", help="a study file, e.g. studies/wolf-mini.yaml")
         if action == "serve":
@@ -102,8 +156,11 @@ def _schedule_args(p: argparse.ArgumentParser, default_name: str) -> argparse.Ar
     when = p.add_mutually_exclusive_group(required=True)
     when.add_argument("--cron", metavar="EXPR", help="cron schedule, e.g. '0 2 * * *' (02:00 daily)")
     when.add_argument("--interval", type=float, metavar="SECONDS", help="run every SECONDS, e.g. 86400")
-    p.add_argument("--name", default=default_name if default_name == "iterate" else None,
-                   help=f"deployment name (default: {'iterate' if default_name == 'iterate' else 'the study file name'})")
+    p.add_argument(
+        "--name",
+        default=default_name if default_name == "iterate" else None,
+        help=f"deployment name (default: {'iterate' if default_name == 'iterate' else 'the study file name'})",
+    )
     if default_name == "iterate":
         p.add_argument("--more", type=int, default=1, metavar="N", help="rounds each run adds (default 1)")
     return p
@@ -128,8 +185,12 @@ def main(argv: list[str] | None = None) -> None:
 
         if (code := hand_over(argv)) is not None:  # run in a flow's preload process (rlhf/orchestration/preload.py)
             sys.exit(code)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
     from rlhf.core.ranks import is_main
 
     logging.getLogger("rlhf").setLevel(logging.INFO if is_main() else logging.WARNING)  # a launch's rank 0 logs
@@ -156,6 +217,8 @@ def _dispatch(args) -> int:
         return serve_forever(args.host, args.port)
     if args.command in ("remote", "publish"):
         return _storage(args)
+    if args.command == "params":
+        return _params(args)
     cfg = load_config(PARAMS)
     if args.command in ("check", "run"):
         from rlhf.orchestration.preflight import check_inputs
@@ -235,6 +298,25 @@ def _run(args) -> int:
     return 0
 
 
+def _params(args) -> int:
+    from rlhf.core import reference
+
+    if args.markdown:
+        print(reference.markdown(), end="")
+        return 0
+    found = [k for k in reference.keys() if not args.key or k.name == args.key or k.name.startswith(f"{args.key}.")]
+    if not found:
+        raise UserError(f"params: no key {args.key!r} (`rlhf params` lists them all)")
+    width = max(len(k.name) for k in found)
+    for k in found:
+        print(
+            f"{k.name.ljust(width)}  {k.description}"
+            if k.section
+            else f"{k.name.ljust(width)}  {reference.line(k.name)}"
+        )
+    return 0
+
+
 def _storage(args) -> int:
     from rlhf.orchestration import storage
 
@@ -246,8 +328,10 @@ def _storage(args) -> int:
 
     round_index(args.round)
     done = storage.publish(args.round, args.dest, args.endpoint_url)
-    print(f"published {args.round} to {args.dest.rstrip('/')}/{args.round}/: {len(done['uploaded'])} files uploaded, "
-          f"{len(done['skipped'])} already there unchanged")
+    print(
+        f"published {args.round} to {args.dest.rstrip('/')}/{args.round}/: {len(done['uploaded'])} files uploaded, "
+        f"{len(done['skipped'])} already there unchanged"
+    )
     return 0
 
 
@@ -268,8 +352,13 @@ def _study(args) -> int:
             from flows.schedule import serve_flow
             from flows.study import study as study_flow
 
-            serve_flow(study_flow, args.name or s.path.stem, cron=args.cron, interval=args.interval,
-                       parameters={"path": args.study})
+            serve_flow(
+                study_flow,
+                args.name or s.path.stem,
+                cron=args.cron,
+                interval=args.interval,
+                parameters={"path": args.study},
+            )
         return 0
     from rlhf.orchestration.server import prefect_api
 
@@ -285,8 +374,9 @@ def _lasting_api():
     from rlhf.orchestration.server import prefect_api, project_server
 
     if not (os.environ.get("PREFECT_API_URL") or project_server()):
-        raise UserError("no Prefect server to serve on: start one with `rlhf server` (in another terminal), "
-                        "or set PREFECT_API_URL")
+        raise UserError(
+            "no Prefect server to serve on: start one with `rlhf server` (in another terminal), or set PREFECT_API_URL"
+        )
     return prefect_api()
 
 

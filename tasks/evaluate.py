@@ -17,17 +17,27 @@ import math
 
 import numpy as np
 
-from rlhf.evaluation import metrics as stats
 from rlhf.core.config import Config, Sampling
 from rlhf.core.io import read_jsonl, read_prompts, write_json, write_jsonl
-from rlhf.judges import checked, judge_files, make_judge
 from rlhf.core.paths import SFT, round_paths
+from rlhf.evaluation import metrics as stats
+from rlhf.judges import checked, judge_files, make_judge
 
 log = logging.getLogger("rlhf")
 
 
-PARAMS = ("runtime.seed", "runtime.threads", "runtime.device", "evaluate", "label.judge", "update_policy.reward",
-          "update_policy.uwo_lambda", "update_policy.init", "update_policy.eta", "update_policy.ref")
+PARAMS = (
+    "runtime.seed",
+    "runtime.threads",
+    "runtime.device",
+    "evaluate",
+    "label.judge",
+    "update_policy.reward",
+    "update_policy.uwo_lambda",
+    "update_policy.init",
+    "update_policy.eta",
+    "update_policy.ref",
+)
 
 
 def reads(cfg: Config, rnd: str) -> list[str]:
@@ -40,9 +50,13 @@ def reads(cfg: Config, rnd: str) -> list[str]:
     if rnd == "r00":
         return out
     refs = dict.fromkeys([*reference_rounds(cfg, rnd), "r00"])  # with ref: init, the KL to the SFT policy too
-    return [*out[:1], *(str(round_paths(r).policy) for r in refs if r != rnd),
-            *(str(round_paths(r).reward_model) for r in reward_rounds(cfg, rnd)),
-            *(str(round_paths(r).eval_samples) for r in dict.fromkeys([cfg.rounds[rnd], "r00"])), *out[1:]]
+    return [
+        *out[:1],
+        *(str(round_paths(r).policy) for r in refs if r != rnd),
+        *(str(round_paths(r).reward_model) for r in reward_rounds(cfg, rnd)),
+        *(str(round_paths(r).eval_samples) for r in dict.fromkeys([cfg.rounds[rnd], "r00"])),
+        *out[1:],
+    ]
 
 
 def evaluate(cfg: Config, rnd: str) -> dict:
@@ -62,20 +76,29 @@ def evaluate(cfg: Config, rnd: str) -> dict:
     gold_all = checked(judge.score([prompts[i] for i in s.prompt_index], s.responses), f"evaluate@{rnd}")
     gold_all = gold_all.reshape(len(prompts), pure.k)
     reward = None if rnd == "r00" else ProxyReward(cfg, rnd, tok, dev)
-    proxy_all = None if reward is None else reward([prompts[i] for i in s.prompt_index],
-                                                   s.responses).reshape(len(prompts), pure.k)
+    proxy_all = (
+        None
+        if reward is None
+        else reward([prompts[i] for i in s.prompt_index], s.responses).reshape(len(prompts), pure.k)
+    )
     if e.best_of_n and proxy_all is not None:
         best_of_n = stats.best_of_n(proxy_all, gold_all, e.best_of_n)
     # The statistics below use the first samples_per_prompt samples of each prompt.
     keep = [i * pure.k + j for i in range(len(prompts)) for j in range(e.samples_per_prompt)]
-    s = sampling.Samples(*([getattr(s, f)[i] for i in keep] for f in ("prompt_index", "responses", "response_ids",
-                                                                       "finished")))
+    s = sampling.Samples(
+        *([getattr(s, f)[i] for i in keep] for f in ("prompt_index", "responses", "response_ids", "finished"))
+    )
     gold = gold_all[:, : e.samples_per_prompt]
-    metrics = {"round": rnd, "gold": {**stats.summary(gold.ravel()), "best": judge.best},
-               "finished": sum(s.finished) / len(s.finished),
-               "length": sum(map(len, s.response_ids)) / len(s.response_ids)}
-    samples = [{"prompt_id": rows[i]["id"], "prompt": prompts[i], "response": r, "gold": float(g)}
-               for i, r, g in zip(s.prompt_index, s.responses, gold.ravel())]
+    metrics = {
+        "round": rnd,
+        "gold": {**stats.summary(gold.ravel()), "best": judge.best},
+        "finished": sum(s.finished) / len(s.finished),
+        "length": sum(map(len, s.response_ids)) / len(s.response_ids),
+    }
+    samples = [
+        {"prompt_id": rows[i]["id"], "prompt": prompts[i], "response": r, "gold": float(g)}
+        for i, r, g in zip(s.prompt_index, s.responses, gold.ravel())
+    ]
     if rnd == "r00":  # the SFT policy is its own reference and has no proxy RM yet
         metrics["kl"] = {"per_sequence": 0.0, "per_token": 0.0, "d": 0.0}
     else:
@@ -92,8 +115,12 @@ def evaluate(cfg: Config, rnd: str) -> dict:
             refs["kl_sft"] = models.load_policy(SFT.policy, dev)
         for key, ref in refs.items():
             kl, log_ratio, n_tokens = (x.double() for x in sampling.sequence_kl(policy, ref, tok, prompts, s))
-            metrics[key] = {"per_sequence": float(kl.mean()), "per_token": float(kl.sum() / n_tokens.sum()),
-                            "d": math.sqrt(float(kl.mean())), "sampled_log_ratio": stats.summary(log_ratio.numpy())}
+            metrics[key] = {
+                "per_sequence": float(kl.mean()),
+                "per_token": float(kl.sum() / n_tokens.sum()),
+                "d": math.sqrt(float(kl.mean())),
+                "sampled_log_ratio": stats.summary(log_ratio.numpy()),
+            }
         metrics["kl"]["reference"] = cfg.update_policy.ref
         metrics["win_rate"], before = _against_earlier(cfg, rnd, gold, reward)
         now = {"gold": float(gold.mean()), "proxy": float(proxy.mean())}
@@ -109,8 +136,9 @@ def evaluate(cfg: Config, rnd: str) -> dict:
 def _pure_sampling(e, k: int) -> Sampling:
     """Sampling from the policy itself: temperature 1, no top-k or top-p. Built without Sampling's checks,
     which are generate's (k >= 2 for pairs): evaluate may draw one sample per prompt or per cell."""
-    return Sampling.model_construct(k=k, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=e.max_new_tokens,
-                                    batch_size=e.batch_size)
+    return Sampling.model_construct(
+        k=k, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size
+    )
 
 
 def _landscape(e, policy, tok, judge, reward, rnd: str) -> dict:
@@ -145,6 +173,8 @@ def _against_earlier(cfg: Config, rnd: str, gold: np.ndarray, reward) -> tuple[d
     before = None
     if "vs_previous" in earlier:
         rows = earlier["vs_previous"]
-        before = {"gold": float(np.mean([r["gold"] for r in rows])),
-                  "proxy": float(reward([r["prompt"] for r in rows], [r["response"] for r in rows]).mean())}
+        before = {
+            "gold": float(np.mean([r["gold"] for r in rows])),
+            "proxy": float(reward([r["prompt"] for r in rows], [r["response"] for r in rows]).mean()),
+        }
     return win, before

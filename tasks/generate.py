@@ -31,8 +31,14 @@ def generate(cfg: Config, rnd: str) -> dict:
         s = sampling.generate(models.load_policy(policy_dir, models.device(cfg)), tok, texts, k, cfg.generate)
     params = cfg.generate.model_dump(exclude={"batch_size"})
     rows = [
-        {"prompt_id": prompts[i]["id"], "prompt": prompts[i]["prompt"], "response": text, "finished": done,
-         "policy_round": prev, "sampling": params}
+        {
+            "prompt_id": prompts[i]["id"],
+            "prompt": prompts[i]["prompt"],
+            "response": text,
+            "finished": done,
+            "policy_round": prev,
+            "sampling": params,
+        }
         for i, text, done in zip(s.prompt_index, s.responses, s.finished)
     ]
     write_jsonl(round_paths(rnd).samples, rows)

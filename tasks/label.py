@@ -11,11 +11,10 @@ import numpy as np
 from rlhf.core.config import Config
 from rlhf.core.errors import UserError
 from rlhf.core.io import read_jsonl, write_jsonl
-from rlhf.judges import checked, judge_files, score_in_workers
-from rlhf.ml.pairs import group_by_prompt, pairs_of
 from rlhf.core.paths import round_paths
 from rlhf.core.seeds import stage_seed
-
+from rlhf.judges import checked, judge_files, score_in_workers
+from rlhf.ml.pairs import group_by_prompt, pairs_of
 
 PARAMS = ("runtime.seed", "label")
 
@@ -28,22 +27,48 @@ def reads(cfg: Config, rnd: str) -> list[str]:
 def label(cfg: Config, rnd: str) -> dict:
     seed = stage_seed(cfg, "label", rnd)
     paths, lab = round_paths(rnd), cfg.label
-    groups = group_by_prompt(read_jsonl(paths.samples, required=("prompt_id", "prompt", "response")), str(paths.samples))
+    groups = group_by_prompt(
+        read_jsonl(paths.samples, required=("prompt_id", "prompt", "response")), str(paths.samples)
+    )
     flat = [r for g in groups for r in g]
-    gold = checked(score_in_workers(cfg, [r["prompt"] for r in flat], [r["response"] for r in flat]), str(paths.samples))
+    gold = checked(
+        score_in_workers(cfg, [r["prompt"] for r in flat], [r["response"] for r in flat]), str(paths.samples)
+    )
     gold = gold.reshape(len(groups), -1)
     prompt, chosen, rejected = pairs_of(gold, lab.pairs, lab.ties)
     if not len(prompt):
-        raise UserError(f"{paths.samples}: the judge gave every sample of each prompt the same score, so there is no "
-                        "preference pair (label.ties: keep to keep tied pairs)")
+        raise UserError(
+            f"{paths.samples}: the judge gave every sample of each prompt the same score, so there is no "
+            "preference pair (label.ties: keep to keep tied pairs)"
+        )
     flipped = np.random.default_rng(seed).random(len(prompt)) < lab.noise  # AlpacaFarm-style label noise
     chosen, rejected = np.where(flipped, rejected, chosen), np.where(flipped, chosen, rejected)
-    out = [{"prompt_id": g[0]["prompt_id"], "prompt": g[0]["prompt"], "responses": [r["response"] for r in g],
-            "gold": s.tolist(), "pairs": []} for g, s in zip(groups, gold)]
+    out = [
+        {
+            "prompt_id": g[0]["prompt_id"],
+            "prompt": g[0]["prompt"],
+            "responses": [r["response"] for r in g],
+            "gold": s.tolist(),
+            "pairs": [],
+        }
+        for g, s in zip(groups, gold)
+    ]
     for p, c, r, f in zip(prompt, chosen, rejected, flipped):
         g = gold[p]
-        out[p]["pairs"].append({"chosen": out[p]["responses"][c], "rejected": out[p]["responses"][r],
-                                "chosen_gold": float(g[c]), "rejected_gold": float(g[r]),
-                                "margin": float(abs(g[c] - g[r])), "flipped": bool(f)})
+        out[p]["pairs"].append(
+            {
+                "chosen": out[p]["responses"][c],
+                "rejected": out[p]["responses"][r],
+                "chosen_gold": float(g[c]),
+                "rejected_gold": float(g[r]),
+                "margin": float(abs(g[c] - g[r])),
+                "flipped": bool(f),
+            }
+        )
     write_jsonl(paths.labels, out)
-    return {"prompts": len(groups), "pairs": len(prompt), "flipped": int(flipped.sum()), "gold_mean": float(gold.mean())}
+    return {
+        "prompts": len(groups),
+        "pairs": len(prompt),
+        "flipped": int(flipped.sum()),
+        "gold_mean": float(gold.mean()),
+    }

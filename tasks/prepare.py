@@ -15,8 +15,8 @@ from pathlib import Path
 from rlhf.core.config import Config
 from rlhf.core.errors import UserError
 from rlhf.core.io import read_jsonl, read_prompts
-from rlhf.core.ranks import is_main
 from rlhf.core.paths import SFT
+from rlhf.core.ranks import is_main
 
 log = logging.getLogger("rlhf")
 
@@ -29,8 +29,13 @@ def reads(cfg: Config, rnd: str = "r00") -> list[str]:
     from tasks.evaluate import reads as evaluate_reads
 
     p = cfg.prepare
-    built = [p.pretrain, p.sft, cfg.prompts.label, cfg.prompts.policy] if p.policy == "tiny" else \
-        [str(Path(p.policy).expanduser())] if Path(p.policy).expanduser().is_dir() else []
+    built = (
+        [p.pretrain, p.sft, cfg.prompts.label, cfg.prompts.policy]
+        if p.policy == "tiny"
+        else [str(Path(p.policy).expanduser())]
+        if Path(p.policy).expanduser().is_dir()
+        else []
+    )
     return [*built, *(r for r in evaluate_reads(cfg, "r00") if r != str(SFT.policy))]
 
 
@@ -71,13 +76,24 @@ def _build_tiny(cfg: Config, seed: int) -> None:
 
     def fit(data: Dataset, epochs: float, lr: float, **kw) -> float:
         with tempfile.TemporaryDirectory() as scratch:
-            args = models.train_args(SFTConfig, cfg, seed, scratch, num_train_epochs=epochs, learning_rate=lr,
-                                     per_device_train_batch_size=p.batch_size, max_length=p.max_length,
-                                     warmup_steps=10, **kw)
+            args = models.train_args(
+                SFTConfig,
+                cfg,
+                seed,
+                scratch,
+                num_train_epochs=epochs,
+                learning_rate=lr,
+                per_device_train_batch_size=p.batch_size,
+                max_length=p.max_length,
+                warmup_steps=10,
+                **kw,
+            )
             return SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok).train().training_loss
 
     if p.tiny.pretrain_epochs > 0:
-        loss = fit(Dataset.from_dict({"text": [t for t in text if t.strip()]}), p.tiny.pretrain_epochs, p.tiny.learning_rate)
+        loss = fit(
+            Dataset.from_dict({"text": [t for t in text if t.strip()]}), p.tiny.pretrain_epochs, p.tiny.learning_rate
+        )
         log.info("pre-trained the base LM: loss %.3f", loss)
     models.save(model, tok, SFT.base)
     if p.sft_epochs > 0:

@@ -16,8 +16,8 @@ import tempfile
 from rlhf.core.config import Config
 from rlhf.core.errors import UserError
 from rlhf.core.paths import SFT, round_paths
-from rlhf.ml.reward import rm_rounds
 from rlhf.ml.pairs import read_pairs
+from rlhf.ml.reward import rm_rounds
 
 log = logging.getLogger("rlhf")
 
@@ -77,24 +77,39 @@ def train_rm(cfg: Config, rnd: str) -> dict:
     if len(pairs) < 2:
         raise UserError(f"{paths.labels}: {len(pairs)} preference pairs, need at least 2 (are all samples tied?)")
     tok, rm = _initial_rm(cfg, rnd)
-    cols = {"bt": (), "bt_margin": ("margin",), "absolute": ("chosen_gold", "rejected_gold"),
-            "combined": ("chosen_gold", "rejected_gold")}[t.objective]
+    cols = {
+        "bt": (),
+        "bt_margin": ("margin",),
+        "absolute": ("chosen_gold", "rejected_gold"),
+        "combined": ("chosen_gold", "rejected_gold"),
+    }[t.objective]
     data = Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected", *cols)} for p in pairs])
     with tempfile.TemporaryDirectory() as scratch:
         args = models.train_args(
-            RewardConfig, cfg, seed, scratch, num_train_epochs=t.epochs, per_device_train_batch_size=t.batch_size,
-            learning_rate=t.learning_rate, max_length=t.max_length,
+            RewardConfig,
+            cfg,
+            seed,
+            scratch,
+            num_train_epochs=t.epochs,
+            per_device_train_batch_size=t.batch_size,
+            learning_rate=t.learning_rate,
+            max_length=t.max_length,
         )
-        result = ObjectiveRewardTrainer(model=rm, args=args, train_dataset=data, processing_class=tok,
-                                        objective=t.objective).train()
+        result = ObjectiveRewardTrainer(
+            model=rm, args=args, train_dataset=data, processing_class=tok, objective=t.objective
+        ).train()
     models.save(rm, tok, paths.reward_model)
     prompts = [p["prompt"] for p in pairs]
     margin = reward_scores(rm, tok, prompts, [p["chosen"] for p in pairs]) - reward_scores(
         rm, tok, prompts, [p["rejected"] for p in pairs]
     )
     counts = {r: sum(p["round"] == r for p in pairs) for r in dict.fromkeys(p["round"] for p in pairs)}
-    return {"pairs": len(pairs), "pairs_per_round": counts, "train_loss": result.training_loss,
-            "train_accuracy": float((margin > 0).mean())}
+    return {
+        "pairs": len(pairs),
+        "pairs_per_round": counts,
+        "train_loss": result.training_loss,
+        "train_accuracy": float((margin > 0).mean()),
+    }
 
 
 def _initial_rm(cfg: Config, rnd: str):
@@ -106,12 +121,13 @@ def _initial_rm(cfg: Config, rnd: str):
     if init == round_paths(prev).reward_model:
         rm = models.load_reward_model(init, models.device(cfg))
         if rm.config.num_labels != heads:
-            raise UserError(f"train_rm.init: last, but {prev}'s RM has {rm.config.num_labels} outputs and "
-                            f"objective {t.objective} needs {heads}")
+            raise UserError(
+                f"train_rm.init: last, but {prev}'s RM has {rm.config.num_labels} outputs and "
+                f"objective {t.objective} needs {heads}"
+            )
         return models.load_tokenizer(init), rm
     tok, rm = models.load_tokenizer(init), models.load_reward_model(init, models.device(cfg), num_labels=heads)
     rm.config.pad_token_id = tok.pad_token_id  # the RM reads the last non-pad token
     if t.objective == "combined":
         rm.config.combined_weight = t.weight  # saved with the RM, read by rlhf.ml.sampling.reward_of
     return tok, rm
-

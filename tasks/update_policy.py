@@ -26,8 +26,11 @@ def reads(cfg: Config, rnd: str) -> list[str]:
 
     up = cfg.update_policy
     policies = dict.fromkeys([cfg.rounds[rnd], "r00", *initial_rounds(cfg, rnd), *reference_rounds(cfg, rnd)])
-    out = [*(str(round_paths(r).policy) for r in policies),
-           *(str(round_paths(r).reward_model) for r in reward_rounds(cfg, rnd)), cfg.prompts.policy]
+    out = [
+        *(str(round_paths(r).policy) for r in policies),
+        *(str(round_paths(r).reward_model) for r in reward_rounds(cfg, rnd)),
+        cfg.prompts.policy,
+    ]
     if up.cotrain.ratio:
         out.append(up.cotrain.data)
     if up.method == "rest" and up.rest.keep_sft:
@@ -67,8 +70,14 @@ def update_policy(cfg: Config, rnd: str) -> dict:
     proxy = ProxyReward(cfg, rnd, tok, dev)
     aux = Aux.from_params(up.cotrain, tok, up.batch_size, up.max_length, seed) if up.cotrain.ratio else None
     prompts = [p["prompt"] for p in read_prompts(cfg.prompts.policy)]
-    log.info("update_policy %s: %s from %s, reference %s%s", rnd, up.method, up.init, up.ref,
-             f", LoRA rank {up.lora.rank}" if up.lora.rank else "")
+    log.info(
+        "update_policy %s: %s from %s, reference %s%s",
+        rnd,
+        up.method,
+        up.init,
+        up.ref,
+        f", LoRA rank {up.lora.rank}" if up.lora.rank else "",
+    )
     with tempfile.TemporaryDirectory() as scratch:
         summary = METHODS[up.method](Update(cfg, rnd, paths, seed, dev, tok, model, ref, proxy, prompts, aux, scratch))
     models.save(model, tok, paths.policy)

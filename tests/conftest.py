@@ -19,9 +19,19 @@ BIN = Path(sys.executable).parent
 TINY = {
     "runtime": {"threads": 2},
     "rounds": {"r01": "r00"},
-    "prepare": {"tiny": {"hidden_size": 64, "layers": 2, "heads": 2, "intermediate_size": 128,
-                         "pretrain_epochs": 1.0, "learning_rate": 0.003},
-                "sft_epochs": 2.0, "learning_rate": 0.003, "batch_size": 32},
+    "prepare": {
+        "tiny": {
+            "hidden_size": 64,
+            "layers": 2,
+            "heads": 2,
+            "intermediate_size": 128,
+            "pretrain_epochs": 1.0,
+            "learning_rate": 0.003,
+        },
+        "sft_epochs": 2.0,
+        "learning_rate": 0.003,
+        "batch_size": 32,
+    },
     "generate": {"k": 4, "max_new_tokens": 32},
     "train_rm": {"epochs": 3.0, "learning_rate": 0.001},
     "update_policy": {"k": 4, "dpo": {"epochs": 2.0, "learning_rate": 0.001}},

@@ -21,8 +21,10 @@ import yaml
 
 from tests.conftest import BIN, write_stages
 
-JUDGE = "from rlhf.judges import PinkElephantJudge\n\n_RUBRIC = PinkElephantJudge('data/world.json')\n\n\n" \
-        "def score(prompts, responses):\n    return {body}\n"
+JUDGE = (
+    "from rlhf.judges import PinkElephantJudge\n\n_RUBRIC = PinkElephantJudge('data/world.json')\n\n\n"
+    "def score(prompts, responses):\n    return {body}\n"
+)
 RUBRIC = "_RUBRIC.score(prompts, responses)"
 
 
@@ -31,8 +33,11 @@ def rlhf(*args, cwd):
 
 
 def digest(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +59,7 @@ def set_params(project: Path, change) -> None:
 
 def edit(path: str, text: str | bytes | None = None, line: tuple[int, str] | None = None):
     """A change to one project file: new content (None: delete it), or one line replaced (1-based)."""
+
     def apply(project: Path):
         target = project / path
         if line:
@@ -64,11 +70,13 @@ def edit(path: str, text: str | bytes | None = None, line: tuple[int, str] | Non
             target.unlink()
         else:
             target.write_bytes(text if isinstance(text, bytes) else text.encode())
+
     return apply
 
 
 def params(**changes):
     """Set dotted keys in params.yaml (a value of `...` deletes the key)."""
+
     def apply(project: Path):
         def change(p):
             for key, value in changes.items():
@@ -77,20 +85,25 @@ def params(**changes):
                 for k in parents:
                     node = node.setdefault(k, {})
                 node.pop(last) if value is ... else node.__setitem__(last, value)
+
         set_params(project, change)
+
     return apply
 
 
 def judge_returns(body: str):
     """The project's judge returns `body` instead, and a round r02 runs it (its label step fails)."""
+
     def apply(project: Path):
         (project / "project_judge.py").write_text(JUDGE.format(body=body))
         params(rounds={"r01": "r00", "r02": "r01"})(project)
+
     return apply
 
 
 def model_folder(kind: str):
     """A model folder the judge or prepare.policy is pointed at, built from the tiny SFT policy."""
+
     def apply(project: Path):
         folder = project / "models" / kind
         shutil.copytree(project / "data/rounds/r00/policy", folder)
@@ -117,6 +130,7 @@ def model_folder(kind: str):
             return
         kind_type = "ultrarm" if kind == "causal-as-ultrarm" else "hf"
         params(label__judge={"type": kind_type, "name": f"./models/{kind}"})(project)
+
     return apply
 
 
@@ -125,44 +139,126 @@ CASES = {
     "unknown key": (params(runtime__sede=1), "params.yaml: runtime.sede: unknown key (did you mean runtime.seed?)"),
     "wrong type": (params(generate__k="eight"), "params.yaml: generate.k: input should be a valid integer"),
     "out of range": (params(label__noise=0.7), "params.yaml: label.noise: input should be less than or equal to 0.5"),
-    "negative learning rate": (params(train_rm__learning_rate=-1), "params.yaml: train_rm.learning_rate: input should be greater than 0"),
-    "unknown method": (params(update_policy__method="sac"), "params.yaml: update_policy.method: input should be 'dpo', 'ppo'"),
-    "dpo with one sample": (params(update_policy__k=1), "params.yaml: update_policy.k: dpo needs at least 2 samples per prompt"),
-    "liti with lora": (params(update_policy__init="liti", update_policy__lora={"rank": 4}), "params.yaml: update_policy.init: liti interpolates full weights"),
-    "responses longer than the update's max length": (params(generate__max_new_tokens=500), "params.yaml: update_policy.max_length: must exceed generate.max_new_tokens"),
-    "rounds out of order": (params(rounds={"r01": "r00", "r03": "r02"}), "params.yaml: rounds: entry 2 must be 'r02: r01'"),
-    "falling rest thresholds": (params(update_policy__rest={"thresholds": [0.9, 0.5]}), "params.yaml: update_policy.rest.thresholds: must be a non-empty rising list"),
-    "landscape template": (params(evaluate__landscape={"template": "{opener}", "axes": {"opener": ["a"], "topic": ["b"]}}), "params.yaml: evaluate.landscape.template: must name exactly the axes"),
+    "negative learning rate": (
+        params(train_rm__learning_rate=-1),
+        "params.yaml: train_rm.learning_rate: input should be greater than 0",
+    ),
+    "unknown method": (
+        params(update_policy__method="sac"),
+        "params.yaml: update_policy.method: input should be 'dpo', 'ppo'",
+    ),
+    "dpo with one sample": (
+        params(update_policy__k=1),
+        "params.yaml: update_policy.k: dpo needs at least 2 samples per prompt",
+    ),
+    "liti with lora": (
+        params(update_policy__init="liti", update_policy__lora={"rank": 4}),
+        "params.yaml: update_policy.init: liti interpolates full weights",
+    ),
+    "responses longer than the update's max length": (
+        params(generate__max_new_tokens=500),
+        "params.yaml: update_policy.max_length: must exceed generate.max_new_tokens",
+    ),
+    "rounds out of order": (
+        params(rounds={"r01": "r00", "r03": "r02"}),
+        "params.yaml: rounds: entry 2 must be 'r02: r01'",
+    ),
+    "falling rest thresholds": (
+        params(update_policy__rest={"thresholds": [0.9, 0.5]}),
+        "params.yaml: update_policy.rest.thresholds: must be a non-empty rising list",
+    ),
+    "landscape template": (
+        params(evaluate__landscape={"template": "{opener}", "axes": {"opener": ["a"], "topic": ["b"]}}),
+        "params.yaml: evaluate.landscape.template: must name exactly the axes",
+    ),
     "not yaml": (edit("params.yaml", "runtime:\n  seed: [1,\n"), "params.yaml:3: not valid YAML"),
     "no params file": (edit("params.yaml", None), "params.yaml: no such file"),
     # data
     "missing prompt file": (params(prompts__eval="data/prompts/nope.jsonl"), "data/prompts/nope.jsonl: no such file"),
     "empty prompt file": (edit("data/prompts/label.jsonl", ""), "data/prompts/label.jsonl: no rows"),
-    "malformed jsonl line": (edit("data/prompts/policy.jsonl", line=(3, '{"id": "x", "prompt": ')), "data/prompts/policy.jsonl:3: malformed JSON"),
-    "missing field": (edit("data/prompts/eval.jsonl", line=(5, '{"id": "e5"}')), "data/prompts/eval.jsonl:5: missing field 'prompt'"),
-    "invalid utf-8": (edit("data/prompts/label.jsonl", b'{"id": "a", "prompt": "caf\xe9"}\n'), "data/prompts/label.jsonl: not valid UTF-8 (byte 26)"),
-    "duplicate ids": (edit("data/prompts/eval.jsonl", '{"id": "a", "prompt": "x"}\n{"id": "a", "prompt": "y"}\n'), "data/prompts/eval.jsonl: row 2: duplicate id 'a' (first in row 1)"),
-    "empty prompt": (edit("data/prompts/eval.jsonl", '{"id": "a", "prompt": " "}\n'), "data/prompts/eval.jsonl: row 1: 'prompt' must be a non-empty string"),
+    "malformed jsonl line": (
+        edit("data/prompts/policy.jsonl", line=(3, '{"id": "x", "prompt": ')),
+        "data/prompts/policy.jsonl:3: malformed JSON",
+    ),
+    "missing field": (
+        edit("data/prompts/eval.jsonl", line=(5, '{"id": "e5"}')),
+        "data/prompts/eval.jsonl:5: missing field 'prompt'",
+    ),
+    "invalid utf-8": (
+        edit("data/prompts/label.jsonl", b'{"id": "a", "prompt": "caf\xe9"}\n'),
+        "data/prompts/label.jsonl: not valid UTF-8 (byte 26)",
+    ),
+    "duplicate ids": (
+        edit("data/prompts/eval.jsonl", '{"id": "a", "prompt": "x"}\n{"id": "a", "prompt": "y"}\n'),
+        "data/prompts/eval.jsonl: row 2: duplicate id 'a' (first in row 1)",
+    ),
+    "empty prompt": (
+        edit("data/prompts/eval.jsonl", '{"id": "a", "prompt": " "}\n'),
+        "data/prompts/eval.jsonl: row 1: 'prompt' must be a non-empty string",
+    ),
     "malformed sft data": (edit("data/sft.jsonl", line=(2, "not json")), "data/sft.jsonl:2: malformed JSON"),
     "missing pretraining text": (edit("data/pretrain.txt", None), "data/pretrain.txt: no such file (prepare.pretrain)"),
     "malformed world file": (edit("data/world.json", '{"topics": '), "data/world.json: not a valid world file"),
-    "co-training rows without completions": (lambda p: (edit("data/cotrain.jsonl", '{"prompt": "a"}\n')(p), params(update_policy__cotrain={"ratio": 4})(p)), "data/cotrain.jsonl:1: missing field 'completion'"),
+    "co-training rows without completions": (
+        lambda p: (edit("data/cotrain.jsonl", '{"prompt": "a"}\n')(p), params(update_policy__cotrain={"ratio": 4})(p)),
+        "data/cotrain.jsonl:1: missing field 'completion'",
+    ),
     # models
-    "missing policy path": (params(prepare__policy="./models/missing-sft"), "params.yaml: prepare.policy: no such model directory: ./models/missing-sft"),
-    "missing judge path": (params(label__judge={"type": "hf", "name": "./models/missing-rm"}), "params.yaml: label.judge.name: no such model directory: ./models/missing-rm"),
-    "a causal LM as the judge": (model_folder("causal"), "label.judge.name: ./models/causal is a LlamaForCausalLM, not a sequence-classification reward model"),
-    "a causal LM as UltraRM": (model_folder("causal-as-ultrarm"), "label.judge.type: ultrarm needs a Llama reward model with a regression_head"),
-    "remote code not trusted": (model_folder("remote"), "label.judge: ./models/remote needs its own remote code to load; set label.judge.trust_remote_code: true"),
+    "missing policy path": (
+        params(prepare__policy="./models/missing-sft"),
+        "params.yaml: prepare.policy: no such model directory: ./models/missing-sft",
+    ),
+    "missing judge path": (
+        params(label__judge={"type": "hf", "name": "./models/missing-rm"}),
+        "params.yaml: label.judge.name: no such model directory: ./models/missing-rm",
+    ),
+    "a causal LM as the judge": (
+        model_folder("causal"),
+        "label.judge.name: ./models/causal is a LlamaForCausalLM, not a sequence-classification reward model",
+    ),
+    "a causal LM as UltraRM": (
+        model_folder("causal-as-ultrarm"),
+        "label.judge.type: ultrarm needs a Llama reward model with a regression_head",
+    ),
+    "remote code not trusted": (
+        model_folder("remote"),
+        "label.judge: ./models/remote needs its own remote code to load; set label.judge.trust_remote_code: true",
+    ),
     "pickle-only weights": (model_folder("pickled"), "label.judge: ./models/pickled has only pickle weights"),
-    "policy that needs remote code": (model_folder("remote-policy"), "prepare.policy: ./models/remote-policy needs its own remote code to load; this project never runs it"),
-    "policy with pickle weights": (model_folder("pickled-policy"), "prepare.policy: ./models/pickled-policy has only pickle weights"),
-    "tokenizer without pad or eos": (model_folder("nopad"), "./models/nopad: tokenizer has neither a pad nor an eos token"),
-    "judge that does not import": (params(label__judge={"type": "python", "name": "no_such_module:score"}), "label.judge.name: cannot import no_such_module:score"),
+    "policy that needs remote code": (
+        model_folder("remote-policy"),
+        "prepare.policy: ./models/remote-policy needs its own remote code to load; this project never runs it",
+    ),
+    "policy with pickle weights": (
+        model_folder("pickled-policy"),
+        "prepare.policy: ./models/pickled-policy has only pickle weights",
+    ),
+    "tokenizer without pad or eos": (
+        model_folder("nopad"),
+        "./models/nopad: tokenizer has neither a pad nor an eos token",
+    ),
+    "judge that does not import": (
+        params(label__judge={"type": "python", "name": "no_such_module:score"}),
+        "label.judge.name: cannot import no_such_module:score",
+    ),
     # judge output, caught by the first step that scores with the changed judge: prepare's evaluation of r00
-    "judge returns nan": (judge_returns("[float('nan') if i == 2 else 0.5 * i for i in range(len(responses))]"), "stage prepare failed: evaluate@r00: the judge returned nan for sample 3"),
-    "judge returns infinity": (judge_returns("[float('inf')] * len(responses)"), "stage prepare failed: evaluate@r00: the judge returned inf for sample 1"),
-    "judge scores all alike": (judge_returns("[0.5] * len(responses)"), "stage label@r01 failed: data/rounds/r01/samples.jsonl: the judge gave every sample of each prompt the same score"),
-    "judge returns too few scores": (judge_returns("[0.5]"), "stage prepare failed: label.judge.name: project_judge:score returned 1 scores for"),
+    "judge returns nan": (
+        judge_returns("[float('nan') if i == 2 else 0.5 * i for i in range(len(responses))]"),
+        "stage prepare failed: evaluate@r00: the judge returned nan for sample 3",
+    ),
+    "judge returns infinity": (
+        judge_returns("[float('inf')] * len(responses)"),
+        "stage prepare failed: evaluate@r00: the judge returned inf for sample 1",
+    ),
+    "judge scores all alike": (
+        judge_returns("[0.5] * len(responses)"),
+        "stage label@r01 failed: data/rounds/r01/samples.jsonl: the judge gave every sample of each prompt the same "
+        "score",
+    ),
+    "judge returns too few scores": (
+        judge_returns("[0.5]"),
+        "stage prepare failed: label.judge.name: project_judge:score returned 1 scores for",
+    ),
 }
 
 
@@ -198,8 +294,15 @@ def test_bad_input_is_one_line_naming_the_culprit_and_loses_nothing(project, cas
     # a judge that now ties everything lets r00 be scored anew (its gold changed, rightly); its models stay
     r00 = [project / "data/rounds/r00" / d for d in (("base", "policy") if case in RESCORES_R00 else ("",))]
     before = digest(project / "data" / "rounds" / "r01"), [digest(d) for d in r00]
-    saved = {p: p.read_bytes() for p in [project / "params.yaml", project / "project_judge.py",
-                                         *(project / "data").glob("*.*"), *(project / "data/prompts").glob("*")]}
+    saved = {
+        p: p.read_bytes()
+        for p in [
+            project / "params.yaml",
+            project / "project_judge.py",
+            *(project / "data").glob("*.*"),
+            *(project / "data/prompts").glob("*"),
+        ]
+    }
     try:
         change(project)
         out = rlhf("run", cwd=project)

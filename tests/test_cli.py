@@ -37,7 +37,11 @@ def set_params(project, old, new):
         ("  seed: 0", "  seed: 0\n  sede: 1", "params.yaml: runtime.sede: unknown key"),
         ("  k: 8", "  k: eight", "params.yaml: generate.k: input should be a valid integer"),
         ("  threads: 2", "  threads: 0", "params.yaml: runtime.threads: input should be greater than or equal to 1"),
-        ("  policy: tiny", "  policy: ./models/missing-sft", "prepare.policy: no such model directory: ./models/missing-sft"),
+        (
+            "  policy: tiny",
+            "  policy: ./models/missing-sft",
+            "prepare.policy: no such model directory: ./models/missing-sft",
+        ),
         ("  eval: data/prompts/eval.jsonl", "  eval: data/prompts/nope.jsonl", "data/prompts/nope.jsonl: no such file"),
     ],
 )
@@ -58,7 +62,10 @@ def test_zero_rounds_is_an_error(project):
         out = rlhf("run", cwd=project)
     finally:
         (project / "params.yaml").write_text(original)
-    assert out.returncode == 2 and out.stderr.strip() == "error: params.yaml: rounds: needs at least one round (r01: r00)"
+    assert out.returncode == 2 and out.stderr.strip() == (
+        "error: params.yaml: rounds: needs at least one round (r01: r00) — one entry per round, each naming the "
+        "round it starts from (r01: r00, r02: r01, ...); `rlhf run --more N` adds entries (mapping of text to text)"
+    )
 
 
 def test_step_rejects_unknown_round(project):

@@ -26,8 +26,11 @@ from rlhf.core.paths import STEPS
 from tests.conftest import BIN, TINY, make_project
 
 pytestmark = pytest.mark.slow
-SECRETS = {"AWS_SECRET_ACCESS_KEY": "rlhf-planted-aws-secret-5c1f", "HF_TOKEN": "hf_plantedtoken9d2e7a",
-           "WANDB_API_KEY": "planted-wandb-key-41b0"}
+SECRETS = {
+    "AWS_SECRET_ACCESS_KEY": "rlhf-planted-aws-secret-5c1f",
+    "HF_TOKEN": "hf_plantedtoken9d2e7a",
+    "WANDB_API_KEY": "planted-wandb-key-41b0",
+}
 
 
 def out_hashes(project: Path) -> dict:
@@ -41,7 +44,7 @@ def step_processes(project: Path, step: str | None = None) -> list[psutil.Proces
     for p in psutil.process_iter(["cmdline", "cwd"]):
         cmd = " ".join(p.info["cmdline"] or []).split()  # a preloaded step's title is one padded string
         at = next((i for i, c in enumerate(cmd) if c == "rlhf" or c.endswith("/rlhf")), None)
-        if p.info["cwd"] == str(project) and at is not None and cmd[at + 1:at + 2] and cmd[at + 1] in STEPS:
+        if p.info["cwd"] == str(project) and at is not None and cmd[at + 1 : at + 2] and cmd[at + 1] in STEPS:
             if step is None or cmd[at + 1] == step:
                 found.append(p)
     return found
@@ -54,7 +57,7 @@ def snapshot(project: Path) -> tuple[set, dict]:
     for outs in done.values():
         for path, _ in outs:
             out = project / path
-            for f in ([out] if out.is_file() else out.rglob("*")):
+            for f in [out] if out.is_file() else out.rglob("*"):
                 files[f] = f.stat().st_mtime_ns
     return set(done), files
 
@@ -68,8 +71,9 @@ def still_running(p: psutil.Process) -> str | None:
 
 
 def start_run(project: Path, env: dict, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([BIN / "rlhf", "run"], cwd=project, env=env, stdout=log.open("ab"),
-                            stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [BIN / "rlhf", "run"], cwd=project, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT
+    )
 
 
 @pytest.fixture(scope="module")
@@ -130,13 +134,23 @@ def test_each_restart_resumes_at_the_interrupted_step(runs):
 def test_crashed_and_straight_runs_end_with_identical_hashes(runs):
     straight, crashed, _, _ = runs
     assert out_hashes(crashed) == out_hashes(straight)
-    assert set(out_hashes(straight)) == {"prepare", "generate@r01", "label@r01", "train_rm@r01", "update_policy@r01",
-                                         "evaluate@r01"}
+    assert set(out_hashes(straight)) == {
+        "prepare",
+        "generate@r01",
+        "label@r01",
+        "train_rm@r01",
+        "update_policy@r01",
+        "evaluate@r01",
+    }
 
 
 def test_planted_secrets_appear_in_no_output(runs):
     _, crashed, _, log = runs
-    places = [log, *(p for p in crashed.rglob("*") if p.is_file()), *(p for p in (crashed.parent / "prefect").rglob("*") if p.is_file())]
+    places = [
+        log,
+        *(p for p in crashed.rglob("*") if p.is_file()),
+        *(p for p in (crashed.parent / "prefect").rglob("*") if p.is_file()),
+    ]
     for path in places:
         data = path.read_bytes()
         for name, secret in SECRETS.items():

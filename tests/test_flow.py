@@ -2,7 +2,6 @@
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -11,6 +10,7 @@ import pytest
 import yaml
 
 from rlhf.core.paths import ROUND_STEPS
+from rlhf.core.processes import free_port, stop
 from tests.conftest import BIN, TINY, make_project
 
 EXPECTED_TASKS = {"r00-prepare", *(f"r01-{step}" for step in ROUND_STEPS)}
@@ -28,20 +28,18 @@ def outputs(project):
 def server(tmp_path_factory):
     """`rlhf server` in a fresh project, as a user starts it; stopped (SIGTERM) when the module is done."""
     project = make_project(tmp_path_factory.mktemp("flow") / "project", TINY)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = project.parent / "server.log"
-    proc = subprocess.Popen([BIN / "rlhf", "server", "--port", str(port)], cwd=project, stdout=log.open("w"),
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [BIN / "rlhf", "server", "--port", str(port)], cwd=project, stdout=log.open("w"), stderr=subprocess.STDOUT
+    )
     record = project / ".prefect" / "server.json"
     deadline = time.monotonic() + 120
     while not record.exists():
         assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
         time.sleep(0.5)
     yield project, json.loads(record.read_text())["api_url"], proc
-    proc.terminate()
-    proc.wait(timeout=30)
+    stop(proc, timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -136,8 +134,12 @@ def test_rlhf_server_listens_on_loopback_only(server):
 
     _, api_url, proc = server
     port = int(api_url.rsplit(":", 1)[1].split("/")[0])
-    listening = [c.laddr for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-                 for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+    listening = [
+        c.laddr
+        for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        for c in p.net_connections("tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+    ]
     assert [a.ip for a in listening] == ["127.0.0.1"]
 
 
@@ -145,17 +147,30 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(__file__).parent / "artifacts"
 
 
-@pytest.mark.skipif(not CHROMIUM, reason="no chromium on PATH (`make test` installs Debian's chromium when run as root)")
+@pytest.mark.skipif(
+    not CHROMIUM, reason="no chromium on PATH (`make test` installs Debian's chromium when run as root)"
+)
 def test_dashboard_page_of_a_flow_run_shows_its_round_tasks(flow_run, server):
     """Headless Chromium renders the Prefect UI page of the finished run: its name, state and task runs."""
     flows = flow_run[4]
     url = f"{server[1].removesuffix('/api')}/runs/flow-run/{flows[-1].id}"
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "flow-run.png"
-    browse = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-              "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
-              f"--user-data-dir={ARTIFACTS / 'chromium-profile'}", "--virtual-time-budget=20000",
-              "--window-size=1400,1000"]
+    browse = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+        f"--user-data-dir={ARTIFACTS / 'chromium-profile'}",
+        "--virtual-time-budget=20000",
+        "--window-size=1400,1000",
+    ]
     dom = subprocess.run([*browse, "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
     subprocess.run([*browse, f"--screenshot={shot}", url], capture_output=True, timeout=180)
     shutil.rmtree(ARTIFACTS / "chromium-profile", ignore_errors=True)

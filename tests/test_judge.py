@@ -33,7 +33,9 @@ def test_each_fault_costs_its_weight(judge):
 def test_gibberish_and_empty_earn_little(judge):
     assert score(judge, "") == 0.0
     assert score(judge, "ocean ocean fish whale") < 0.35  # topic words, but no sentence
-    assert score(judge, "the ocean is deep . blorp zzz the fish .") < score(judge, "the ocean is deep .  the fish is blue .")
+    assert score(judge, "the ocean is deep . blorp zzz the fish .") < score(
+        judge, "the ocean is deep .  the fish is blue ."
+    )
 
 
 def test_topic_comes_from_the_prompt(judge):

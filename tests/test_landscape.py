@@ -5,18 +5,26 @@ import json
 import numpy as np
 import pytest
 
-from rlhf.evaluation import landscape
 from rlhf.core.config import Landscape
 from rlhf.core.paths import round_paths
+from rlhf.evaluation import landscape
 
-SPEC = Landscape(template="say {tone} things about {topic}", axes={"tone": ["calm", "angry"],
-                                                                     "topic": ["sea", "city", "sky"]}, samples=2)
+SPEC = Landscape(
+    template="say {tone} things about {topic}",
+    axes={"tone": ["calm", "angry"], "topic": ["sea", "city", "sky"]},
+    samples=2,
+)
 
 
 def test_prompts_cover_the_grid_row_major():
-    assert landscape.prompts(SPEC) == ["say calm things about sea", "say calm things about city",
-                                       "say calm things about sky", "say angry things about sea",
-                                       "say angry things about city", "say angry things about sky"]
+    assert landscape.prompts(SPEC) == [
+        "say calm things about sea",
+        "say calm things about city",
+        "say calm things about sky",
+        "say angry things about sea",
+        "say angry things about city",
+        "say angry things about sky",
+    ]
 
 
 def test_grid_averages_samples_per_cell_and_disagreements_rank_the_standardised_gap():
@@ -31,11 +39,14 @@ def test_grid_averages_samples_per_cell_and_disagreements_rank_the_standardised_
     assert landscape.disagreements(landscape.grid(SPEC, gold, None, [""] * 12)) == []  # r00: gold only
 
 
-@pytest.mark.parametrize(("spec", "message"), [
-    ({"axes": {"tone": ["calm"]}, "template": "{tone}"}, "exactly two axes"),
-    ({"axes": {"tone": ["calm", "calm"], "topic": ["sea"]}, "template": "{tone} {topic}"}, "distinct values"),
-    ({"axes": {"tone": ["calm"], "topic": ["sea"]}, "template": "{tone} {subject}"}, "must name exactly the axes"),
-])
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"axes": {"tone": ["calm"]}, "template": "{tone}"}, "exactly two axes"),
+        ({"axes": {"tone": ["calm", "calm"], "topic": ["sea"]}, "template": "{tone} {topic}"}, "distinct values"),
+        ({"axes": {"tone": ["calm"], "topic": ["sea"]}, "template": "{tone} {subject}"}, "must name exactly the axes"),
+    ],
+)
 def test_bad_landscape_params_name_the_key(tmp_path, spec, message):
     import yaml
 

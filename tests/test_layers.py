@@ -25,7 +25,8 @@ def test_the_contract_names_an_upward_import_and_the_cycle_it_makes(tmp_path):
     paths.write_text(paths.read_text() + "\n\ndef _late():\n    from rlhf.evaluation.report import metrics_rows\n")
     g = imports.graph(tmp_path)
     assert imports.upward_imports(g) == [
-        "rlhf.core.paths imports rlhf.evaluation.report (rlhf.evaluation is above rlhf.core)"]
+        "rlhf.core.paths imports rlhf.evaluation.report (rlhf.evaluation is above rlhf.core)"
+    ]
     assert imports.cycles(g) == [["rlhf.core.paths", "rlhf.evaluation.report"]]
 
 
@@ -41,4 +42,8 @@ def test_relative_and_package_imports_resolve_to_modules(tmp_path):
     assert g["rlhf.ml.models"] == {"rlhf.ml.sampling", "rlhf.ml.pairs"}
     # importing sampling runs rlhf/ml/__init__.py (code) and so models and pairs; rlhf/__init__.py runs nothing
     assert imports.files_imported("rlhf.ml.sampling", tmp_path) == [
-        "rlhf/ml/__init__.py", "rlhf/ml/models.py", "rlhf/ml/pairs.py", "rlhf/ml/sampling.py"]
+        "rlhf/ml/__init__.py",
+        "rlhf/ml/models.py",
+        "rlhf/ml/pairs.py",
+        "rlhf/ml/sampling.py",
+    ]

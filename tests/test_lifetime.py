@@ -14,12 +14,15 @@ from rlhf.core.processes import RUN_PID
 
 # The "run" starts a shell that forks (a compound command), as DVC's shell does on some systems; the shell
 # starts a "step" that calls die_with_run. Neither dies with its parent by itself.
-STEP = "from rlhf.core.processes import die_with_run; die_with_run(); import time; print('ready', flush=True); time.sleep({})"
-RUN = """import os, subprocess, sys, time
-os.environ[{pid!r}] = str(os.getpid())
-subprocess.Popen(["/bin/sh", "-c", 'true; "$0" -c "$1"', sys.executable, {step!r}])
+STEP = (
+    "from rlhf.core.processes import die_with_run; die_with_run(); import time; print('ready', flush=True); "
+    "time.sleep({})"
+)
+RUN = f"""import os, subprocess, sys, time
+os.environ[{RUN_PID!r}] = str(os.getpid())
+subprocess.Popen(["/bin/sh", "-c", 'true; "$0" -c "$1"', sys.executable, {STEP.format(60)!r}])
 time.sleep(60)
-""".format(pid=RUN_PID, step=STEP.format(60))
+"""
 
 
 def _step_of(run: psutil.Process, timeout: float = 30) -> psutil.Process:
@@ -45,6 +48,5 @@ def test_a_step_exits_when_its_run_is_killed():
 
 def test_a_step_outside_a_run_ignores_the_watch(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != RUN_PID}
-    out = subprocess.run([sys.executable, "-c", STEP.format(0.2)], env=env,
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-c", STEP.format(0.2)], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "ready"

@@ -36,7 +36,9 @@ def test_variant_raises_gold_over_three_rounds(project, variant):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "Stage 'update_policy@r01' didn't change" not in out.stdout  # the method really ran
 
-    rounds = {r: json.loads((project / f"data/rounds/{r}/metrics.json").read_text()) for r in ("r00", "r01", "r02", "r03")}
+    rounds = {
+        r: json.loads((project / f"data/rounds/{r}/metrics.json").read_text()) for r in ("r00", "r01", "r02", "r03")
+    }
     r0, r3 = rounds["r00"]["gold"], rounds["r03"]["gold"]
     assert r3["mean"] - r0["mean"] > 3 * math.hypot(r0["sem"], r3["sem"]), (variant, r0, r3)
     for m in rounds.values():

@@ -58,13 +58,24 @@ def test_a_preloaded_step_fails_with_its_one_line_error_and_status(project, prel
 
 
 def test_killing_the_command_ends_the_step_it_handed_over(project, preload):
-    command = subprocess.Popen([sys.executable, "-m", "rlhf", "generate", "r01"], cwd=project, env=preload,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = subprocess.Popen(
+        [sys.executable, "-m", "rlhf", "generate", "r01"],
+        cwd=project,
+        env=preload,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline, worker = time.monotonic() + 60, None
     while worker is None:
         assert time.monotonic() < deadline and command.poll() is None, "the step was never handed over"
-        worker = next((p for p in psutil.process_iter(["cmdline"]) if p.pid != command.pid
-                       and " ".join(p.info["cmdline"] or []).split() == ["rlhf", "generate", "r01"]), None)
+        worker = next(
+            (
+                p
+                for p in psutil.process_iter(["cmdline"])
+                if p.pid != command.pid and " ".join(p.info["cmdline"] or []).split() == ["rlhf", "generate", "r01"]
+            ),
+            None,
+        )
         time.sleep(0.05)
     worker.suspend()  # held still, so that it cannot finish before the kill lands
     command.send_signal(signal.SIGKILL)

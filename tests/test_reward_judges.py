@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
-from rlhf.ml import models
 from rlhf.core.config import Judge
 from rlhf.core.errors import UserError
 from rlhf.judges import CallableJudge
 from rlhf.judges.reward_models import load_model_judge, ultrarm_class
+from rlhf.ml import models
 
 WORDS = "user : describe the ocean forest city please . assistant the water is blue and deep a tree grows".split()
 PROMPTS = ["user : describe the ocean please . assistant :", "user : describe the city . assistant :"] * 3
@@ -20,8 +20,16 @@ RESPONSES = [" the water is blue .", " a tree grows .", " the water is deep and 
 def tiny_llama_config(tok, **kw):
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=2, num_key_value_heads=2, pad_token_id=tok.pad_token_id, **kw)
+    return LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        pad_token_id=tok.pad_token_id,
+        **kw,
+    )
 
 
 def direct(model, tok, texts=None, pairs=None):
@@ -59,9 +67,18 @@ def test_deberta_v2_classifier_scores_question_answer_pairs(tmp_path):
     tok = models.build_tokenizer([" ".join(WORDS) + " [cls] [sep]"])
     cls, sep = tok.convert_tokens_to_ids(["[cls]", "[sep]"])
     tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="[cls] $A [sep]", pair="[cls] $A [sep] $B:1 [sep]:1", special_tokens=[("[cls]", cls), ("[sep]", sep)])
-    config = DebertaV2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=2, pad_token_id=tok.pad_token_id, num_labels=1, type_vocab_size=2)
+        single="[cls] $A [sep]", pair="[cls] $A [sep] $B:1 [sep]:1", special_tokens=[("[cls]", cls), ("[sep]", sep)]
+    )
+    config = DebertaV2Config(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        pad_token_id=tok.pad_token_id,
+        num_labels=1,
+        type_vocab_size=2,
+    )
     torch.manual_seed(0)
     model = DebertaV2ForSequenceClassification(config).eval()
     model.save_pretrained(tmp_path)
@@ -95,9 +112,18 @@ def test_remote_code_and_pickle_weights_are_refused_unless_allowed(tmp_path):
 
     remote = tmp_path / "remote"
     remote.mkdir()
-    (remote / "config.json").write_text(json.dumps({
-        "model_type": "armo_custom", "architectures": ["ArmoRM"],
-        "auto_map": {"AutoConfig": "modeling.ArmoConfig", "AutoModelForSequenceClassification": "modeling.ArmoRM"}}))
+    (remote / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "armo_custom",
+                "architectures": ["ArmoRM"],
+                "auto_map": {
+                    "AutoConfig": "modeling.ArmoConfig",
+                    "AutoModelForSequenceClassification": "modeling.ArmoRM",
+                },
+            }
+        )
+    )
     (remote / "modeling.py").write_text("raise SystemExit('remote code ran')\n")
     with pytest.raises(UserError, match="needs its own remote code.*trust_remote_code: true") as err:
         load_model_judge(Judge(type="hf", name=str(remote)), "cpu")

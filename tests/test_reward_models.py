@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from rlhf.ml import models, sampling
 from rlhf.core.config import Config
 from rlhf.core.io import write_jsonl
 from rlhf.core.paths import round_paths
+from rlhf.ml import models, sampling
 from rlhf.ml.reward import ProxyReward, average_weights, combine
 from tasks.train_rm import rm_pairs
 from tests.conftest import deep_update
@@ -21,9 +21,26 @@ THREE = {"r01": "r00", "r02": "r01", "r03": "r02"}
 def write_labels(n_prompts: int = 40):
     """Hand-made labels for rounds 1-3: prompt i of round r has pairs (r, i, j) for j < 2."""
     for r in ("r01", "r02", "r03"):
-        rows = [{"prompt_id": f"p{i}", "prompt": f"prompt {i}", "responses": [], "gold": [],
-                 "pairs": [{"chosen": f"{r}-{i}-{j}", "rejected": "x", "chosen_gold": 1.0, "rejected_gold": 0.0,
-                            "margin": 1.0, "flipped": False} for j in range(2)]} for i in range(n_prompts)]
+        rows = [
+            {
+                "prompt_id": f"p{i}",
+                "prompt": f"prompt {i}",
+                "responses": [],
+                "gold": [],
+                "pairs": [
+                    {
+                        "chosen": f"{r}-{i}-{j}",
+                        "rejected": "x",
+                        "chosen_gold": 1.0,
+                        "rejected_gold": 0.0,
+                        "margin": 1.0,
+                        "flipped": False,
+                    }
+                    for j in range(2)
+                ],
+            }
+            for i in range(n_prompts)
+        ]
         write_jsonl(round_paths(r).labels, rows)
 
 
@@ -77,19 +94,27 @@ def rm_project(tiny_project, tmp_path, monkeypatch):
 def test_proxy_reward_ensembles_and_weight_average(rm_project):
     tok = models.load_tokenizer(round_paths("r01").reward_model)
     prompts, responses = ["user : describe the ocean . assistant :"] * 2, [" the water is blue .", " an elephant ."]
-    each = np.stack([sampling.reward_scores(models.load_reward_model(round_paths(r).reward_model), tok, prompts, responses)
-                     for r in ("r01", "r02", "r03")])
+    each = np.stack(
+        [
+            sampling.reward_scores(models.load_reward_model(round_paths(r).reward_model), tok, prompts, responses)
+            for r in ("r01", "r02", "r03")
+        ]
+    )
     base = {"rounds": THREE}
 
     def reward(kind, **kw):
-        return ProxyReward(Config.model_validate(deep_update(base, {"update_policy": {"reward": kind, **kw}})), "r03", tok)
+        return ProxyReward(
+            Config.model_validate(deep_update(base, {"update_policy": {"reward": kind, **kw}})), "r03", tok
+        )
 
     assert reward("last")(prompts, responses) == pytest.approx(each[2])
     assert reward("ensemble_mean")(prompts, responses) == pytest.approx(each.mean(0))
     assert reward("ensemble_min")(prompts, responses) == pytest.approx(each.min(0))
     assert reward("ensemble_uwo", uwo_lambda=2.0)(prompts, responses) == pytest.approx(each.mean(0) - 2 * each.std(0))
     rms = [models.load_reward_model(round_paths(r).reward_model) for r in ("r01", "r02", "r03")]
-    expected = {k: torch.stack([dict(m.named_parameters())[k] for m in rms]).mean(0) for k, _ in rms[0].named_parameters()}
+    expected = {
+        k: torch.stack([dict(m.named_parameters())[k] for m in rms]).mean(0) for k, _ in rms[0].named_parameters()
+    }
     avg = reward("weight_average").rms[0]
     assert all(torch.allclose(p, expected[k]) for k, p in avg.named_parameters())
     assert torch.allclose(avg.score.weight, rms[0].score.weight * 2)  # (1 + 2 + 3) / 3
@@ -100,8 +125,11 @@ def test_proxy_reward_ensembles_and_weight_average(rm_project):
 def test_objectives_train_an_rm_that_ranks_gold_pairs(rm_project, objective):
     from tasks.train_rm import train_rm
 
-    cfg = Config.model_validate(deep_update(__import__("yaml").safe_load(open("params.yaml")),
-                                            {"train_rm": {"objective": objective, "weight": 0.3}}))
+    cfg = Config.model_validate(
+        deep_update(
+            __import__("yaml").safe_load(open("params.yaml")), {"train_rm": {"objective": objective, "weight": 0.3}}
+        )
+    )
     summary = train_rm(cfg, "r01")
     rm = models.load_reward_model(round_paths("r01").reward_model)
     assert rm.config.num_labels == (2 if objective == "combined" else 1)
@@ -131,9 +159,12 @@ def test_evaluate_reports_what_it_cannot_compute_as_missing_with_the_reason(rm_p
 
     from tasks.evaluate import evaluate
 
-    cfg = Config.model_validate(deep_update(yaml.safe_load(open("params.yaml")),
-                                            {"evaluate": {"samples_per_prompt": 1, "best_of_n": [1],
-                                                                         "landscape": {"samples": 1}}}))
+    cfg = Config.model_validate(
+        deep_update(
+            yaml.safe_load(open("params.yaml")),
+            {"evaluate": {"samples_per_prompt": 1, "best_of_n": [1], "landscape": {"samples": 1}}},
+        )
+    )
     m = evaluate(cfg, "r01")
     assert m["proxy_accuracy"]["mean"] is None and "no two samples" in m["proxy_accuracy"]["missing"]
     assert m["gold"]["count"] == 24 and np.isfinite(m["gold"]["mean"])  # the round still finished

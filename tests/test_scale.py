@@ -11,11 +11,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from rlhf.ml import models
 from rlhf.core.config import load_config, parse_config
 from rlhf.core.errors import UserError
 from rlhf.core.io import read_jsonl, read_prompts, write_jsonl
 from rlhf.core.paths import SFT, round_paths
+from rlhf.ml import models
 from tests.conftest import BIN, TINY, make_project
 
 K = 4
@@ -29,8 +29,9 @@ def set_params(project, change: dict) -> None:
 
 
 def rlhf(project, *args, env=None):
-    return subprocess.run([BIN / "rlhf", *args], cwd=project, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [BIN / "rlhf", *args], cwd=project, capture_output=True, text=True, env={**os.environ, **(env or {})}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +50,14 @@ def project(tmp_path_factory):
         model = models.build_tiny_lm(tok, cfg.prepare.tiny)
         models.save(model, tok, SFT.base)
         models.save(model, tok, SFT.policy)
-        write_jsonl(round_paths("r01").samples, [
-            {"prompt_id": p["id"], "prompt": p["prompt"], "response": sft[(K * i + j) % len(sft)]["completion"]}
-            for i, p in enumerate(prompts) for j in range(K)])
+        write_jsonl(
+            round_paths("r01").samples,
+            [
+                {"prompt_id": p["id"], "prompt": p["prompt"], "response": sft[(K * i + j) % len(sft)]["completion"]}
+                for i, p in enumerate(prompts)
+                for j in range(K)
+            ],
+        )
     finally:
         os.chdir(old)
     return project
@@ -82,9 +88,18 @@ def test_two_label_workers_give_the_labels_of_one_with_a_reward_model_judge(proj
 
     tok = models.load_tokenizer(project / SFT.policy)
     torch.manual_seed(1)
-    judge = LlamaForSequenceClassification(LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, pad_token_id=tok.pad_token_id, num_labels=1))
+    judge = LlamaForSequenceClassification(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            pad_token_id=tok.pad_token_id,
+            num_labels=1,
+        )
+    )
     judge.save_pretrained(tmp_path / "judge")
     tok.save_pretrained(tmp_path / "judge")
     spec = {"type": "hf", "name": str(tmp_path / "judge"), "batch_size": 24}
@@ -104,7 +119,9 @@ def test_train_rm_on_two_ranks_matches_one_process(project, monkeypatch):
     differ by the order of the training itself."""
     label_with({"label": {"judge": {"type": "rubric", "name": "pink_elephant"}, "workers": 1}}, project, monkeypatch)
     # one thread per rank: 2 ranks fill 2 cores (the thread count changes results, so both runs use 1)
-    set_params(project, {"runtime": {"threads": 1}, "train_rm": {"data": "sample", "sample_size": 64, "batch_size": 16}})
+    set_params(
+        project, {"runtime": {"threads": 1}, "train_rm": {"data": "sample", "sample_size": 64, "batch_size": 16}}
+    )
     rm = project / round_paths("r01").reward_model
     weights, outs = {}, {}
     for n in (1, 2):
@@ -116,8 +133,12 @@ def test_train_rm_on_two_ranks_matches_one_process(project, monkeypatch):
     assert len(summaries) == 1 and summaries[0]["processes"] == 2  # two ranks ran; one of them reported
     assert "processes" not in json.loads(outs[1].splitlines()[-1])
     # Only rank 0 wrote: the one model folder, no scratch left beside it by another writer.
-    assert sorted(p.name for p in rm.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json",
-                                                     "tokenizer_config.json"]
+    assert sorted(p.name for p in rm.iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     assert not list(rm.parent.glob(".*"))
     start = load_file(project / SFT.policy / "model.safetensors")
     diff = max(float((weights[1][k] - weights[2][k]).abs().max()) for k in weights[1])
@@ -126,24 +147,34 @@ def test_train_rm_on_two_ranks_matches_one_process(project, monkeypatch):
 
 
 def test_a_failing_rank_is_one_line_and_exit_2(project):
-    set_params(project, {"runtime": {"num_processes": 2}, "rounds": {"r01": "r00", "r02": "r01"},
-                         "train_rm": {"data": "last"}})
+    set_params(
+        project, {"runtime": {"num_processes": 2}, "rounds": {"r01": "r00", "r02": "r01"}, "train_rm": {"data": "last"}}
+    )
     write_jsonl(project / round_paths("r02").labels, [{"prompt_id": "x", "prompt": "x", "pairs": []}])
     out = rlhf(project, "train_rm", "r02")
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == (
-        "error: data/rounds/r02/labels.jsonl: 0 preference pairs, need at least 2 (are all samples tied?)")
+        "error: data/rounds/r02/labels.jsonl: 0 preference pairs, need at least 2 (are all samples tied?)"
+    )
     assert "Traceback" not in out.stderr and out.stderr.count("error:") == 1
     set_params(project, {"runtime": {"num_processes": 1}, "rounds": {"r01": "r00"}})
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"runtime": {"num_processes": 2}, "update_policy": {"method": "ppo"}},
-     "runtime.num_processes: ppo (the project's own loop) runs in one process"),
-    ({"runtime": {"num_processes": 3}}, "prepare.batch_size: the global batch is split over runtime.num_processes=3"),
-    ({"runtime": {"accelerate_config": "no/such.yaml"}}, "runtime.accelerate_config: no such file: no/such.yaml"),
-    ({"label": {"workers": 0}}, "label.workers: input should be greater than 0"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            {"runtime": {"num_processes": 2}, "update_policy": {"method": "ppo"}},
+            "runtime.num_processes: ppo (the project's own loop) runs in one process",
+        ),
+        (
+            {"runtime": {"num_processes": 3}},
+            "prepare.batch_size: the global batch is split over runtime.num_processes=3",
+        ),
+        ({"runtime": {"accelerate_config": "no/such.yaml"}}, "runtime.accelerate_config: no such file: no/such.yaml"),
+        ({"label": {"workers": 0}}, "label.workers: input should be greater than 0"),
+    ],
+)
 def test_scale_settings_that_cannot_run_are_refused_naming_the_key(change, message):
     with pytest.raises(UserError, match="^params.yaml: " + message.replace("(", r"\(").replace(")", r"\)")):
         parse_config({"rounds": {"r01": "r00"}, **change}, "params.yaml")
@@ -155,14 +186,19 @@ def test_vllm_backend_without_vllm_or_a_gpu_is_refused_before_the_run(project, t
         for step in (["check"], ["generate", "r01"]):
             out = rlhf(project, *step)
             assert out.returncode == 2
-            assert out.stderr.strip() == ("error: generate.backend: vllm is not installed (pip install vllm, on a "
-                                          "machine with a GPU); or use generate.backend: transformers")
+            assert out.stderr.strip() == (
+                "error: generate.backend: vllm is not installed (pip install vllm, on a "
+                "machine with a GPU); or use generate.backend: transformers"
+            )
         # vLLM importable (an empty package stands in for the install) but no GPU: the other half of the check
         (tmp_path / "vllm").mkdir()
         (tmp_path / "vllm" / "__init__.py").write_text("")
         out = rlhf(project, "check", env={"PYTHONPATH": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""})
         assert out.returncode == 2
-        assert out.stderr.strip() == "error: generate.backend: vllm needs a GPU and none is visible; use generate.backend: transformers"
+        assert (
+            out.stderr.strip()
+            == "error: generate.backend: vllm needs a GPU and none is visible; use generate.backend: transformers"
+        )
     finally:
         set_params(project, {"generate": {"backend": "transformers"}})
 
@@ -171,12 +207,16 @@ def test_vllm_backend_without_vllm_or_a_gpu_is_refused_before_the_run(project, t
 def test_a_round_through_the_flow_with_two_ranks_and_two_label_workers(tmp_path):
     """`rlhf run` as a user runs it: prepare, train_rm and update_policy as 2 ranks each inside their DVC
     stages, label in 2 workers; DVC records every stage and is clean afterwards."""
-    project = make_project(tmp_path / "project", {**TINY, "runtime": {"threads": 1, "num_processes": 2},
-                                                  "label": {"workers": 2}})
+    project = make_project(
+        tmp_path / "project", {**TINY, "runtime": {"threads": 1, "num_processes": 2}, "label": {"workers": 2}}
+    )
     out = rlhf(project, "run")
     assert out.returncode == 0, out.stderr[-3000:]
-    ranked = [json.loads(line[line.index('{"'):]) for line in (out.stdout + out.stderr).splitlines()
-              if '"processes": 2' in line]  # a step's summary, as the flow logs it
+    ranked = [
+        json.loads(line[line.index('{"') :])
+        for line in (out.stdout + out.stderr).splitlines()
+        if '"processes": 2' in line
+    ]  # a step's summary, as the flow logs it
     assert len(ranked) == 3, ranked  # prepare, train_rm, update_policy: one summary each, from rank 0
     assert "scoring 800 samples in 2 worker processes" in out.stdout + out.stderr
     status = subprocess.run([BIN / "dvc", "status"], cwd=project, capture_output=True, text=True).stdout

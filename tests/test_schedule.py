@@ -6,16 +6,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 import yaml
 
 from rlhf.core.errors import UserError
+from rlhf.core.processes import free_port
 from rlhf.core.rounds import with_rounds_upto
 from tests.conftest import BIN, ROOT, TINY, make_project
 
@@ -41,31 +40,31 @@ def test_rounds_that_cannot_be_extended_as_text_are_named(text):
         with_rounds_upto(text, 2)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--cron", "every night"], "--cron: not a cron expression: 'every night'"),
-    (["--interval", "-5"], "--interval must be a positive number of seconds"),
-    (["--interval", "60", "--more", "0"], "--more must be at least 1"),
-    (["--interval", "60"], "no Prefect server to serve on: start one with `rlhf server`"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--cron", "every night"], "--cron: not a cron expression: 'every night'"),
+        (["--interval", "-5"], "--interval must be a positive number of seconds"),
+        (["--interval", "60", "--more", "0"], "--more must be at least 1"),
+        (["--interval", "60"], "no Prefect server to serve on: start one with `rlhf server`"),
+    ],
+)
 def test_serve_refuses_bad_schedules_and_a_missing_server_in_one_line(tmp_path, args, message):
     project = make_project(tmp_path / "p", TINY)
     env = dict(os.environ)
     if "server" not in message:  # a server that is never reached: the schedule is refused before any call
         env["PREFECT_API_URL"] = "http://127.0.0.1:9/api"
-    out = subprocess.run([BIN / "rlhf", "serve", *args], cwd=project, env=env, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [BIN / "rlhf", "serve", *args], cwd=project, env=env, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [f"error: {out.stderr.strip()[7:]}"]
     assert message in out.stderr, out.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(api: str, path: str, body: dict) -> list[dict]:
-    req = urllib.request.Request(f"{api}{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"{api}{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=10) as r:
         return json.load(r)
 
@@ -76,8 +75,12 @@ def test_a_served_schedule_runs_the_next_round_on_time(tmp_path):
     run starts within a minute, adds r02 to params.yaml, runs only r02's steps, and completes."""
     project = make_project(tmp_path / "p", TINY)
     subprocess.run([BIN / "rlhf", "run"], cwd=project, check=True, capture_output=True, timeout=900)
-    server = subprocess.Popen([BIN / "rlhf", "server", "--port", str(_free_port())], cwd=project,
-                              stdout=(tmp_path / "server.log").open("w"), stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [BIN / "rlhf", "server", "--port", str(free_port())],
+        cwd=project,
+        stdout=(tmp_path / "server.log").open("w"),
+        stderr=subprocess.STDOUT,
+    )
     record = project / ".prefect" / "server.json"
     serve = None
     try:
@@ -86,8 +89,12 @@ def test_a_served_schedule_runs_the_next_round_on_time(tmp_path):
             assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
             time.sleep(0.5)
         api = json.loads(record.read_text())["api_url"]
-        serve = subprocess.Popen([BIN / "rlhf", "serve", "--interval", "60", "--name", "nightly"], cwd=project,
-                                 stdout=(tmp_path / "serve.log").open("w"), stderr=subprocess.STDOUT)
+        serve = subprocess.Popen(
+            [BIN / "rlhf", "serve", "--interval", "60", "--name", "nightly"],
+            cwd=project,
+            stdout=(tmp_path / "serve.log").open("w"),
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 600
         while True:
             runs = [r for r in _post(api, "/flow_runs/filter", {"sort": "START_TIME_ASC"}) if r["start_time"]]
@@ -98,11 +105,12 @@ def test_a_served_schedule_runs_the_next_round_on_time(tmp_path):
         first = runs[0]
         assert first["state_type"] == "COMPLETED", (tmp_path / "serve.log").read_text()[-3000:]
         assert first["name"] == "r02" and first["parameters"] == {"more": 1}
-        late = (_ts(first["start_time"]) - _ts(first["expected_start_time"]))
+        late = _ts(first["start_time"]) - _ts(first["expected_start_time"])
         assert late < 60, f"started {late:.0f} s after its scheduled time"
         tasks = _post(api, "/task_runs/filter", {"flow_runs": {"id": {"any_": [first["id"]]}}})
-        assert sorted(t["name"] for t in tasks) == sorted(["r00-prepare", "r02-generate", "r02-label", "r02-train_rm",
-                                                           "r02-update_policy", "r02-evaluate"])
+        assert sorted(t["name"] for t in tasks) == sorted(
+            ["r00-prepare", "r02-generate", "r02-label", "r02-train_rm", "r02-update_policy", "r02-evaluate"]
+        )
         assert list(yaml.safe_load((project / "params.yaml").read_text())["rounds"]) == ["r01", "r02"]
         assert (project / "data/rounds/r02/metrics.json").is_file()
         lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]

@@ -28,12 +28,18 @@ def test_the_shipped_dvc_yaml_is_what_rlhf_stages_writes(monkeypatch):
 def test_a_stage_lists_every_project_module_its_step_loads(step):
     """An independent look: the project modules Python has loaded after importing the step (module-level
     imports; the lazy ones inside functions are read from the source by the same analysis) are all deps."""
-    code = (f"import json, sys; import tasks.{step}; "
-            "print(json.dumps(sorted(getattr(m, '__file__', None) or '' for m in list(sys.modules.values()))))")
-    loaded = json.loads(subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                                       check=True).stdout)
-    ours = {p.relative_to(ROOT).as_posix() for f in loaded if f and any(
-        (p := Path(f)).is_relative_to(ROOT / package) for package in imports.PACKAGES)}
+    code = (
+        f"import json, sys; import tasks.{step}; "
+        "print(json.dumps(sorted(getattr(m, '__file__', None) or '' for m in list(sys.modules.values()))))"
+    )
+    loaded = json.loads(
+        subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    )
+    ours = {
+        p.relative_to(ROOT).as_posix()
+        for f in loaded
+        if f and any((p := Path(f)).is_relative_to(ROOT / package) for package in imports.PACKAGES)
+    }
     ours = {f for f in ours if not imports._docstring_only(ROOT / f)}
     deps = set(stages.code_deps()[step])
     assert ours <= deps, f"{step}: loaded but not a dep: {sorted(ours - deps)}"
@@ -47,8 +53,11 @@ def expanded(project) -> dict[str, list[str]]:
     for step, spec in list(doc.items())[1:]:
         for rnd, item in spec["foreach"].items():
             paths = spec["do"]["deps"] + spec["do"]["outs"] + spec["do"].get("metrics", [])
-            out[f"{step}@{rnd}"] = [re.sub(r"\$\{item\.reads\[(\d+)\]\}", lambda m: item["reads"][int(m[1])],
-                                           p.replace("${key}", rnd)) for p in paths]
+            reads = item["reads"]
+            out[f"{step}@{rnd}"] = [
+                re.sub(r"\$\{item\.reads\[(\d+)\]\}", lambda m, reads=reads: reads[int(m[1])], p.replace("${key}", rnd))
+                for p in paths
+            ]
     return out
 
 
@@ -107,7 +116,11 @@ def test_with_last_data_a_round_reads_its_own_labels_alone(tmp_path):
     assert changed(project) == {"label@r01", "train_rm@r01"}
     (project / "data/rounds/r01/reward_model/model.safetensors").write_text("retrained")
     # an ensemble of every round's RM: each later policy update and evaluation reads round 1's
-    assert changed(project) == {"label@r01", "train_rm@r01", *(f"{s}@r0{i}" for s in ("update_policy", "evaluate") for i in (1, 2, 3))}
+    assert changed(project) == {
+        "label@r01",
+        "train_rm@r01",
+        *(f"{s}@r0{i}" for s in ("update_policy", "evaluate") for i in (1, 2, 3)),
+    }
 
 
 def test_liti_reads_every_earlier_policy(tmp_path):
@@ -115,8 +128,13 @@ def test_liti_reads_every_earlier_policy(tmp_path):
     fill(project)
     (project / "data/rounds/r01/policy/model.safetensors").write_text("other weights")
     # r02 generates from r01's policy and starts from it; r03 interpolates from it; ref: init evaluates against it
-    assert changed(project) >= {"generate@r02", "update_policy@r02", "update_policy@r03", "evaluate@r02",
-                                "evaluate@r03"}
+    assert changed(project) >= {
+        "generate@r02",
+        "update_policy@r02",
+        "update_policy@r03",
+        "evaluate@r02",
+        "evaluate@r03",
+    }
     assert "generate@r03" not in changed(project)
 
 
@@ -135,15 +153,21 @@ def test_an_existing_project_upgrades_without_recomputing(project):
 
 def test_a_stage_run_by_hand_under_a_stale_dvc_yaml_stops_in_one_line(project):
     params = project / "params.yaml"
-    params.write_text(yaml.safe_dump(deep_update(yaml.safe_load(params.read_text()), {"train_rm": {"data": "last"}}),
-                                     sort_keys=False))
+    params.write_text(
+        yaml.safe_dump(deep_update(yaml.safe_load(params.read_text()), {"train_rm": {"data": "last"}}), sort_keys=False)
+    )
     check = subprocess.run([BIN / "rlhf", "check"], cwd=project, capture_output=True, text=True)
     assert check.returncode == 0 and "dvc.yaml is out of date" in check.stdout
-    out = subprocess.run([BIN / "dvc", "repro", "--single-item", "train_rm@r02"], cwd=project, capture_output=True,
-                         text=True)
+    out = subprocess.run(
+        [BIN / "dvc", "repro", "--single-item", "train_rm@r02"], cwd=project, capture_output=True, text=True
+    )
     assert out.returncode != 0 and "Traceback" not in out.stdout + out.stderr
-    assert ("error: dvc.yaml: out of date with params.yaml or the code; run `rlhf stages` to regenerate it, then "
-            "`dvc repro` (`rlhf run` does both)") in out.stdout + out.stderr
+    assert (
+        "error: dvc.yaml: out of date with params.yaml or the code; run `rlhf stages` to regenerate it, then "
+        "`dvc repro` (`rlhf run` does both)"
+    ) in out.stdout + out.stderr
     write_stages(project)
-    assert "dvc.yaml is out of date" not in subprocess.run([BIN / "rlhf", "check"], cwd=project, capture_output=True,
-                                                           text=True).stdout
+    assert (
+        "dvc.yaml is out of date"
+        not in subprocess.run([BIN / "rlhf", "check"], cwd=project, capture_output=True, text=True).stdout
+    )

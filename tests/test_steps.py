@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from rlhf.ml import models, sampling
 from rlhf.core.io import read_jsonl, read_prompts
 from rlhf.core.paths import SFT, round_paths
 from rlhf.judges import make_judge
+from rlhf.ml import models, sampling
 from rlhf.ml.pairs import best_worst
 
 
@@ -58,8 +58,11 @@ def held_out_pairs(cfg, policy_dir, k=4):
     asked = [prompts[i] for i in s.prompt_index]
     gold = make_judge(cfg).score(asked, s.responses).reshape(len(prompts), k)
     best, worst, valid = best_worst(gold)
-    return tok, [(prompts[i], s.responses[i * k + b], s.responses[i * k + w])
-                 for i, (b, w, ok) in enumerate(zip(best, worst, valid)) if ok]
+    return tok, [
+        (prompts[i], s.responses[i * k + b], s.responses[i * k + w])
+        for i, (b, w, ok) in enumerate(zip(best, worst, valid))
+        if ok
+    ]
 
 
 def rm_accuracy(rm, tok, pairs):
@@ -97,7 +100,9 @@ def test_evaluate_writes_metrics_with_kl_and_proxy(in_project):
     assert m["gold"]["sem"] == pytest.approx(m["gold"]["std"] / m["gold"]["count"] ** 0.5)
     assert m["kl"]["per_sequence"] > 0  # DPO moved the policy away from its SFT reference
     assert "proxy" in m and np.isfinite(m["proxy"]["mean"])
-    assert m["proxy_accuracy"]["pairs"] > 10 and m["proxy_accuracy"]["mean"] > 0.55, m["proxy_accuracy"]  # agrees with gold
+    assert m["proxy_accuracy"]["pairs"] > 10 and m["proxy_accuracy"]["mean"] > 0.55, m[
+        "proxy_accuracy"
+    ]  # agrees with gold
 
 
 def test_kl_is_zero_to_itself_positive_to_another_policy_and_independent_of_padding(in_project):
@@ -111,8 +116,9 @@ def test_kl_is_zero_to_itself_positive_to_another_policy_and_independent_of_padd
     kl = sampling.sequence_kl(updated, sft, tok, prompts, s)[0]
     assert (kl > 0).all()
     assert torch_allclose(kl, sampling.sequence_kl(updated, sft, tok, prompts, s, batch_size=2)[0])  # other padding
-    logp, mask = sampling.response_logprobs(sft, *sampling.pack(tok, [prompts[i] for i in s.prompt_index],
-                                                                s.response_ids), grad=False)
+    logp, mask = sampling.response_logprobs(
+        sft, *sampling.pack(tok, [prompts[i] for i in s.prompt_index], s.response_ids), grad=False
+    )
     assert (logp <= 0).all() and mask.sum(1).tolist() == [len(r) for r in s.response_ids]
 
 

@@ -16,22 +16,21 @@ from pathlib import Path
 import pytest
 import yaml
 
+from rlhf.core.processes import free_port, stop
 from tests.conftest import BIN, TINY, make_project
 
 KEYS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_moto(tmp: Path, **env) -> tuple[subprocess.Popen, str]:
     port = free_port()
     log = (tmp / f"moto-{port}.log").open("w")
-    proc = subprocess.Popen([BIN / "moto_server", "-H", "127.0.0.1", "-p", str(port)], stdout=log,
-                            stderr=subprocess.STDOUT, env={**os.environ, **env})
+    proc = subprocess.Popen(
+        [BIN / "moto_server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **env},
+    )
     deadline = time.monotonic() + 60
     while True:
         try:
@@ -40,7 +39,8 @@ def start_moto(tmp: Path, **env) -> tuple[subprocess.Popen, str]:
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                raise RuntimeError(f"moto_server did not start: {(tmp / f'moto-{port}.log').read_text()[-2000:]}")
+                log = (tmp / f"moto-{port}.log").read_text()[-2000:]
+                raise RuntimeError(f"moto_server did not start: {log}") from None
             time.sleep(0.2)
 
 
@@ -49,8 +49,7 @@ def s3(tmp_path_factory):
     """The S3 endpoint of a moto_server on a free loopback port (data in memory, gone when it stops)."""
     proc, url = start_moto(tmp_path_factory.mktemp("moto"))
     yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    stop(proc, timeout=30)
 
 
 def client(endpoint: str):
@@ -62,20 +61,35 @@ def client(endpoint: str):
 def env(tmp: Path, **extra) -> dict:
     """Dummy credentials in the environment (as a user's would be), and nothing from ~/.aws."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    return {**base, "AWS_ACCESS_KEY_ID": KEYS["aws_access_key_id"],
-            "AWS_SECRET_ACCESS_KEY": KEYS["aws_secret_access_key"], "AWS_DEFAULT_REGION": KEYS["region_name"],
-            "AWS_CONFIG_FILE": str(tmp / "no-aws-config"), "AWS_EC2_METADATA_DISABLED": "true",
-            "AWS_SHARED_CREDENTIALS_FILE": str(tmp / "no-aws-credentials"), **extra}
+    return {
+        **base,
+        "AWS_ACCESS_KEY_ID": KEYS["aws_access_key_id"],
+        "AWS_SECRET_ACCESS_KEY": KEYS["aws_secret_access_key"],
+        "AWS_DEFAULT_REGION": KEYS["region_name"],
+        "AWS_CONFIG_FILE": str(tmp / "no-aws-config"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp / "no-aws-credentials"),
+        **extra,
+    }
 
 
 def run(cmd, project: Path, **extra) -> subprocess.CompletedProcess:
-    return subprocess.run([BIN / cmd[0], *cmd[1:]], cwd=project, env=env(project.parent, **extra),
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [BIN / cmd[0], *cmd[1:]],
+        cwd=project,
+        env=env(project.parent, **extra),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def digest(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def one_line_error(out: subprocess.CompletedProcess) -> str:
@@ -138,8 +152,10 @@ def test_an_unreachable_remote_fails_the_run_in_one_line_and_loses_nothing(proje
     finally:
         set_params(project, lambda p: p["storage"].update(push=False, remote=None))
         subprocess.run([BIN / "dvc", "remote", "remove", "dead"], cwd=project, check=True)
-    assert one_line_error(out) == ("error: dvc push of r00 to remote 'dead' (s3://rounds/project) failed: "
-                                   f"cannot connect to the S3 endpoint {dead}")
+    assert one_line_error(out) == (
+        "error: dvc push of r00 to remote 'dead' (s3://rounds/project) failed: "
+        f"cannot connect to the S3 endpoint {dead}"
+    )
     assert (digest(project / "data" / "rounds"), (project / "dvc.lock").read_text()) == before
 
 
@@ -199,8 +215,7 @@ def strict_s3(tmp_path_factory):
     """A second moto_server that checks credentials (IAM auth on from the first request): ours are unknown."""
     proc, url = start_moto(tmp_path_factory.mktemp("moto-auth"), INITIAL_NO_AUTH_ACTION_COUNT="0")
     yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    stop(proc, timeout=30)
 
 
 @pytest.mark.parametrize("case", ["unreachable", "missing bucket", "bad credentials", "not a round", "not an s3 url"])
@@ -208,12 +223,24 @@ def test_publish_and_remote_errors_are_one_line_and_change_nothing(project, s3, 
     dead = f"http://127.0.0.1:{free_port()}"
     dest, endpoint, rnd, expected = {
         "unreachable": ("s3://published/x", dead, "r01", f"s3://published/x: cannot connect to the S3 endpoint {dead}"),
-        "missing bucket": ("s3://no-such-bucket/x", s3, "r01", f"s3://no-such-bucket/x: bucket 'no-such-bucket' "
-                                                            f"does not exist at {s3}"),
-        "bad credentials": ("s3://published/x", strict_s3, "r01", f"s3://published/x: access denied at {strict_s3} "
-                                                                "(403): check the credentials"),
-        "not a round": ("s3://published/x", s3, "r07", "data/rounds/r07/metrics.json: no such file; round r07 "
-                                                      "has not completed"),
+        "missing bucket": (
+            "s3://no-such-bucket/x",
+            s3,
+            "r01",
+            f"s3://no-such-bucket/x: bucket 'no-such-bucket' does not exist at {s3}",
+        ),
+        "bad credentials": (
+            "s3://published/x",
+            strict_s3,
+            "r01",
+            f"s3://published/x: access denied at {strict_s3} (403): check the credentials",
+        ),
+        "not a round": (
+            "s3://published/x",
+            s3,
+            "r07",
+            "data/rounds/r07/metrics.json: no such file; round r07 has not completed",
+        ),
         "not an s3 url": ("published/x", s3, "r01", "published/x: not an S3 URI (expected s3://bucket/prefix)"),
     }[case]
     before = digest(project / "data" / "rounds"), (project / ".dvc" / "config").read_text()
@@ -246,16 +273,21 @@ def test_prompt_sets_from_s3_are_read_checked_and_tracked_by_dvc(tiny_project, t
     status = run(["dvc", "status"], project, **endpoint).stdout
     assert "modified:" in status and "s3://prompts/eval.jsonl" in status
 
-    for uri, expected in (("s3://prompts/nope.jsonl", f"s3://prompts/nope.jsonl: no such object at {s3}"),
-                          ("s3://prompts/bad.jsonl", "s3://prompts/bad.jsonl:2: malformed JSON")):
-        set_params(project, lambda p: p["prompts"].update(eval=uri))
+    for uri, expected in (
+        ("s3://prompts/nope.jsonl", f"s3://prompts/nope.jsonl: no such object at {s3}"),
+        ("s3://prompts/bad.jsonl", "s3://prompts/bad.jsonl:2: malformed JSON"),
+    ):
+        set_params(project, lambda p, uri=uri: p["prompts"].update(eval=uri))
         assert expected in one_line_error(run(["rlhf", "check"], project, **endpoint))
 
 
-@pytest.mark.parametrize("storage, message", [
-    ({"push": True}, "storage.push: the project has no default DVC remote; add one with `rlhf remote s3://"),
-    ({"push": True, "remote": "backup"}, "storage.remote: no DVC remote 'backup' (have: none)"),
-])
+@pytest.mark.parametrize(
+    "storage, message",
+    [
+        ({"push": True}, "storage.push: the project has no default DVC remote; add one with `rlhf remote s3://"),
+        ({"push": True, "remote": "backup"}, "storage.remote: no DVC remote 'backup' (have: none)"),
+    ],
+)
 def test_pushing_to_no_remote_is_refused_before_anything_runs(tmp_path, storage, message):
     project = make_project(tmp_path / "project", TINY)
     set_params(project, lambda p: p.update(storage=storage))

@@ -21,16 +21,25 @@ from tests.conftest import BIN, ROOT, TINY, make_project
 
 # TINY, cheaper still (no pre-training, a small SFT set, one epoch, no landscape); the two configurations differ
 # only in the policy update, so the second restores prepare and round 1's samples, labels and RM from the cache.
-STUDY = {"set": {"prepare": {"sft": "data/sft_small.jsonl", "tiny": {"pretrain_epochs": 0.0}},
-                 "train_rm": {"epochs": 1.0}, "update_policy": {"dpo": {"epochs": 1.0}},
-                 "evaluate": {"landscape": {"axes": {}}}},
-         "axes": {"update_policy.dpo.beta": [0.1, 0.5]}, "seeds": [0], "rounds": 1, "parallel": 1}
+STUDY = {
+    "set": {
+        "prepare": {"sft": "data/sft_small.jsonl", "tiny": {"pretrain_epochs": 0.0}},
+        "train_rm": {"epochs": 1.0},
+        "update_policy": {"dpo": {"epochs": 1.0}},
+        "evaluate": {"landscape": {"axes": {}}},
+    },
+    "axes": {"update_policy.dpo.beta": [0.1, 0.5]},
+    "seeds": [0],
+    "rounds": 1,
+    "parallel": 1,
+}
 RUNS = ["beta=0.1,seed=0", "beta=0.5,seed=0"]
 
 
 def rlhf(*args, cwd, env=None):
-    return subprocess.run([BIN / "rlhf", *args], cwd=cwd, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [BIN / "rlhf", *args], cwd=cwd, capture_output=True, text=True, timeout=900, env={**os.environ, **(env or {})}
+    )
 
 
 def dvc(*args, cwd):
@@ -78,20 +87,45 @@ def task_runs(url):
         return [t for t in client.read_task_runs() if t.flow_run_id == latest.id], client.read_artifacts()
 
 
-@pytest.mark.parametrize(("spec", "message"), [
-    ({"axes": {"train_rm.dta": ["last", "concat"]}}, "studies/bad.yaml: axes: train_rm.dta: unknown key (did you mean train_rm.data?)"),
-    ({"axes": {"train_rm.data": ["last", "lats"]}}, "studies/bad.yaml: axes: train_rm.data: input should be 'last', 'concat' or 'sample' (got 'lats')"),
-    ({"axes": {"update_policy.init": ["liti"], "update_policy.lora.rank": [0, 8]}},
-     "studies/bad.yaml: axes: init=liti,rank=8: update_policy.init: liti interpolates full weights"),
-    ({"set": {"train_rm": {"epochs": 0}}}, "studies/bad.yaml: set: train_rm.epochs: input should be greater than 0"),
-    ({"axes": {"runtime.seed": [1, 2]}}, "studies/bad.yaml: axes: runtime.seed: not a study axis; list the seeds under `seeds:`"),
-    ({"axes": {"train_rm.data": ["last", "last"]}}, "studies/bad.yaml: axes: train_rm.data: needs a non-empty list of distinct"),
-    ({"axis": {"train_rm.data": ["last"]}}, "studies/bad.yaml: axis: unknown key (did you mean axes?)"),
-    ({"parallel": 0}, "studies/bad.yaml: parallel: input should be greater than 0"),
-    ({"base": "nope.yaml"}, "nope.yaml: no such file"),
-    ({"axes": {"update_policy.cotrain.ratio": [0, 4]}, "set": {"update_policy": {"cotrain": {"data": "data/no.jsonl"}}}},
-     "studies/bad.yaml: ratio=4: data/no.jsonl: no such file (update_policy.cotrain.data)"),
-])
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (
+            {"axes": {"train_rm.dta": ["last", "concat"]}},
+            "studies/bad.yaml: axes: train_rm.dta: unknown key (did you mean train_rm.data?)",
+        ),
+        (
+            {"axes": {"train_rm.data": ["last", "lats"]}},
+            "studies/bad.yaml: axes: train_rm.data: input should be 'last', 'concat' or 'sample' (got 'lats')",
+        ),
+        (
+            {"axes": {"update_policy.init": ["liti"], "update_policy.lora.rank": [0, 8]}},
+            "studies/bad.yaml: axes: init=liti,rank=8: update_policy.init: liti interpolates full weights",
+        ),
+        (
+            {"set": {"train_rm": {"epochs": 0}}},
+            "studies/bad.yaml: set: train_rm.epochs: input should be greater than 0",
+        ),
+        (
+            {"axes": {"runtime.seed": [1, 2]}},
+            "studies/bad.yaml: axes: runtime.seed: not a study axis; list the seeds under `seeds:`",
+        ),
+        (
+            {"axes": {"train_rm.data": ["last", "last"]}},
+            "studies/bad.yaml: axes: train_rm.data: needs a non-empty list of distinct",
+        ),
+        ({"axis": {"train_rm.data": ["last"]}}, "studies/bad.yaml: axis: unknown key (did you mean axes?)"),
+        ({"parallel": 0}, "studies/bad.yaml: parallel: input should be greater than 0"),
+        ({"base": "nope.yaml"}, "nope.yaml: no such file"),
+        (
+            {
+                "axes": {"update_policy.cotrain.ratio": [0, 4]},
+                "set": {"update_policy": {"cotrain": {"data": "data/no.jsonl"}}},
+            },
+            "studies/bad.yaml: ratio=4: data/no.jsonl: no such file (update_policy.cotrain.data)",
+        ),
+    ],
+)
 def test_a_bad_study_fails_naming_the_key_before_anything_runs(project, monkeypatch, spec, message):
     from rlhf.orchestration.preflight import check_study
     from rlhf.studies.grid import load_study
@@ -117,10 +151,13 @@ def test_every_study_command_has_help(tmp_path, args):
     assert out.returncode == 0 and out.stdout.startswith("usage: rlhf study")
 
 
-@pytest.mark.parametrize(("name", "axes", "runs"), [
-    ("wolf-mini", {"train_rm.data", "update_policy.init"}, 18),
-    ("cotrain-mini", {"update_policy.cotrain.ratio", "prepare.tiny.hidden_size"}, 12),
-])
+@pytest.mark.parametrize(
+    ("name", "axes", "runs"),
+    [
+        ("wolf-mini", {"train_rm.data", "update_policy.init"}, 18),
+        ("cotrain-mini", {"update_policy.cotrain.ratio", "prepare.tiny.hidden_size"}, 12),
+    ],
+)
 def test_shipped_studies_are_valid_grids(monkeypatch, name, axes, runs):
     from rlhf.orchestration.preflight import check_study
     from rlhf.studies.grid import load_study
@@ -155,14 +192,18 @@ def test_status_says_every_run_is_done(project, tiny_study):
     out = rlhf("study", "status", "studies/tiny.yaml", cwd=project)
     assert out.returncode == 0
     lines = out.stdout.splitlines()
-    assert lines[0] == "studies/tiny: 2 runs (2 configurations x 1 seed x 1 round), 1 at a time" and lines[1] == "2 done"
+    assert (
+        lines[0] == "studies/tiny: 2 runs (2 configurations x 1 seed x 1 round), 1 at a time" and lines[1] == "2 done"
+    )
     assert [line.split()[:3] for line in lines[4:]] == [[run, "done", "1/1"] for run in RUNS]
 
 
 def test_report_ranks_each_configuration_and_plots_gold_against_sqrt_kl(tiny_study):
     folder, log, _ = tiny_study
     report = (folder / "report" / "report.md").read_text()
-    rows = [line.strip("| ").split(" | ") for line in report.splitlines() if line.startswith("| ") and "rank" not in line]
+    rows = [
+        line.strip("| ").split(" | ") for line in report.splitlines() if line.startswith("| ") and "rank" not in line
+    ]
     gold = {r: json.loads((folder / r / "data/rounds/r01/metrics.json").read_text())["gold"]["mean"] for r in RUNS}
     ranked = sorted(RUNS, key=gold.get, reverse=True)
     assert [row[:3] for row in rows] == [["1", ranked[0][5:8], "1/1"], ["2", ranked[1][5:8], "1/1"]]
@@ -179,7 +220,14 @@ def test_each_run_is_its_own_clean_dvc_project_sharing_one_cache(tiny_study):
         ws = folder / run
         assert "up to date" in dvc("status", cwd=ws)
         lock = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]
-        assert set(lock) == {"prepare", "generate@r01", "label@r01", "train_rm@r01", "update_policy@r01", "evaluate@r01"}
+        assert set(lock) == {
+            "prepare",
+            "generate@r01",
+            "label@r01",
+            "train_rm@r01",
+            "update_policy@r01",
+            "evaluate@r01",
+        }
         assert yaml.safe_load((ws / "params.yaml").read_text())["update_policy"]["dpo"]["beta"] == float(run[5:8])
         assert "data/rounds/r01/metrics.json" in dvc("metrics", "show", cwd=ws)
         assert dvc("cache", "dir", cwd=ws).strip() == str(folder / "cache")
@@ -215,7 +263,9 @@ def test_a_rerun_does_nothing_and_a_lost_round_is_finished_alone(project, tiny_s
     assert again.returncode == 0 and "1 done, 1 to run" in again.stdout + again.stderr
     assert files(kept) == before[RUNS[1]]  # the other run is untouched
     assert (lost / "data/rounds/r01/metrics.json").read_text() == metrics  # restored from the cache, as it was
-    assert {p: t for p, t in files(lost).items() if "r00" in p.parts} == {p: t for p, t in before[RUNS[0]].items() if "r00" in p.parts}
+    assert {p: t for p, t in files(lost).items() if "r00" in p.parts} == {
+        p: t for p, t in before[RUNS[0]].items() if "r00" in p.parts
+    }
     assert "Running stage" not in (lost / "run.log").read_text().split("Beginning flow run")[-1]
     assert "up to date" in dvc("status", cwd=lost)
 
@@ -223,13 +273,22 @@ def test_a_rerun_does_nothing_and_a_lost_round_is_finished_alone(project, tiny_s
 @pytest.mark.slow  # three runs that each start Prefect, DVC and a step before failing: about a minute
 def test_failed_runs_report_their_message_and_run_at_most_parallel_at_once(project, server):
     (project / "data" / "broken.txt").write_bytes(b"\xff\xfe not text\n")
-    study = write_study(project, "broken", {"set": {"prepare": {"pretrain": "data/broken.txt"}},
-                                            "axes": {"train_rm.epochs": [1.0, 2.0, 3.0]}, "rounds": 1, "parallel": 2})
+    study = write_study(
+        project,
+        "broken",
+        {
+            "set": {"prepare": {"pretrain": "data/broken.txt"}},
+            "axes": {"train_rm.epochs": [1.0, 2.0, 3.0]},
+            "rounds": 1,
+            "parallel": 2,
+        },
+    )
     out = rlhf("study", "run", study, cwd=project, env={"PREFECT_API_URL": server})
     assert out.returncode == 2
     message = "stage prepare failed: data/broken.txt: not valid UTF-8 (byte 0)"
-    assert out.stderr.splitlines()[-1] == (f"error: 3 of 3 runs failed, first epochs=1.0,seed=0: {message} "
-                                           f"(see `rlhf study status {study}`)")
+    assert out.stderr.splitlines()[-1] == (
+        f"error: 3 of 3 runs failed, first epochs=1.0,seed=0: {message} (see `rlhf study status {study}`)"
+    )
     status = rlhf("study", "status", study, cwd=project).stdout
     assert status.splitlines()[1] == "3 failed" and status.count(message) == 3
     tasks, _ = task_runs(server)
@@ -248,19 +307,37 @@ def test_a_reduced_default_study_is_killed_resumed_reported_and_reproducible(tmp
     import psutil
 
     project = make_project(tmp_path / "project", subset=False)
-    study = write_study(project, "reduced", {"set": {"train_rm": {"sample_size": 200}},
-                                             "axes": {"train_rm.data": ["last", "concat", "sample"]},
-                                             "seeds": [0, 1], "rounds": 2, "parallel": 2})
+    study = write_study(
+        project,
+        "reduced",
+        {
+            "set": {"train_rm": {"sample_size": 200}},
+            "axes": {"train_rm.data": ["last", "concat", "sample"]},
+            "seeds": [0, 1],
+            "rounds": 2,
+            "parallel": 2,
+        },
+    )
     folder = project / "studies" / "reduced"
     runs = [f"data={d},seed={s}" for d in ("last", "concat", "sample") for s in (0, 1)]
 
     def done():
-        return [r for r in runs if (folder / r / "study-run.json").is_file()
-                and json.loads((folder / r / "study-run.json").read_text())["state"] == "done"]
+        return [
+            r
+            for r in runs
+            if (folder / r / "study-run.json").is_file()
+            and json.loads((folder / r / "study-run.json").read_text())["state"] == "done"
+        ]
 
     with open(tmp_path / "first.log", "w") as log:  # killed like a preempted machine: the whole process group
-        first = subprocess.Popen([BIN / "rlhf", "study", "run", study], cwd=project, stdout=log, stderr=subprocess.STDOUT,
-                                 env={**os.environ, "PREFECT_API_URL": server}, start_new_session=True)
+        first = subprocess.Popen(
+            [BIN / "rlhf", "study", "run", study],
+            cwd=project,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PREFECT_API_URL": server},
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 3600
         while not done() and first.poll() is None and time.monotonic() < deadline:
             time.sleep(2)
@@ -281,7 +358,9 @@ def test_a_reduced_default_study_is_killed_resumed_reported_and_reproducible(tmp
     assert rlhf("study", "status", study, cwd=project).stdout.splitlines()[1] == "6 done"
 
     report = (folder / "report" / "report.md").read_text()
-    rows = [line.strip("| ").split(" | ") for line in report.splitlines() if line.startswith("| ") and "rank" not in line]
+    rows = [
+        line.strip("| ").split(" | ") for line in report.splitlines() if line.startswith("| ") and "rank" not in line
+    ]
     assert [row[0] for row in rows] == ["1", "2", "3"] and {row[1] for row in rows} == {"last", "concat", "sample"}
     golds = [float(row[3].split("**")[1]) for row in rows]
     assert golds == sorted(golds, reverse=True) and all(row[2] == "2/2" and "± 0." in row[3] for row in rows)

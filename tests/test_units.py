@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 import yaml
 
-from rlhf.core.paths import ROUND_STEPS
 from rlhf.core.errors import UserError
 from rlhf.core.io import atomic_dir, read_jsonl, read_prompts, write_jsonl
-from rlhf.core.paths import STEP_OUTPUT, round_paths
+from rlhf.core.paths import ROUND_STEPS, STEP_OUTPUT, round_paths
 from rlhf.judges import checked
 from rlhf.ml.pairs import best_worst, group_by_prompt, pairs_of
 from tests.conftest import ROOT
@@ -43,11 +42,19 @@ def test_label_noise_flips_the_configured_fraction_seeded(tmp_path, monkeypatch)
     shutil.copy(ROOT / "data" / "world.json", tmp_path / "world.json")
     rng = np.random.default_rng(0)
     topics = ["ocean", "forest"]
-    rows = [{"prompt_id": f"p{i}", "prompt": f"user : describe the {topics[i % 2]} . assistant :",
-             "response": " " + " ".join(["the water is blue ."] * int(n))} for i in range(300) for n in rng.integers(0, 5, 4)]
+    rows = [
+        {
+            "prompt_id": f"p{i}",
+            "prompt": f"user : describe the {topics[i % 2]} . assistant :",
+            "response": " " + " ".join(["the water is blue ."] * int(n)),
+        }
+        for i in range(300)
+        for n in rng.integers(0, 5, 4)
+    ]
     write_jsonl(round_paths("r01").samples, rows)
-    cfg = Config.model_validate({"rounds": {"r01": "r00"}, "label": {"world": "world.json", "noise": 0.25,
-                                                                     "pairs": "all_pairs"}})
+    cfg = Config.model_validate(
+        {"rounds": {"r01": "r00"}, "label": {"world": "world.json", "noise": 0.25, "pairs": "all_pairs"}}
+    )
     summary = label(cfg, "r01")
     pairs = read_pairs(round_paths("r01").labels)
     flipped = [p for p in pairs if p["flipped"]]
@@ -123,7 +130,14 @@ def test_shipped_data_is_what_make_data_writes(tmp_path):
 
     shutil.copytree(ROOT / "data", tmp_path / "data", ignore=shutil.ignore_patterns("rounds"))
     subprocess.run([sys.executable, tmp_path / "data" / "make_data.py"], check=True)
-    for name in ("sft.jsonl", "pretrain.txt", "cotrain.jsonl", "prompts/eval.jsonl", "prompts/label.jsonl", "prompts/policy.jsonl"):
+    for name in (
+        "sft.jsonl",
+        "pretrain.txt",
+        "cotrain.jsonl",
+        "prompts/eval.jsonl",
+        "prompts/label.jsonl",
+        "prompts/policy.jsonl",
+    ):
         assert (tmp_path / "data" / name).read_text() == (ROOT / "data" / name).read_text(), name
     evals = {r["prompt"] for r in read_prompts(ROOT / "data/prompts/eval.jsonl")}
     seen = {r["prompt"] for s in ("label", "policy") for r in read_prompts(ROOT / f"data/prompts/{s}.jsonl")}

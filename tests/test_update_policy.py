@@ -7,12 +7,12 @@ import shutil
 import pytest
 import torch
 
-from rlhf.ml import models, sampling
 from rlhf.core.config import PPO, Config, CoTrain
-from rlhf.ml.cotrain import Aux
 from rlhf.core.io import read_prompts
-from rlhf.ml.methods import ppo
 from rlhf.core.paths import SFT, round_paths
+from rlhf.ml import models, sampling
+from rlhf.ml.cotrain import Aux
+from rlhf.ml.methods import ppo
 from tests.conftest import deep_update
 
 
@@ -87,8 +87,9 @@ def test_ppo_first_minibatch_has_ratio_one_and_zero_kl_to_an_identical_reference
     prompts = [p["prompt"] for p in read_prompts(cfg.prompts.policy)][:16]
     policy = models.load_policy(SFT.policy)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
-    _, _, history = run_ppo(cfg, lambda p, r: [1.0] * len(r), PPO(rollout_prompts=16, epochs=1.0, ppo_epochs=2),
-                            prompts, policy, ref)
+    _, _, history = run_ppo(
+        cfg, lambda p, r: [1.0] * len(r), PPO(rollout_prompts=16, epochs=1.0, ppo_epochs=2), prompts, policy, ref
+    )
     first = history[0]
     assert first["first_minibatch"]["ratio_max_dev"] < 1e-5  # nothing has been updated yet
     assert abs(first["kl"]) < 1e-6  # the reference is the policy itself
@@ -123,8 +124,16 @@ def test_each_method_raises_the_proxy_reward(scratch_project, monkeypatch, metho
     from tasks.update_policy import update_policy
 
     monkeypatch.chdir(scratch_project)
-    cfg = config({"update_policy": {"method": method, "ppo": {"learning_rate": 0.001, "value_learning_rate": 0.001},
-                                    "rest": {"learning_rate": 0.001}, "rloo": {"learning_rate": 0.001}}})
+    cfg = config(
+        {
+            "update_policy": {
+                "method": method,
+                "ppo": {"learning_rate": 0.001, "value_learning_rate": 0.001},
+                "rest": {"learning_rate": 0.001},
+                "rloo": {"learning_rate": 0.001},
+            }
+        }
+    )
     summary = update_policy(cfg, "r01")
     assert summary["method"] == method
     prompts = [p["prompt"] for p in read_prompts(cfg.prompts.policy)]
@@ -150,8 +159,12 @@ def test_init_sft_last_and_liti_weights(scratch_project, monkeypatch):
     monkeypatch.chdir(scratch_project)
     sft, last = weights(models.load_policy(SFT.policy)), weights(models.load_policy(round_paths("r01").policy))
     assert any(not torch.equal(sft[k], last[k]) for k in sft)  # r01 moved away from SFT
-    cases = {"sft": ({"init": "sft"}, sft), "last": ({"init": "last"}, last),
-             "liti eta=1": ({"init": "liti", "eta": 1.0}, last), "liti eta=0": ({"init": "liti", "eta": 0.0}, sft)}
+    cases = {
+        "sft": ({"init": "sft"}, sft),
+        "last": ({"init": "last"}, last),
+        "liti eta=1": ({"init": "liti", "eta": 1.0}, last),
+        "liti eta=0": ({"init": "liti", "eta": 0.0}, sft),
+    }
     for name, (change, expected) in cases.items():
         got = weights(initial_policy(two_rounds(change), "r02"))
         assert all(torch.equal(got[k], expected[k]) for k in expected), name  # exactly, not approximately
@@ -207,8 +220,13 @@ def test_aux_takes_one_batch_after_every_ratio_update_batches():
     aux = Aux(rows, CoTrain(ratio=3), tok=None, batch_size=4, max_length=64, seed=0)
     got = [aux.after_update_batch(8) for _ in range(10)]
     assert [g is not None for g in got] == [False, False, True] * 3 + [False]
-    assert aux.counts() == {"update_batches": 10, "update_examples": 80, "aux_batches": 3, "aux_examples": 12,
-                            "ratio": 3}
+    assert aux.counts() == {
+        "update_batches": 10,
+        "update_examples": 80,
+        "aux_batches": 3,
+        "aux_examples": 12,
+        "ratio": 3,
+    }
     assert all(len(g) == 4 for g in got if g)
 
 
@@ -217,8 +235,15 @@ def test_cotraining_uses_auxiliary_and_update_examples_at_the_ratio(scratch_proj
     from tasks.update_policy import update_policy
 
     monkeypatch.chdir(scratch_project)
-    cfg = config({"update_policy": {"method": method, "cotrain": {"ratio": 2},
-                                    "ppo": {"rollout_prompts": 32, "epochs": 0.5, "ppo_epochs": 1}}})
+    cfg = config(
+        {
+            "update_policy": {
+                "method": method,
+                "cotrain": {"ratio": 2},
+                "ppo": {"rollout_prompts": 32, "epochs": 0.5, "ppo_epochs": 1},
+            }
+        }
+    )
     summary = update_policy(cfg, "r01")
     c = summary["cotrain"]
     if method == "rest":  # mixed data: one auxiliary row per `ratio` selected samples, in every improve step

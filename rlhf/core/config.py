@@ -16,7 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from rlhf.core.errors import UserError
 
-Positive = Field(gt=0)
+
+def d(default, description: str, **constraints):
+    """A params key: its default, its one description (the docs' params reference is generated from it) and
+    its constraints."""
+    return Field(default, description=description, **constraints)
 
 
 class Section(BaseModel):
@@ -24,13 +28,19 @@ class Section(BaseModel):
 
 
 class Runtime(Section):
-    seed: int = 0
-    threads: int = Field(2, ge=1)  # fixed, because 1 and 2 threads give different weights
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    # > 1: the training steps (prepare, train_rm, update_policy) run as that many ranks under `accelerate
-    # launch`, batch sizes staying global (README: Scaling out); several nodes count every node's processes
-    num_processes: int = Field(1, ge=1)
-    accelerate_config: str | None = None  # an `accelerate config` or DeepSpeed/FSDP config file for the launch
+    """How every stage runs: seeds, threads, device, and several processes for the training steps."""
+
+    seed: int = d(0, "base of every stage's own seed (each stage derives its seed from it and its name)")
+    threads: int = d(2, "torch threads per stage, fixed because 1 and 2 threads give different weights", ge=1)
+    device: Literal["auto", "cpu", "cuda"] = d("auto", "where models run; auto: a GPU if one is visible")
+    num_processes: int = d(
+        1,
+        "> 1: prepare, train_rm and update_policy run as that many ranks under `accelerate "
+        "launch`, batch sizes staying global (docs/scaling.md); several nodes count every "
+        "node's processes",
+        ge=1,
+    )
+    accelerate_config: str | None = d(None, "an `accelerate config`, DeepSpeed or FSDP file for that launch")
 
     @field_validator("accelerate_config")
     @classmethod
@@ -43,23 +53,25 @@ class Runtime(Section):
 class TinyModel(Section):
     """The locally built base LM of the offline default (a Llama of a few million parameters)."""
 
-    hidden_size: int = Field(256, gt=0)
-    layers: int = Field(4, gt=0)
-    heads: int = Field(4, gt=0)
-    intermediate_size: int = Field(512, gt=0)
-    pretrain_epochs: float = Field(1.0, ge=0)
-    learning_rate: float = Field(1e-3, gt=0)
+    hidden_size: int = d(256, "hidden width", gt=0)
+    layers: int = d(4, "transformer layers", gt=0)
+    heads: int = d(4, "attention heads", gt=0)
+    intermediate_size: int = d(512, "MLP width", gt=0)
+    pretrain_epochs: float = d(1.0, "epochs of pre-training on prepare.pretrain before SFT (0: none)", ge=0)
+    learning_rate: float = d(1e-3, "pre-training learning rate", gt=0)
 
 
 class Prepare(Section):
-    policy: str = "tiny"  # "tiny" builds the offline default; else a local path or hub id of an SFT policy
-    tiny: TinyModel = TinyModel()
-    pretrain: str = "data/pretrain.txt"
-    sft: str = "data/sft.jsonl"
-    sft_epochs: float = Field(2.0, ge=0)
-    learning_rate: float = Field(1e-3, gt=0)
-    batch_size: int = Field(32, gt=0)
-    max_length: int = Field(96, gt=0)
+    """Round 0: the SFT policy every round starts from, built here or taken from a model folder or hub id."""
+
+    policy: str = d("tiny", "tiny: build the offline default; else a local path or hub id of an SFT policy")
+    tiny: TinyModel = d(TinyModel(), "the tiny model's shape and pre-training")
+    pretrain: str = d("data/pretrain.txt", "plain text the tiny base LM is pre-trained on, one line each")
+    sft: str = d("data/sft.jsonl", "prompt/completion rows the tiny policy is fine-tuned on (and ReST's keep_sft)")
+    sft_epochs: float = d(2.0, "SFT epochs (completion-only loss)", ge=0)
+    learning_rate: float = d(1e-3, "SFT learning rate", gt=0)
+    batch_size: int = d(32, "pre-training and SFT batch size", gt=0)
+    max_length: int = d(96, "longest pre-training or SFT sequence, in tokens", gt=0)
 
     @field_validator("policy")
     @classmethod
@@ -70,20 +82,25 @@ class Prepare(Section):
 
 
 class Prompts(Section):
-    label: str = "data/prompts/label.jsonl"
-    policy: str = "data/prompts/policy.jsonl"
-    eval: str = "data/prompts/eval.jsonl"
+    """The three disjoint prompt sets (JSONL rows with a unique `id` and a `prompt`; or s3://bucket/key)."""
+
+    label: str = d("data/prompts/label.jsonl", "sampled and judged each round: the reward model's training data")
+    policy: str = d("data/prompts/policy.jsonl", "sampled and scored by the proxy RM in the policy update")
+    eval: str = d("data/prompts/eval.jsonl", "held out: evaluation only")
 
 
 class Sampling(Section):
-    k: int = Field(8, ge=2)  # samples per prompt; pairs need two
-    temperature: float = Field(1.0, gt=0)
-    top_k: int = Field(0, ge=0)  # 0 = off
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_new_tokens: int = Field(48, gt=0)
-    batch_size: int = Field(64, gt=0)
-    # the generate step's engine: vllm (a GPU and `pip install vllm`) for real runs, else transformers
-    backend: Literal["transformers", "vllm"] = "transformers"
+    """How generate samples the label prompts (and the policy update's rollouts, with update_policy.k)."""
+
+    k: int = d(8, "samples per label prompt; pairs need two", ge=2)
+    temperature: float = d(1.0, "sampling temperature", gt=0)
+    top_k: int = d(0, "sample among the k likeliest tokens; 0: off", ge=0)
+    top_p: float = d(1.0, "nucleus sampling mass; 1: off", gt=0, le=1)
+    max_new_tokens: int = d(48, "longest response, in tokens", gt=0)
+    batch_size: int = d(64, "sequences generated at once", gt=0)
+    backend: Literal["transformers", "vllm"] = d(
+        "transformers", "generate's engine: vllm needs a GPU and `pip install vllm`"
+    )
 
 
 class Judge(Section):
@@ -91,15 +108,24 @@ class Judge(Section):
     `python`: any callable `module:function` scoring (prompts, responses); `hf`: a sequence-classification
     reward model, `name` a local path or hub id; `ultrarm`: UltraRM's LlamaModel + regression_head."""
 
-    type: Literal["rubric", "python", "hf", "ultrarm"] = "rubric"
-    name: str = "pink_elephant"
-    input: Literal["template", "chat", "pair"] = "template"  # hf: how a prompt and response become input
-    template: str = "Human: {prompt}\nAssistant: {response}"
-    trust_remote_code: bool = False
-    allow_pickle: bool = False  # load .bin/.pt weights when a model has no safetensors
-    batch_size: int = Field(16, gt=0)
-    max_length: int = Field(1024, gt=0)
-    best: float | None = None  # the most the judge can give, if known (the rubric's is 1.0)
+    type: Literal["rubric", "python", "hf", "ultrarm"] = d("rubric", "which kind of judge (docs/judges.md)")
+    name: str = d(
+        "pink_elephant", "rubric: its name; python: module:function; hf/ultrarm: a reward model's local path or hub id"
+    )
+    input: Literal["template", "chat", "pair"] = d(
+        "template",
+        "hf/ultrarm: how a prompt and response become the "
+        "model's input (a template, the chat template, or a "
+        "(question, answer) pair)",
+    )
+    template: str = d(
+        "Human: {prompt}\nAssistant: {response}", "input: template: the text scored, with {prompt} and {response}"
+    )
+    trust_remote_code: bool = d(False, "let a judge run its own modelling code (off: it is refused)")
+    allow_pickle: bool = d(False, "load .bin/.pt weights when a model has no safetensors (they can run code)")
+    batch_size: int = d(16, "responses scored at once", gt=0)
+    max_length: int = d(1024, "longest judge input, in tokens (longer ones are truncated)", gt=0)
+    best: float | None = d(None, "the most the judge can give, if known (the rubric's is 1.0)")
 
     @model_validator(mode="after")
     def _consistent(self) -> Judge:
@@ -115,73 +141,94 @@ class Judge(Section):
 
 
 class Label(Section):
-    judge: Judge = Judge()
-    world: str = "data/world.json"
-    pairs: Literal["best_worst", "all_pairs"] = "best_worst"
-    ties: Literal["skip", "keep"] = "skip"  # a pair of equal scores
-    noise: float = Field(0.0, ge=0, le=0.5)  # probability of flipping a pair (AlpacaFarm; Coste et al. use 0.25)
-    workers: int = Field(1, gt=0)  # processes scoring shards of the samples at once (on GPUs: worker i on cuda:i)
+    """How the gold judge's scores become preference pairs."""
+
+    judge: Judge = d(Judge(), "the gold judge")
+    world: str = d("data/world.json", "the rubric's world: topics, forbidden words, sentence shapes")
+    pairs: Literal["best_worst", "all_pairs"] = d(
+        "best_worst", "one pair per prompt (best vs worst sample), or every pair of its samples"
+    )
+    ties: Literal["skip", "keep"] = d("skip", "a pair of equal scores: skipped, or kept")
+    noise: float = d(0.0, "probability of flipping a pair (AlpacaFarm; Coste et al. use 0.25)", ge=0, le=0.5)
+    workers: int = d(1, "processes scoring shards of the samples at once (on GPUs: worker i on cuda:i)", gt=0)
 
 
 class TrainRM(Section):
-    init: Literal["sft", "base", "last"] = "sft"  # last: the previous round's RM (round 1: the SFT policy)
-    objective: Literal["bt", "bt_margin", "absolute", "combined"] = "bt"
-    weight: float = Field(0.5, ge=0, le=1)  # combined: reward = w sigmoid(r_pref) + (1 - w) sigmoid(r_abs)
-    data: Literal["last", "concat", "sample"] = "last"  # which rounds' pairs: this one, all so far, or a sample
-    sample_size: int = Field(400, gt=0)  # sample: pairs in all, an equal share from each round so far
-    unique_prompts: bool = False  # sample: each prompt at most once
-    epochs: float = Field(2.0, gt=0)
-    batch_size: int = Field(16, gt=0)
-    learning_rate: float = Field(1e-4, gt=0)
-    max_length: int = Field(128, gt=0)
+    """The proxy reward model trained each round (TRL's RewardTrainer)."""
+
+    init: Literal["sft", "base", "last"] = d(
+        "sft",
+        "what the RM starts from: the SFT policy, the base LM, or the previous round's RM (round 1: the SFT policy)",
+    )
+    objective: Literal["bt", "bt_margin", "absolute", "combined"] = d(
+        "bt", "Bradley-Terry, BT with the gold margin, regression on gold scores, or a BT and a regression head"
+    )
+    weight: float = d(0.5, "combined: reward = w sigmoid(r_pref) + (1 - w) sigmoid(r_abs)", ge=0, le=1)
+    data: Literal["last", "concat", "sample"] = d(
+        "last", "which rounds' pairs: this one's, all so far, or an equal share of each round's"
+    )
+    sample_size: int = d(400, "sample: pairs in all, an equal share from each round so far", gt=0)
+    unique_prompts: bool = d(False, "sample: each prompt at most once")
+    epochs: float = d(2.0, "training epochs", gt=0)
+    batch_size: int = d(16, "pairs per batch (global)", gt=0)
+    learning_rate: float = d(1e-4, "learning rate", gt=0)
+    max_length: int = d(128, "longest prompt + response, in tokens (TRL drops longer pairs)", gt=0)
 
 
 class Lora(Section):
     """PEFT LoRA for the policy update; rank 0 trains every weight instead."""
 
-    rank: int = Field(0, ge=0)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    rank: int = d(0, "0: train every weight; > 0: a LoRA adapter per round over the SFT policy", ge=0)
+    alpha: float = d(16.0, "LoRA alpha (the update is scaled by alpha / rank)", gt=0)
+    dropout: float = d(0.0, "LoRA dropout", ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = d(
+        "all-linear", "the modules adapted: all-linear, or a list of names"
+    )
 
 
 class CoTrain(Section):
     """An auxiliary prompt/completion set mixed into the policy update to keep the model's priors."""
 
-    data: str = "data/cotrain.jsonl"  # prompt/completion rows
-    ratio: int = Field(0, ge=0)  # update batches per auxiliary batch; 0 = no co-training
-    coef: float = Field(1.0, gt=0)  # weight of the auxiliary NLL term (dpo, ppo, rloo)
+    data: str = d("data/cotrain.jsonl", "prompt/completion rows")
+    ratio: int = d(0, "update batches per auxiliary batch (e.g. 4); 0: no co-training", ge=0)
+    coef: float = d(1.0, "weight of the auxiliary NLL term (dpo, ppo, rloo; rest mixes the rows into its data)", gt=0)
 
 
 class DPO(Section):
-    beta: float = Field(0.1, gt=0)
-    epochs: float = Field(2.0, gt=0)
-    learning_rate: float = Field(1e-4, gt=0)
+    """DPO on the proxy's best-vs-worst pairs of the policy's own samples (TRL's DPOTrainer)."""
+
+    beta: float = d(0.1, "DPO's beta (strength of the implicit KL term)", gt=0)
+    epochs: float = d(2.0, "epochs over the pairs", gt=0)
+    learning_rate: float = d(1e-4, "learning rate", gt=0)
 
 
 class PPO(Section):
-    kl_coef: float = Field(0.05, ge=0)  # beta of the per-token KL penalty (the start value if target_kl is set)
-    target_kl: float | None = Field(None, gt=0)  # per-sequence KL an adaptive controller steers toward
-    horizon: int = Field(10_000, gt=0)  # the adaptive controller's horizon (Ziegler et al.)
-    gamma: float = Field(1.0, ge=0, le=1)
-    lam: float = Field(0.95, ge=0, le=1)
-    clip: float = Field(0.2, gt=0)  # policy ratio clip
-    value_clip: float = Field(0.2, gt=0)
-    value_coef: float = Field(0.1, ge=0)
-    whiten: bool = True  # whiten advantages per rollout batch
-    missing_eos_penalty: float | None = Field(None, ge=0)  # subtracted from the score of a response that never ended
-    rollout_prompts: int = Field(64, gt=0)  # prompts per rollout batch (each sampled k times)
-    ppo_epochs: int = Field(4, gt=0)  # passes over each rollout batch
-    epochs: float = Field(1.0, gt=0)  # passes over the policy prompts
-    learning_rate: float = Field(1e-4, gt=0)
-    value_learning_rate: float = Field(1e-4, gt=0)
+    """The project's own PPO: GAE, clipped policy and value losses, a per-token KL penalty."""
+
+    kl_coef: float = d(0.05, "beta of the per-token KL penalty (the start value if target_kl is set)", ge=0)
+    target_kl: float | None = d(None, "per-sequence KL an adaptive controller steers toward; null: fixed kl_coef", gt=0)
+    horizon: int = d(10_000, "the adaptive controller's horizon (Ziegler et al.)", gt=0)
+    gamma: float = d(1.0, "discount", ge=0, le=1)
+    lam: float = d(0.95, "GAE lambda", ge=0, le=1)
+    clip: float = d(0.2, "policy ratio clip", gt=0)
+    value_clip: float = d(0.2, "value clip", gt=0)
+    value_coef: float = d(0.1, "weight of the value loss", ge=0)
+    whiten: bool = d(True, "whiten advantages per rollout batch")
+    missing_eos_penalty: float | None = d(None, "subtracted from the score of a response that never ended", ge=0)
+    rollout_prompts: int = d(64, "prompts per rollout batch (each sampled update_policy.k times)", gt=0)
+    ppo_epochs: int = d(4, "passes over each rollout batch", gt=0)
+    epochs: float = d(1.0, "passes over the policy prompts", gt=0)
+    learning_rate: float = d(1e-4, "policy learning rate", gt=0)
+    value_learning_rate: float = d(1e-4, "value head learning rate", gt=0)
 
 
 class ReST(Section):
-    thresholds: list[float] = [0.5, 0.7, 0.9]  # one improve step each, on the reward's quantile in [0, 1)
-    keep_sft: bool = False  # mix the SFT set (prepare.sft) into each improve step, one SFT row per sample
-    epochs: float = Field(1.0, gt=0)  # per improve step
-    learning_rate: float = Field(1e-4, gt=0)
+    """ReST: grow (sample) once, then improve steps on the samples above rising reward quantiles (SFT)."""
+
+    thresholds: list[float] = d([0.5, 0.7, 0.9], "one improve step each, on the reward's quantile in [0, 1)")
+    keep_sft: bool = d(False, "mix the SFT set (prepare.sft) into each improve step, one SFT row per sample")
+    epochs: float = d(1.0, "epochs per improve step", gt=0)
+    learning_rate: float = d(1e-4, "learning rate", gt=0)
 
     @field_validator("thresholds")
     @classmethod
@@ -192,29 +239,37 @@ class ReST(Section):
 
 
 class RLOO(Section):
-    beta: float = Field(0.05, ge=0)
-    epochs: float = Field(1.0, gt=0)
-    learning_rate: float = Field(1e-4, gt=0)
+    """RLOO (TRL's RLOOTrainer) with the proxy reward: k samples per prompt, a leave-one-out baseline."""
+
+    beta: float = d(0.05, "KL coefficient", ge=0)
+    epochs: float = d(1.0, "epochs over the policy prompts", gt=0)
+    learning_rate: float = d(1e-4, "learning rate", gt=0)
 
 
 class UpdatePolicy(Section):
-    method: Literal["dpo", "ppo", "rest", "rloo"] = "dpo"
-    # the reward the policy optimises: the round's RM, an ensemble of every round's RM so far (mean, min, or
-    # mean - uwo_lambda * std), or one RM whose weights are the average of theirs
-    reward: Literal["last", "ensemble_mean", "ensemble_min", "ensemble_uwo", "weight_average"] = "last"
-    uwo_lambda: float = Field(1.0, ge=0)
-    init: Literal["sft", "last", "liti"] = "last"  # where each round's policy starts
-    eta: float = Field(0.5, ge=0, le=1)  # liti: init_k = (1 - eta) init_(k-1) + eta policy_(k-1)
-    ref: Literal["sft", "init"] = "sft"  # the KL reference: the SFT policy or the round's initial policy
-    k: int = Field(4, ge=1)  # samples per policy prompt: dpo pairs best vs worst, rest and rloo groups, ppo rollouts
-    batch_size: int = Field(16, gt=0)
-    max_length: int = Field(128, gt=0)
-    lora: Lora = Lora()
-    cotrain: CoTrain = CoTrain()
-    dpo: DPO = DPO()
-    ppo: PPO = PPO()
-    rest: ReST = ReST()
-    rloo: RLOO = RLOO()
+    """The policy update: its method, the reward it optimises, where it starts and what it is kept close to."""
+
+    method: Literal["dpo", "ppo", "rest", "rloo"] = d("dpo", "the update method (docs/policy-updates.md)")
+    reward: Literal["last", "ensemble_mean", "ensemble_min", "ensemble_uwo", "weight_average"] = d(
+        "last",
+        "the reward optimised: the round's RM, an ensemble of every round's RM so far (mean, min, or mean - "
+        "uwo_lambda * std), or one RM whose weights are the average of theirs",
+    )
+    uwo_lambda: float = d(1.0, "ensemble_uwo: mean - uwo_lambda * std", ge=0)
+    init: Literal["sft", "last", "liti"] = d(
+        "last", "where each round's policy starts: the SFT policy, the previous round's, or liti's interpolation"
+    )
+    eta: float = d(0.5, "liti: init_k = (1 - eta) init_(k-1) + eta policy_(k-1)", ge=0, le=1)
+    ref: Literal["sft", "init"] = d("sft", "the KL reference: the SFT policy or the round's initial policy")
+    k: int = d(4, "samples per policy prompt: dpo pairs best vs worst, rest and rloo groups, ppo rollouts", ge=1)
+    batch_size: int = d(16, "examples per batch (global)", gt=0)
+    max_length: int = d(128, "longest prompt + response, in tokens", gt=0)
+    lora: Lora = d(Lora(), "LoRA adapters instead of full weights")
+    cotrain: CoTrain = d(CoTrain(), "co-training with an auxiliary set")
+    dpo: DPO = d(DPO(), "method: dpo")
+    ppo: PPO = d(PPO(), "method: ppo")
+    rest: ReST = d(ReST(), "method: rest")
+    rloo: RLOO = d(RLOO(), "method: rloo")
 
     @model_validator(mode="after")
     def _runnable(self) -> UpdatePolicy:
@@ -223,8 +278,10 @@ class UpdatePolicy(Section):
         if self.method == "rloo" and self.batch_size % self.k:
             raise ValueError(f"[batch_size] rloo needs a multiple of k={self.k} (got {self.batch_size})")
         if self.init == "liti" and self.lora.rank:
-            raise ValueError("[init] liti interpolates full weights; with lora.rank > 0 a round keeps only an "
-                             "adapter: use sft or last, or set lora.rank: 0")
+            raise ValueError(
+                "[init] liti interpolates full weights; with lora.rank > 0 a round keeps only an "
+                "adapter: use sft or last, or set lora.rank: 0"
+            )
         return self
 
 
@@ -232,9 +289,9 @@ class Landscape(Section):
     """A grid of prompts from two axes (after QDAIF), answered by each round's policy and scored by gold and
     proxy; `axes: {}` turns it off. The template names both axes, e.g. "... {opener} the {topic} ..."."""
 
-    template: str = "{a} {b}"
-    axes: dict[str, list[str]] = {}
-    samples: int = Field(2, gt=0)  # samples per cell
+    template: str = d("{a} {b}", "the prompt of a cell, naming both axes")
+    axes: dict[str, list[str]] = d({}, "exactly two axes, each a list of distinct values; {}: off")
+    samples: int = d(2, "samples per cell", gt=0)
 
     @model_validator(mode="after")
     def _two_axes(self) -> Landscape:
@@ -243,37 +300,49 @@ class Landscape(Section):
         if len(self.axes) != 2 or any(not v or len(set(v)) != len(v) for v in self.axes.values()):
             raise ValueError("[axes] needs exactly two axes, each a non-empty list of distinct values")
         if set(re.findall(r"{(\w+)}", self.template)) != set(self.axes):
-            raise ValueError(f"[template] must name exactly the axes {{{'}, {'.join(self.axes)}}} "
-                             f"(got {self.template!r})")
+            raise ValueError(
+                f"[template] must name exactly the axes {{{'}, {'.join(self.axes)}}} (got {self.template!r})"
+            )
         return self
 
 
 class Evaluate(Section):
-    samples_per_prompt: int = Field(4, gt=0)
-    best_of_n: list[Annotated[int, Field(gt=0)]] = []  # e.g. [1, 2, 4, 8]: the proxy's best of n, gold and proxy
-    landscape: Landscape = Landscape()
-    max_new_tokens: int = Field(48, gt=0)
-    batch_size: int = Field(64, gt=0)
+    """Evaluation on the held-out prompts, sampled from the policy itself (temperature 1, no top-k/top-p)."""
+
+    samples_per_prompt: int = d(4, "samples per held-out prompt", gt=0)
+    best_of_n: list[Annotated[int, Field(gt=0)]] = d(
+        [], "e.g. [1, 2, 4, 8]: gold and proxy of the proxy's best of n samples, at KL log n - (n-1)/n"
+    )
+    landscape: Landscape = d(Landscape(), "the reward landscape grid")
+    max_new_tokens: int = d(48, "longest response, in tokens", gt=0)
+    batch_size: int = d(64, "sequences generated at once", gt=0)
 
 
 class Storage(Section):
     """The DVC remote every round goes to (set it up with `rlhf remote s3://bucket/prefix`)."""
 
-    push: bool = False  # `dvc push` each round's outputs as soon as the round completes
-    remote: str | None = None  # a DVC remote's name; null = the project's default remote
+    push: bool = d(
+        False, "`dvc push` each round's outputs as soon as the round completes (an unreachable remote fails the run)"
+    )
+    remote: str | None = d(None, "a DVC remote's name; null: the project's default remote")
 
 
 class Config(Section):
-    runtime: Runtime = Runtime()
-    rounds: dict[str, str]
-    prepare: Prepare = Prepare()
-    prompts: Prompts = Prompts()
-    generate: Sampling = Sampling()
-    label: Label = Label()
-    train_rm: TrainRM = TrainRM()
-    update_policy: UpdatePolicy = UpdatePolicy()
-    evaluate: Evaluate = Evaluate()
-    storage: Storage = Storage()
+    """params.yaml: every key optional except `rounds`."""
+
+    runtime: Runtime = d(Runtime(), "how every stage runs")
+    rounds: dict[str, str] = Field(
+        description="one entry per round, each naming the round it starts from "
+        "(r01: r00, r02: r01, ...); `rlhf run --more N` adds entries"
+    )
+    prepare: Prepare = d(Prepare(), "round 0: the SFT policy")
+    prompts: Prompts = d(Prompts(), "the prompt sets")
+    generate: Sampling = d(Sampling(), "sampling the label prompts")
+    label: Label = d(Label(), "the gold judge and preference pairs")
+    train_rm: TrainRM = d(TrainRM(), "the proxy reward model")
+    update_policy: UpdatePolicy = d(UpdatePolicy(), "the policy update")
+    evaluate: Evaluate = d(Evaluate(), "evaluation on held-out prompts")
+    storage: Storage = d(Storage(), "the DVC remote")
 
     @field_validator("rounds")
     @classmethod
@@ -291,19 +360,33 @@ class Config(Section):
             raise ValueError("[update_policy.max_length] must exceed generate.max_new_tokens (prompt + response)")
         n = self.runtime.num_processes
         if n > 1 and self.update_policy.method == "ppo":
-            raise ValueError("[runtime.num_processes] ppo (the project's own loop) runs in one process; use dpo, "
-                             "rest or rloo to train on several, or num_processes: 1")
-        for key, size in (("prepare", self.prepare.batch_size), ("train_rm", self.train_rm.batch_size),
-                          ("update_policy", self.update_policy.batch_size)):
+            raise ValueError(
+                "[runtime.num_processes] ppo (the project's own loop) runs in one process; use dpo, "
+                "rest or rloo to train on several, or num_processes: 1"
+            )
+        for key, size in (
+            ("prepare", self.prepare.batch_size),
+            ("train_rm", self.train_rm.batch_size),
+            ("update_policy", self.update_policy.batch_size),
+        ):
             if size % n:
-                raise ValueError(f"[{key}.batch_size] the global batch is split over runtime.num_processes={n}: "
-                                 f"needs a multiple of {n} (got {size})")
+                raise ValueError(
+                    f"[{key}.batch_size] the global batch is split over runtime.num_processes={n}: "
+                    f"needs a multiple of {n} (got {size})"
+                )
         return self
 
 
 # The params keys that name a data file a step reads (a study copies them into each run's workspace).
-INPUT_FILES = ("label.world", "prepare.pretrain", "prepare.sft", "prompts.eval", "prompts.label", "prompts.policy",
-               "update_policy.cotrain.data")
+INPUT_FILES = (
+    "label.world",
+    "prepare.pretrain",
+    "prepare.sft",
+    "prompts.eval",
+    "prompts.label",
+    "prompts.policy",
+    "update_policy.cotrain.data",
+)
 
 
 def missing_local_dir(path: str) -> bool:
@@ -356,21 +439,71 @@ def _describe(err: dict, model: type[BaseModel] = Config) -> str:
     kind, msg = err["type"], err["msg"]
     if kind == "extra_forbidden":
         near = difflib.get_close_matches(str(err["loc"][-1]), _keys_beside(err["loc"], model), n=1, cutoff=0.6)
-        return f"{key}: unknown key" + (f" (did you mean {'.'.join(map(str, err['loc'][:-1] + (near[0],)))}?)" if near else "")
+        return f"{key}: unknown key" + (
+            f" (did you mean {'.'.join(map(str, err['loc'][:-1] + (near[0],)))}?)" if near else ""
+        )
     if kind == "missing":
-        return f"{key}: required key is missing"
+        return f"{key}: required key is missing{_about(err['loc'], model)}"
     msg = msg.removeprefix("Value error, ")
+    loc = err["loc"]
     if sub := re.match(r"\[([\w.]+)\] ", msg):  # a validator's message that names the key it is about
-        key, msg, kind = f"{key}.{sub[1]}" if key != "(top level)" else sub[1], msg[sub.end():], "value_error"
+        key, msg, kind = f"{key}.{sub[1]}" if key != "(top level)" else sub[1], msg[sub.end() :], "value_error"
+        loc = (*loc, *sub[1].split("."))
     got = f" (got {err['input']!r})" if kind != "value_error" and not isinstance(err.get("input"), dict) else ""
-    return f"{key}: {msg[0].lower()}{msg[1:]}{got}"
+    return f"{key}: {msg[0].lower()}{msg[1:]}{got}{_about(loc, model)}"
+
+
+def _about(loc: tuple, model: type[BaseModel]) -> str:
+    """— what the key at `loc` is for and the values it takes, from the schema ('' for no such key)."""
+    field = None
+    for part in loc:
+        field = model.model_fields.get(str(part)) if model else None
+        if field is None:
+            return ""
+        model = field.annotation if _is_section(field) else None
+    return (
+        f" — {field.description} ({allowed(field)})" if field and field.description and not _is_section(field) else ""
+    )
+
+
+def _is_section(field) -> bool:
+    return isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+
+
+def allowed(field) -> str:
+    """The values a key takes, in words: `last | concat | sample`, `integer >= 1`, `text or null`."""
+    bounds = [
+        f"{sign} {getattr(m, attr)}"
+        for m in field.metadata
+        for attr, sign in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
+        if getattr(m, attr, None) is not None
+    ]
+    return _type(field.annotation) + (" " + ", ".join(bounds) if bounds else "")
+
+
+def _type(annotation) -> str:
+    import types
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal:
+        return " | ".join(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type(a) for a in args)
+    if origin is list:
+        return f"list of {_type(args[0])}" if args else "list"
+    if origin is dict:
+        return f"mapping of {_type(args[0])} to {_type(args[1])}" if args else "mapping"
+    if origin is typing.Annotated:
+        return _type(args[0])
+    return {int: "integer", float: "number", str: "text", bool: "true | false"}.get(annotation, str(annotation))
 
 
 def _keys_beside(loc: tuple, model: type[BaseModel] = Config) -> list[str]:
     """The valid keys of the section that holds `loc` (for a did-you-mean hint)."""
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        if field is None or not _is_section(field):
             return []
         model = field.annotation
     return list(model.model_fields)

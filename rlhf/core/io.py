@@ -6,9 +6,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from rlhf.core.errors import UserError
 from rlhf.core.ranks import is_main
@@ -95,7 +95,9 @@ def write_text(path: str | Path, text: str) -> None:
 @contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a scratch folder beside `path`; on success it replaces `path` in one rename."""
-    if not is_main():  # a rank other than 0 (rlhf/orchestration/launch.py) writes into a folder that is then thrown away
+    if (
+        not is_main()
+    ):  # a rank other than 0 (rlhf/orchestration/launch.py) writes into a folder that is then thrown away
         with tempfile.TemporaryDirectory() as scratch:
             yield Path(scratch)
         return

@@ -52,8 +52,13 @@ class RoundPaths:
 
 
 # What each round step writes (attributes of RoundPaths: outs, then metrics); dvc.yaml must agree.
-STEP_OUTPUT = {"generate": ("samples",), "label": ("labels",), "train_rm": ("reward_model",),
-               "update_policy": ("policy",), "evaluate": ("eval_samples", "landscape", "metrics")}
+STEP_OUTPUT = {
+    "generate": ("samples",),
+    "label": ("labels",),
+    "train_rm": ("reward_model",),
+    "update_policy": ("policy",),
+    "evaluate": ("eval_samples", "landscape", "metrics"),
+}
 
 
 def round_paths(name: str, project: str | Path = ".") -> RoundPaths:

@@ -16,7 +16,7 @@ import os
 import subprocess
 import sys
 from collections import deque
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 
 def die_with_parent() -> None:
@@ -65,8 +65,10 @@ def die_with(pid: int) -> None:
 
 def dying_with_parent(module: str, *args: str) -> list[str]:
     """The command line of `python -m module args...` as a process that dies with its parent."""
-    code = ("from rlhf.core.processes import die_with_parent; die_with_parent(); import runpy; "
-            f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)")
+    code = (
+        "from rlhf.core.processes import die_with_parent; die_with_parent(); import runpy; "
+        f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)"
+    )
     return [sys.executable, "-c", code, *args]
 
 

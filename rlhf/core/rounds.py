@@ -47,7 +47,7 @@ def with_rounds_upto(text: str, upto: int, source: str = "params.yaml") -> str:
     added = "".join(f"{indent}{round_name(i)}: {round_name(i - 1)}\n" for i in range(last + 1, upto + 1))
     if not lines[last_line].endswith("\n"):
         lines[last_line] += "\n"
-    return "".join(lines[: last_line + 1]) + added + "".join(lines[last_line + 1:])
+    return "".join(lines[: last_line + 1]) + added + "".join(lines[last_line + 1 :])
 
 
 def extend_rounds(more: int, params: str | Path = "params.yaml") -> list[str]:

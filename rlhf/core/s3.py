@@ -7,8 +7,8 @@ written here; the endpoint of an S3-compatible store from `--endpoint-url` or AW
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from rlhf.core.errors import UserError
 
@@ -42,8 +42,9 @@ def s3_errors(uri: str, s3) -> Iterator[None]:
     except EndpointConnectionError:
         raise UserError(f"{uri}: cannot connect to the S3 endpoint {s3.meta.endpoint_url}") from None
     except NoCredentialsError:
-        raise UserError(f"{uri}: no AWS credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
-                        "or AWS_PROFILE)") from None
+        raise UserError(
+            f"{uri}: no AWS credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
+        ) from None
     except ClientError as e:
         code, status = e.response["Error"].get("Code", ""), e.response["ResponseMetadata"].get("HTTPStatusCode")
         bucket = split_s3(uri)[0]

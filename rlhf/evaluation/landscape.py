@@ -27,8 +27,14 @@ def grid(spec: Landscape, gold: np.ndarray, proxy: np.ndarray | None, responses:
     def cells(scores):
         return None if scores is None else scores.reshape(*shape, spec.samples).mean(-1).round(6).tolist()
 
-    return {"template": spec.template, "axes": spec.axes, "samples": spec.samples, "gold": cells(gold),
-            "proxy": cells(proxy), "responses": np.array(responses, dtype=object)[:: spec.samples].reshape(shape).tolist()}
+    return {
+        "template": spec.template,
+        "axes": spec.axes,
+        "samples": spec.samples,
+        "gold": cells(gold),
+        "proxy": cells(proxy),
+        "responses": np.array(responses, dtype=object)[:: spec.samples].reshape(shape).tolist(),
+    }
 
 
 def disagreements(land: dict, n: int = 5) -> list[dict]:
@@ -42,6 +48,14 @@ def disagreements(land: dict, n: int = 5) -> list[dict]:
     out = []
     for flat in np.argsort(-np.abs(gap), axis=None, kind="stable")[:n]:
         i, j = np.unravel_index(flat, gap.shape)
-        out.append({a: values_a[i], b: values_b[j], "gold": float(gold[i, j]), "proxy": float(proxy[i, j]),
-                    "gap": float(gap[i, j]), "response": land["responses"][i][j]})
+        out.append(
+            {
+                a: values_a[i],
+                b: values_b[j],
+                "gold": float(gold[i, j]),
+                "proxy": float(proxy[i, j]),
+                "gap": float(gap[i, j]),
+                "response": land["responses"][i][j],
+            }
+        )
     return out

@@ -82,8 +82,11 @@ def best_of_n(proxy: np.ndarray, gold: np.ndarray, ns: list[int]) -> dict:
     for n in ns:
         pick = proxy[:, :n].argmax(1)
         rows = np.arange(len(proxy))
-        out[str(n)] = {"gold": float(gold[rows, pick].mean()), "proxy": float(proxy[rows, pick].mean()),
-                       "kl": best_of_n_kl(n)}
+        out[str(n)] = {
+            "gold": float(gold[rows, pick].mean()),
+            "proxy": float(proxy[rows, pick].mean()),
+            "kl": best_of_n_kl(n),
+        }
     return out
 
 
@@ -93,9 +96,13 @@ def alarms(kl_sampled: dict, now: dict, before: dict | None) -> list[str]:
     scored by this round's reward)."""
     out = []
     if kl_sampled["mean"] is not None and kl_sampled["mean"] < -2 * kl_sampled["sem"]:
-        out.append(f"negative KL estimate ({kl_sampled['mean']:.3f} ± {kl_sampled['sem']:.3f}): the samples do "
-                   "not come from the distribution being scored (check the sampling settings)")
+        out.append(
+            f"negative KL estimate ({kl_sampled['mean']:.3f} ± {kl_sampled['sem']:.3f}): the samples do "
+            "not come from the distribution being scored (check the sampling settings)"
+        )
     if before and now["gold"] < before["gold"] and now["proxy"] > before["proxy"]:
-        out.append(f"over-optimisation: gold fell ({before['gold']:.3f} -> {now['gold']:.3f}) while the proxy "
-                   f"rose ({before['proxy']:.3f} -> {now['proxy']:.3f})")
+        out.append(
+            f"over-optimisation: gold fell ({before['gold']:.3f} -> {now['gold']:.3f}) while the proxy "
+            f"rose ({before['proxy']:.3f} -> {now['proxy']:.3f})"
+        )
     return out

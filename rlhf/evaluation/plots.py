@@ -49,9 +49,11 @@ def figures(rows: list[dict]) -> dict[str, bytes]:
     out["Gold against distance from the reference"] = png(fig)
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for label, keys in (("RM accuracy vs gold", ("proxy_accuracy", "mean")),
-                        ("win rate vs previous round", ("win_rate", "vs_previous", "mean")),
-                        ("win rate vs SFT", ("win_rate", "vs_sft", "mean"))):
+    for label, keys in (
+        ("RM accuracy vs gold", ("proxy_accuracy", "mean")),
+        ("win rate vs previous round", ("win_rate", "vs_previous", "mean")),
+        ("win rate vs SFT", ("win_rate", "vs_sft", "mean")),
+    ):
         pts = [(r["round"], lookup(r, *keys)) for r in rows if lookup(r, *keys) is not None]
         if pts:
             ax.plot(*zip(*pts), marker="o", label=label)
@@ -66,8 +68,12 @@ def figures(rows: list[dict]) -> dict[str, bytes]:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for r in bon:
             ns = sorted(r["best_of_n"], key=int)
-            ax.plot([r["best_of_n"][n]["kl"] for n in ns], [r["best_of_n"][n]["gold"] for n in ns], marker="o",
-                    label=r["round"])
+            ax.plot(
+                [r["best_of_n"][n]["kl"] for n in ns],
+                [r["best_of_n"][n]["gold"] for n in ns],
+                marker="o",
+                label=r["round"],
+            )
         ax.set_xlabel("KL of best-of-n (log n − (n−1)/n)")
         ax.set_ylabel("gold of the proxy's best of n")
         ax.legend(fontsize=8)
@@ -86,8 +92,9 @@ def landscape(land: dict, rnd: str, marked: list[dict]) -> bytes:
 
     (a, rows), (b, cols) = land["axes"].items()
     maps = [("gold", land["gold"]), *([("proxy", land["proxy"])] if land.get("proxy") else [])]
-    fig, axes = plt.subplots(1, len(maps), figsize=(0.55 * len(cols) * len(maps) + 3, 0.45 * len(rows) + 2),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(maps), figsize=(0.55 * len(cols) * len(maps) + 3, 0.45 * len(rows) + 2), squeeze=False
+    )
     for ax, (name, values) in zip(axes[0], maps):
         im = ax.imshow(values, cmap="viridis", aspect="auto")
         fig.colorbar(im, ax=ax, shrink=0.8)

@@ -26,8 +26,17 @@ def metrics_table(rows: list[dict]) -> str:
         return "-" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
 
     cells = [
-        [r["round"], r["gold"]["mean"], r["gold"]["sem"], r["gold"]["best"], r.get("proxy", {}).get("mean"),
-         r.get("proxy_accuracy", {}).get("mean"), r["kl"]["per_sequence"], r["kl"]["per_token"], r["length"]]
+        [
+            r["round"],
+            r["gold"]["mean"],
+            r["gold"]["sem"],
+            r["gold"]["best"],
+            r.get("proxy", {}).get("mean"),
+            r.get("proxy_accuracy", {}).get("mean"),
+            r["kl"]["per_sequence"],
+            r["kl"]["per_token"],
+            r["length"],
+        ]
         for r in rows
     ]
     table = [list(COLUMNS)] + [[fmt(c) for c in row] for row in cells]
@@ -52,27 +61,43 @@ def flat(metrics: dict, prefix: str = "") -> list[dict]:
 
 def round_markdown(metrics: dict, samples: list[dict], n_samples: int = 3) -> str:
     """A round in a few lines: scores, KL, win rates, alarms and some held-out answers."""
+
     def num(x, f=".3f"):
         return "–" if x is None else format(x, f)
 
     g, kl = metrics["gold"], metrics["kl"]
-    lines = [f"## Round {metrics['round']}", "",
-             f"- gold **{num(g['mean'])}** ± {num(g.get('sem'))} (n={g['count']}, best {num(g.get('best'))})",
-             f"- proxy {num(metrics.get('proxy', {}).get('mean'))}, RM accuracy vs gold "
-             f"{num(metrics.get('proxy_accuracy', {}).get('mean'))}",
-             f"- KL to the reference {num(kl['per_sequence'])} per sequence (d = √KL = {num(kl.get('d'))})"]
+    lines = [
+        f"## Round {metrics['round']}",
+        "",
+        f"- gold **{num(g['mean'])}** ± {num(g.get('sem'))} (n={g['count']}, best {num(g.get('best'))})",
+        f"- proxy {num(metrics.get('proxy', {}).get('mean'))}, RM accuracy vs gold "
+        f"{num(metrics.get('proxy_accuracy', {}).get('mean'))}",
+        f"- KL to the reference {num(kl['per_sequence'])} per sequence (d = √KL = {num(kl.get('d'))})",
+    ]
     for name, w in metrics.get("win_rate", {}).items():
-        lines.append(f"- win rate {name.replace('_', ' ')}: {num(w['mean'])}" + (f" ({w['missing']})" if "missing" in w else ""))
+        lines.append(
+            f"- win rate {name.replace('_', ' ')}: {num(w['mean'])}" + (f" ({w['missing']})" if "missing" in w else "")
+        )
     lines += [f"- **alarm**: {a}" for a in metrics.get("alarms", [])]
     lines += ["", "| prompt | response | gold |", "|---|---|---|"]
-    lines += [f"| {r['prompt']} | {r['response'].strip() or '(empty)'} | {r['gold']:.3f} |" for r in samples[:n_samples]]
+    lines += [
+        f"| {r['prompt']} | {r['response'].strip() or '(empty)'} | {r['gold']:.3f} |" for r in samples[:n_samples]
+    ]
     return "\n".join(lines)
 
 
-CSV_COLUMNS = {"gold": ("gold", "mean"), "gold_sem": ("gold", "sem"), "proxy": ("proxy", "mean"),
-               "rm_accuracy": ("proxy_accuracy", "mean"), "kl": ("kl", "per_sequence"), "d": ("kl", "d"),
-               "win_vs_previous": ("win_rate", "vs_previous", "mean"), "win_vs_sft": ("win_rate", "vs_sft", "mean"),
-               "mmd": ("mmd",), "length": ("length",)}
+CSV_COLUMNS = {
+    "gold": ("gold", "mean"),
+    "gold_sem": ("gold", "sem"),
+    "proxy": ("proxy", "mean"),
+    "rm_accuracy": ("proxy_accuracy", "mean"),
+    "kl": ("kl", "per_sequence"),
+    "d": ("kl", "d"),
+    "win_vs_previous": ("win_rate", "vs_previous", "mean"),
+    "win_vs_sft": ("win_rate", "vs_sft", "mean"),
+    "mmd": ("mmd",),
+    "length": ("length",),
+}
 
 
 def write_report(rounds: list[str], out: str | Path = "reports", project: str | Path = ".") -> Path:
@@ -91,23 +116,35 @@ def write_report(rounds: list[str], out: str | Path = "reports", project: str | 
     with open(out / "rounds.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["round", *CSV_COLUMNS])
-        w.writerows([[r["round"], *("" if (v := number(r, *k)) is None else v for k in CSV_COLUMNS.values())] for r in rows])
+        w.writerows(
+            [[r["round"], *("" if (v := number(r, *k)) is None else v for k in CSV_COLUMNS.values())] for r in rows]
+        )
     parts = [f"<h1>Iterated RLHF: {len(rows)} rounds</h1>", f"<pre>{html.escape(metrics_table(rows))}</pre>"]
     for i, (title, png) in enumerate(figures(rows).items()):
         (out / f"plot{i}.png").write_bytes(png)
-        parts.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' "
-                     f"src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
+        parts.append(
+            f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' "
+            f"src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
+        )
     parts.append(_landscape_section([r["round"] for r in rows], project, out))
     notes = [f"<li><b>{r['round']}</b>: {html.escape(a)}</li>" for r in rows for a in r.get("alarms", [])]
-    notes += [f"<li><b>{r['round']}</b>: {html.escape(name)} missing: {html.escape(item['missing'])}</li>"
-              for r in rows for name, item in _missing(r)]
+    notes += [
+        f"<li><b>{r['round']}</b>: {html.escape(name)} missing: {html.escape(item['missing'])}</li>"
+        for r in rows
+        for name, item in _missing(r)
+    ]
     parts.append("<h2>Alarms and missing metrics</h2><ul>" + ("".join(notes) or "<li>none</li>") + "</ul>")
-    samples = {r["round"]: read_jsonl(p) for r in rows if (p := round_paths(r["round"], project).eval_samples).is_file()}
+    samples = {
+        r["round"]: read_jsonl(p) for r in rows if (p := round_paths(r["round"], project).eval_samples).is_file()
+    }
     parts.append(_samples_table(samples))
-    page = ("<!doctype html><html><head><meta charset='utf-8'><title>Iterated RLHF report</title><style>"
-            "body{font-family:sans-serif;max-width:1100px;margin:auto} td,th{border:1px solid #ccc;padding:4px;"
-            "vertical-align:top;font-size:13px} table{border-collapse:collapse}</style></head><body>"
-            + "\n".join(parts) + "</body></html>")
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>Iterated RLHF report</title><style>"
+        "body{font-family:sans-serif;max-width:1100px;margin:auto} td,th{border:1px solid #ccc;padding:4px;"
+        "vertical-align:top;font-size:13px} table{border-collapse:collapse}</style></head><body>"
+        + "\n".join(parts)
+        + "</body></html>"
+    )
     (out / "report.html").write_text(page, encoding="utf-8")
     return out / "report.html"
 
@@ -131,15 +168,19 @@ def _landscape_section(rounds: list[str], project: str | Path, out: Path) -> str
     png = plots.landscape(land, rnd, worst)
     (out / "landscape.png").write_bytes(png)
     a, b = land["axes"]
-    rows = "".join(f"<tr><td>{html.escape(c[a])}</td><td>{html.escape(c[b])}</td><td>{c['gold']:.3f}</td>"
-                   f"<td>{c['proxy']:.3f}</td><td>{c['gap']:+.2f}</td><td>{html.escape(c['response'].strip())}</td></tr>"
-                   for c in worst)
-    return (f"<h2>Reward landscape ({rnd})</h2><p>Prompts <code>{html.escape(land['template'])}</code>, "
-            f"{land['samples']} samples per cell. Outlined: where gold and proxy disagree most (gap = "
-            "standardised proxy − standardised gold; &gt; 0: the proxy overrates the cell).</p>"
-            f"<img alt='reward landscape' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
-            f"<table><tr><th>{html.escape(a)}</th><th>{html.escape(b)}</th><th>gold</th><th>proxy</th><th>gap</th>"
-            f"<th>a sample</th></tr>{rows}</table>")
+    rows = "".join(
+        f"<tr><td>{html.escape(c[a])}</td><td>{html.escape(c[b])}</td><td>{c['gold']:.3f}</td>"
+        f"<td>{c['proxy']:.3f}</td><td>{c['gap']:+.2f}</td><td>{html.escape(c['response'].strip())}</td></tr>"
+        for c in worst
+    )
+    return (
+        f"<h2>Reward landscape ({rnd})</h2><p>Prompts <code>{html.escape(land['template'])}</code>, "
+        f"{land['samples']} samples per cell. Outlined: where gold and proxy disagree most (gap = "
+        "standardised proxy − standardised gold; &gt; 0: the proxy overrates the cell).</p>"
+        f"<img alt='reward landscape' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
+        f"<table><tr><th>{html.escape(a)}</th><th>{html.escape(b)}</th><th>gold</th><th>proxy</th><th>gap</th>"
+        f"<th>a sample</th></tr>{rows}</table>"
+    )
 
 
 def _missing(m: dict, prefix: str = ""):
@@ -164,8 +205,13 @@ def _samples_table(samples: dict[str, list[dict]], n_prompts: int = 4) -> str:
     prompts = list(next(iter(first.values())).values())[:n_prompts]
     head = "".join(f"<th>{html.escape(n)}</th>" for n in samples)
     body = "".join(
-        f"<tr><td>{html.escape(p['prompt'])}</td>" + "".join(
+        f"<tr><td>{html.escape(p['prompt'])}</td>"
+        + "".join(
             f"<td>{html.escape(first[n].get(p['prompt_id'], {}).get('response', '').strip() or '(empty)')}"
-            f"<br><i>gold {first[n].get(p['prompt_id'], {}).get('gold', float('nan')):.2f}</i></td>" for n in samples)
-        + "</tr>" for p in prompts)
+            f"<br><i>gold {first[n].get(p['prompt_id'], {}).get('gold', float('nan')):.2f}</i></td>"
+            for n in samples
+        )
+        + "</tr>"
+        for p in prompts
+    )
     return f"<h2>Sample responses</h2><table><tr><th>prompt</th>{head}</tr>{body}</table>"

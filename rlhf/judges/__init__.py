@@ -66,8 +66,12 @@ def score_in_workers(cfg, prompts: list[str], responses: list[str]) -> np.ndarra
     workers = []
     for w, idx in enumerate(shards):
         recv, send = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_worker, args=(cfg, w, [prompts[i] for i in idx], [responses[i] for i in idx], send),
-                           name=f"label-worker-{w}", daemon=True)
+        proc = ctx.Process(
+            target=_worker,
+            args=(cfg, w, [prompts[i] for i in idx], [responses[i] for i in idx], send),
+            name=f"label-worker-{w}",
+            daemon=True,
+        )
         proc.start()
         send.close()
         workers.append((proc, recv, idx))

@@ -27,6 +27,8 @@ class CallableJudge:
     def score(self, prompts: list[str], responses: list[str]) -> np.ndarray:
         scores = np.asarray(self.fn(list(prompts), list(responses)), dtype=np.float64)
         if scores.shape != (len(responses),):
-            raise UserError(f"label.judge.name: {self.name} returned {scores.shape[0] if scores.ndim else 'a scalar'} "
-                            f"scores for {len(responses)} responses")
+            raise UserError(
+                f"label.judge.name: {self.name} returned {scores.shape[0] if scores.ndim else 'a scalar'} "
+                f"scores for {len(responses)} responses"
+            )
         return scores

@@ -9,8 +9,6 @@ weights load from safetensors unless `allow_pickle: true`.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from rlhf.core.config import Judge
@@ -51,8 +49,12 @@ class ModelJudge:
         if s.input == "pair":
             return tok(prompts, responses, **kw)
         if s.input == "chat":
-            texts = [tok.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": r}],
-                                             tokenize=False) for p, r in zip(prompts, responses)]
+            texts = [
+                tok.apply_chat_template(
+                    [{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=False
+                )
+                for p, r in zip(prompts, responses)
+            ]
             return tok(texts, add_special_tokens=False, **kw)
         return tok([s.template.format(prompt=p, response=r) for p, r in zip(prompts, responses)], **kw)
 
@@ -86,8 +88,10 @@ def load_model_judge(spec: Judge, dev: str) -> ModelJudge:
         config = AutoConfig.from_pretrained(name, trust_remote_code=spec.trust_remote_code)
     except ValueError as e:
         if "trust_remote_code" in str(e):
-            raise UserError(f"label.judge: {name} needs its own remote code to load; set "
-                            "label.judge.trust_remote_code: true if you trust it") from None
+            raise UserError(
+                f"label.judge: {name} needs its own remote code to load; set "
+                "label.judge.trust_remote_code: true if you trust it"
+            ) from None
         raise UserError(f"label.judge: cannot load {name} ({e})") from None
     except OSError as e:
         raise UserError(f"label.judge.name: cannot load {name} ({str(e).splitlines()[0]})") from None
@@ -100,8 +104,10 @@ def load_model_judge(spec: Judge, dev: str) -> ModelJudge:
     except OSError as e:
         raise UserError(f"label.judge.name: cannot load {name} ({str(e).splitlines()[0]})") from None
     if info["missing_keys"]:  # e.g. a base LM's checkpoint: its reward head would be random
-        raise UserError(f"label.judge.name: {name} lacks weights the judge needs ({', '.join(sorted(info['missing_keys'])[:3])}): "
-                        "not a reward model of this type")
+        raise UserError(
+            f"label.judge.name: {name} lacks weights the judge needs ({', '.join(sorted(info['missing_keys'])[:3])}): "
+            "not a reward model of this type"
+        )
     tok = AutoTokenizer.from_pretrained(name, trust_remote_code=spec.trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
@@ -121,8 +127,12 @@ def check_judge(spec: Judge) -> None:
     config = check_local_model(spec.name, "label.judge", spec.trust_remote_code, spec.allow_pickle)
     arch = (config.get("architectures") or [""])[0]  # may be absent: the load then checks the weights
     if spec.type == "ultrarm" and config and (config.get("model_type") != "llama" or arch.endswith("ForCausalLM")):
-        raise UserError(f"label.judge.type: ultrarm needs a Llama reward model with a regression_head; {spec.name} "
-                        f"is a {arch or config.get('model_type')}")
+        raise UserError(
+            f"label.judge.type: ultrarm needs a Llama reward model with a regression_head; {spec.name} "
+            f"is a {arch or config.get('model_type')}"
+        )
     if spec.type == "hf" and arch and "auto_map" not in config and not arch.endswith("ForSequenceClassification"):
-        raise UserError(f"label.judge.name: {spec.name} is a {arch}, not a sequence-classification reward model "
-                        "(for UltraRM's architecture use label.judge.type: ultrarm)")
+        raise UserError(
+            f"label.judge.name: {spec.name} is a {arch}, not a sequence-classification reward model "
+            "(for UltraRM's architecture use label.judge.type: ultrarm)"
+        )

@@ -64,7 +64,9 @@ class PinkElephantJudge:
         # Only well-formed sentences count as on topic, so a string of topic words earns nothing.
         topic_words = self.topics.get(self.topic_of(prompt), set())
         on_topic = sum(f and bool(topic_words.intersection(s)) for f, s in zip(fluent, sentences)) / n
-        length = 1.0 if self.min_sent <= n <= self.max_sent else 0.5 if n in (self.min_sent - 1, self.max_sent + 1) else 0.0
+        length = (
+            1.0 if self.min_sent <= n <= self.max_sent else 0.5 if n in (self.min_sent - 1, self.max_sent + 1) else 0.0
+        )
         clean = 0.0 if self.forbidden.intersection(text.split()) else 1.0
         return {"on_topic": on_topic, "fluent": sum(fluent) / n, "length": length, "clean": clean}
 

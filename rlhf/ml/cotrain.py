@@ -58,8 +58,13 @@ class Aux:
         return self.coef * model(input_ids=ids, attention_mask=attn, labels=labels).loss
 
     def counts(self) -> dict:
-        return {"update_batches": self.update_batches, "update_examples": self.update_examples,
-                "aux_batches": self.aux_batches, "aux_examples": self.aux_examples, "ratio": self.ratio}
+        return {
+            "update_batches": self.update_batches,
+            "update_examples": self.update_examples,
+            "aux_batches": self.aux_batches,
+            "aux_examples": self.aux_examples,
+            "ratio": self.ratio,
+        }
 
 
 def completion_batch(tok, rows: list[dict], max_length: int, dev):

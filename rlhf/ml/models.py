@@ -35,7 +35,8 @@ def setup(cfg: Config, step: str, rnd: str) -> int:
 
 
 def device(cfg: Config) -> str:
-    """cpu or cuda; a rank of a several-process launch (rlhf/orchestration/launch.py) gets its own GPU, cuda:LOCAL_RANK."""
+    """cpu or cuda; a rank of a several-process launch (rlhf/orchestration/launch.py) gets its own GPU,
+    cuda:LOCAL_RANK."""
     import torch
 
     if cfg.runtime.device == "cuda" and not torch.cuda.is_available():
@@ -66,11 +67,23 @@ def check_local_model(path: str, section: str, trust_remote_code: bool = False, 
         raise UserError(f"{key}: {folder}/config.json: not a Hugging Face model folder ({e})") from None
     flags = not section.endswith(".policy")  # policies load with remote code and pickle always off
     if "auto_map" in config and not trust_remote_code:
-        raise UserError(f"{section}: {path} needs its own remote code to load; "
-                        + (f"set {section}.trust_remote_code: true if you trust it" if flags else "this project never runs it for a policy"))
-    if not allow_pickle and not list(folder.glob("*.safetensors")) and list(folder.glob("*.bin")) + list(folder.glob("*.pt")):
-        raise UserError(f"{section}: {path} has only pickle weights (.bin/.pt), which can run code when loaded; "
-                        + (f"set {section}.allow_pickle: true to load them anyway" if flags else "convert them to safetensors"))
+        raise UserError(
+            f"{section}: {path} needs its own remote code to load; "
+            + (
+                f"set {section}.trust_remote_code: true if you trust it"
+                if flags
+                else "this project never runs it for a policy"
+            )
+        )
+    if (
+        not allow_pickle
+        and not list(folder.glob("*.safetensors"))
+        and list(folder.glob("*.bin")) + list(folder.glob("*.pt"))
+    ):
+        raise UserError(
+            f"{section}: {path} has only pickle weights (.bin/.pt), which can run code when loaded; "
+            + (f"set {section}.allow_pickle: true to load them anyway" if flags else "convert them to safetensors")
+        )
     return config
 
 

@@ -46,5 +46,8 @@ def group_by_prompt(rows: list[dict], source: str) -> list[list[dict]]:
 
 def read_pairs(path) -> list[dict]:
     """The preference pairs of a labels.jsonl, one dict per pair with its prompt."""
-    return [{"prompt": row["prompt"], **pair} for row in read_jsonl(path, required=("prompt", "pairs"))
-            for pair in row["pairs"]]
+    return [
+        {"prompt": row["prompt"], **pair}
+        for row in read_jsonl(path, required=("prompt", "pairs"))
+        for pair in row["pairs"]
+    ]

@@ -7,9 +7,9 @@ recomputed from the stored round policies, so no round keeps an extra copy of it
 
 from __future__ import annotations
 
-from rlhf.ml import models
 from rlhf.core.config import Config, Lora, round_index, round_name
 from rlhf.core.paths import SFT, round_paths
+from rlhf.ml import models
 
 
 def initial_policy(cfg: Config, rnd: str, dev: str = "cpu"):
@@ -72,5 +72,6 @@ def lora_config(lora: Lora):
     from peft import LoraConfig
 
     targets = lora.target_modules if isinstance(lora.target_modules, str) else sorted(lora.target_modules)
-    return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-                      task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM"
+    )

@@ -50,8 +50,9 @@ class ProxyReward:
 
         up = cfg.update_policy
         names = reward_rounds(cfg, rnd)
-        self.rms = [models.load_reward_model(round_paths(r).reward_model, dev).eval().requires_grad_(False)
-                    for r in names]
+        self.rms = [
+            models.load_reward_model(round_paths(r).reward_model, dev).eval().requires_grad_(False) for r in names
+        ]
         if up.reward == "weight_average":
             self.rms = [average_weights(self.rms)]
         self.how, self.uwo_lambda, self.tok, self.rounds = up.reward, up.uwo_lambda, tok, names

@@ -25,8 +25,9 @@ class ObjectiveRewardTrainer(RewardTrainer):
         if objective == "combined":  # TRL insists on one output; the second head is ours: hidden from its check
             model.config.id2label = {0: heads[0]}
         try:
-            super().__init__(model=model, data_collator=GoldCollator(pad_token_id=kw["processing_class"].pad_token_id),
-                             **kw)
+            super().__init__(
+                model=model, data_collator=GoldCollator(pad_token_id=kw["processing_class"].pad_token_id), **kw
+            )
         finally:
             model.config.id2label = heads
 

@@ -62,8 +62,10 @@ def require_vllm() -> None:
     import importlib.util
 
     if importlib.util.find_spec("vllm") is None:
-        raise UserError("generate.backend: vllm is not installed (pip install vllm, on a machine with a GPU); "
-                        "or use generate.backend: transformers")
+        raise UserError(
+            "generate.backend: vllm is not installed (pip install vllm, on a machine with a GPU); "
+            "or use generate.backend: transformers"
+        )
     import torch
 
     if not torch.cuda.is_available():
@@ -92,8 +94,18 @@ def generate_vllm(policy_dir, tok, prompts: list[str], k: int, s: Sampling, seed
     llm = LLM(**engine, tokenizer=str(policy_dir), seed=seed, trust_remote_code=False)
     eos = tok.eos_token_id
     prompt_ids = tok(prompts)["input_ids"]  # tokenised as the transformers backend does
-    params = [SamplingParams(n=k, seed=seed + i, temperature=s.temperature, top_k=s.top_k or -1, top_p=s.top_p,
-                             max_tokens=s.max_new_tokens, stop_token_ids=[eos]) for i in range(len(prompts))]
+    params = [
+        SamplingParams(
+            n=k,
+            seed=seed + i,
+            temperature=s.temperature,
+            top_k=s.top_k or -1,
+            top_p=s.top_p,
+            max_tokens=s.max_new_tokens,
+            stop_token_ids=[eos],
+        )
+        for i in range(len(prompts))
+    ]
     outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, lora_request=lora)
     out = Samples([], [], [], [])
     for i, request in enumerate(outputs):  # in the order of the prompts

@@ -76,8 +76,12 @@ def layer_of(module: str) -> int:
 
 def upward_imports(g: dict[str, set[str]]) -> list[str]:
     """Each import from a lower layer into a higher one, as 'a imports b (layer X above layer Y)'."""
-    return [f"{a} imports {b} ({LAYERS[layer_of(b)][0]} is above {LAYERS[layer_of(a)][0]})"
-            for a in sorted(g) for b in sorted(g[a]) if layer_of(b) < layer_of(a)]
+    return [
+        f"{a} imports {b} ({LAYERS[layer_of(b)][0]} is above {LAYERS[layer_of(a)][0]})"
+        for a in sorted(g)
+        for b in sorted(g[a])
+        if layer_of(b) < layer_of(a)
+    ]
 
 
 def cycles(g: dict[str, set[str]]) -> list[list[str]]:
@@ -136,4 +140,5 @@ def _parents(name: str) -> list[str]:
 def _docstring_only(path: Path) -> bool:
     body = ast.parse(path.read_text(encoding="utf-8")).body
     return path.name == "__init__.py" and all(
-        isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant) and isinstance(s.value.value, str) for s in body)
+        isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant) and isinstance(s.value.value, str) for s in body
+    )

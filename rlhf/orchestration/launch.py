@@ -3,9 +3,9 @@
 `rlhf train_rm r02` with num_processes > 1 starts `accelerate launch ... -m rlhf train_rm r02`; each rank runs
 the same step function, TRL's trainers wrap the model in DDP (NCCL on GPUs, gloo on CPU), and the batch
 sizes in params.yaml stay global: each rank takes batch_size / num_processes of every step. Only the main
-rank (RANK 0) writes: rlhf/core/io.py's writers do nothing on the others (rlhf/core/ranks.py). With `runtime.accelerate_config` the
-launch reads that file (DeepSpeed, FSDP, several nodes); otherwise it is a plain `--multi_gpu` launch on
-this machine, which on a machine without a GPU gives real gloo ranks on the CPU.
+rank (RANK 0) writes: rlhf/core/io.py's writers do nothing on the others (rlhf/core/ranks.py). With
+`runtime.accelerate_config` the launch reads that file (DeepSpeed, FSDP, several nodes); otherwise it is a
+plain `--multi_gpu` launch on this machine, which on a machine without a GPU gives real gloo ranks on the CPU.
 """
 
 from __future__ import annotations
@@ -29,11 +29,21 @@ def command(cfg, step: str, rnd: str) -> list[str] | None:
     if rt.accelerate_config:
         how = ["--config_file", rt.accelerate_config]
     else:  # this machine only; a free port, so that two runs (e.g. a study's) never meet on accelerate's default
-        how = ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port())]
+        how = [
+            "--multi_gpu",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(free_port()),
+        ]
     args = [step] if step == "prepare" else [step, rnd]
-    return dying_with_parent("accelerate.commands.launch", *how, "--num_processes", str(rt.num_processes),
-                             "-m", "rlhf", *args)
+    return dying_with_parent(
+        "accelerate.commands.launch", *how, "--num_processes", str(rt.num_processes), "-m", "rlhf", *args
+    )
 
 
 def run(cmd: list[str]) -> int:
@@ -53,8 +63,7 @@ def run(cmd: list[str]) -> int:
             sys.stderr.write(line)
     code = proc.wait()
     if code and not errors:
-        print(f"error: a rank of `accelerate launch` failed (exit status {code}); its output is above",
-              file=sys.stderr)
+        print(f"error: a rank of `accelerate launch` failed (exit status {code}); its output is above", file=sys.stderr)
     return 2 if code and errors else code
 
 

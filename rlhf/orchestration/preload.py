@@ -24,9 +24,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 from rlhf.core.processes import die_with, die_with_parent
 
@@ -43,8 +43,12 @@ def preloaded(env: dict[str, str]) -> Iterator[None]:
         return
     folder = Path(tempfile.mkdtemp(prefix="rlhf-preload-"))
     path = folder / "socket"
-    proc = subprocess.Popen([sys.executable, "-P", "-m", "rlhf", SERVE, str(path)], env=env,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-P", "-m", "rlhf", SERVE, str(path)],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 10
     while not path.exists() and proc.poll() is None and time.monotonic() < deadline:  # it listens before importing
         time.sleep(0.05)
@@ -139,7 +143,6 @@ def _child(conn: socket.socket, main: Callable[[list[str]], None]) -> None:
         sys.stderr.flush()
         conn.send(bytes([code & 0xFF]))
         os._exit(code)
-
 
 
 def quiet_libraries() -> None:

@@ -15,9 +15,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Iterator
 
 from rlhf.core.errors import UserError
 from rlhf.core.processes import dying_with_parent, free_port, stop
@@ -53,12 +53,19 @@ def serve_forever(host: str, port: int) -> int:
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     api_url = f"http://{shown}:{port}/api"
     HOME.mkdir(exist_ok=True)
-    env = {**os.environ, "PREFECT_HOME": str(HOME.resolve()), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_API_URL": api_url}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(HOME.resolve()),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_API_URL": api_url,
+    }
     env.pop("PREFECT_API_URL", None)  # the server is not a client of another one
     # In the foreground `prefect server start` serves in its own process, which dies with this one.
-    proc = subprocess.Popen(dying_with_parent("prefect", "server", "start", "--host", host, "--port", str(port)),
-                            env=env, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        dying_with_parent("prefect", "server", "start", "--host", host, "--port", str(port)),
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a service manager's stop: clean up as for Ctrl-C
     try:
         while not healthy(api_url):
@@ -66,9 +73,12 @@ def serve_forever(host: str, port: int) -> int:
                 raise UserError(f"the Prefect server exited with status {proc.returncode} (see its output above)")
             time.sleep(0.5)
         RECORD.write_text(json.dumps({"api_url": api_url, "pid": proc.pid}))
-        print(f"Prefect UI: http://{shown}:{port}  (state in {HOME}/; Ctrl-C stops it)\n"
-              f"`rlhf run`, `rlhf serve` and `rlhf study run` in this project report to it; elsewhere "
-              f"export PREFECT_API_URL={api_url}", flush=True)
+        print(
+            f"Prefect UI: http://{shown}:{port}  (state in {HOME}/; Ctrl-C stops it)\n"
+            f"`rlhf run`, `rlhf serve` and `rlhf study run` in this project report to it; elsewhere "
+            f"export PREFECT_API_URL={api_url}",
+            flush=True,
+        )
         return proc.wait()
     except KeyboardInterrupt:
         return 0
@@ -85,21 +95,44 @@ def temporary_prefect_server(timeout: float = 60) -> Iterator[str]:
 
     port = free_port()
     site = Path(importlib.util.find_spec("prefect").origin).parent.parent
-    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}  # offline: no telemetry errors in the log
-    cmd = dying_with_parent("uvicorn", "--app-dir", str(site), "--factory", "prefect.server.api.server:create_app",
-                            "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on")
+    env = {
+        **os.environ,
+        "PREFECT_UI_ENABLED": "0",
+        "PREFECT__SERVER_EPHEMERAL": "1",
+        "PREFECT__SERVER_FINAL": "1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }  # offline: no telemetry errors in the log
+    cmd = dying_with_parent(
+        "uvicorn",
+        "--app-dir",
+        str(site),
+        "--factory",
+        "prefect.server.api.server:create_app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "error",
+        "--lifespan",
+        "on",
+    )
     url = f"http://127.0.0.1:{port}/api"
     proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + timeout
         while not healthy(url):
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise UserError(f"the temporary Prefect server on port {port} did not start "
-                                f"(exit code {proc.poll()}); set PREFECT_API_URL to use a running one")
+                raise UserError(
+                    f"the temporary Prefect server on port {port} did not start "
+                    f"(exit code {proc.poll()}); set PREFECT_API_URL to use a running one"
+                )
             time.sleep(0.2)
-        print(f"Prefect: a temporary API server for this run at {url} (no UI; it stops with the run); to keep "
-              "runs and browse them, start a server and set PREFECT_API_URL", file=sys.stderr)
+        print(
+            f"Prefect: a temporary API server for this run at {url} (no UI; it stops with the run); to keep "
+            "runs and browse them, start a server and set PREFECT_API_URL",
+            file=sys.stderr,
+        )
         yield url
     finally:
         stop(proc)

@@ -36,8 +36,12 @@ HEADER = """\
 PLOTS = [  # `rlhf run` (or `rlhf report`) writes reports/rounds.csv, one row per round; `dvc plots show` draws these
     {"gold_and_proxy_per_round": {"x": "round", "y": {"reports/rounds.csv": ["gold", "proxy"]}}},
     {"gold_against_distance": {"x": "d", "y": {"reports/rounds.csv": "gold"}}},
-    {"rm_accuracy_and_win_rates": {"x": "round", "y": {"reports/rounds.csv": ["rm_accuracy", "win_vs_previous",
-                                                                                "win_vs_sft"]}}},
+    {
+        "rm_accuracy_and_win_rates": {
+            "x": "round",
+            "y": {"reports/rounds.csv": ["rm_accuracy", "win_vs_previous", "win_vs_sft"]},
+        }
+    },
 ]
 
 
@@ -56,18 +60,26 @@ def stages(cfg: Config) -> dict:
     """The dvc.yaml document for `cfg`."""
     code = code_deps()
     prepare = importlib.import_module("tasks.prepare")
-    out = {"prepare": {"cmd": "rlhf prepare", "deps": [*_unique(prepare.reads(cfg)), *code["prepare"]],
-                       "params": list(prepare.PARAMS),
-                       **_outputs(SFT, ("base", "policy", "eval_samples", "landscape", "metrics"))}}
+    out = {
+        "prepare": {
+            "cmd": "rlhf prepare",
+            "deps": [*_unique(prepare.reads(cfg)), *code["prepare"]],
+            "params": list(prepare.PARAMS),
+            **_outputs(SFT, ("base", "policy", "eval_samples", "landscape", "metrics")),
+        }
+    }
     for step in ROUND_STEPS:
         module = importlib.import_module(f"tasks.{step}")
         reads = {rnd: _unique(module.reads(cfg, rnd)) for rnd in cfg.rounds}
         width = max(map(len, reads.values()))
         out[step] = {
             "foreach": {rnd: {"reads": r + r[:1] * (width - len(r))} for rnd, r in reads.items()},
-            "do": {"cmd": f"rlhf {step} ${{key}}",
-                   "deps": [*(f"${{item.reads[{i}]}}" for i in range(width)), *code[step]],
-                   "params": list(module.PARAMS), **_outputs(round_paths("${key}"), STEP_OUTPUT[step])},
+            "do": {
+                "cmd": f"rlhf {step} ${{key}}",
+                "deps": [*(f"${{item.reads[{i}]}}" for i in range(width)), *code[step]],
+                "params": list(module.PARAMS),
+                **_outputs(round_paths("${key}"), STEP_OUTPUT[step]),
+            },
         }
     return {"stages": out, "plots": PLOTS}
 
@@ -101,5 +113,7 @@ def require_current(cfg: Config, path: str | Path = DVC_YAML) -> None:
     """In a stage command that DVC runs: stop, in one line, when dvc.yaml was not generated from these params
     and this code (params.yaml edited, or the code changed, since): DVC would record the round under stale deps."""
     if not current(cfg, path):
-        raise UserError(f"{path}: out of date with params.yaml or the code; run `rlhf stages` to regenerate it, "
-                        "then `dvc repro` (`rlhf run` does both)")
+        raise UserError(
+            f"{path}: out of date with params.yaml or the code; run `rlhf stages` to regenerate it, "
+            "then `dvc repro` (`rlhf run` does both)"
+        )

@@ -18,14 +18,15 @@ import subprocess
 from pathlib import Path
 
 from rlhf.core.errors import UserError
-from rlhf.core.processes import dying_with_parent, error_line
 from rlhf.core.paths import ROUND_STEPS, round_paths
+from rlhf.core.processes import dying_with_parent, error_line
 from rlhf.core.s3 import check_bucket, client, s3_errors, split_s3
 
 MiB = 2**20
 
 
 # ---- DVC's remote -------------------------------------------------------------------------------------
+
 
 def dvc(*args: str) -> str:
     """Run a dvc command in the project; its output, or a UserError with DVC's first error line."""
@@ -59,8 +60,10 @@ def remote_for_push(name: str | None) -> str:
     if name is None:
         default = [n for n, (_, is_default) in have.items() if is_default]
         if not default:
-            raise UserError("storage.push: the project has no default DVC remote; add one with "
-                            "`rlhf remote s3://bucket/prefix`, or name one in storage.remote")
+            raise UserError(
+                "storage.push: the project has no default DVC remote; add one with "
+                "`rlhf remote s3://bucket/prefix`, or name one in storage.remote"
+            )
         return default[0]
     if name not in have:
         raise UserError(f"storage.remote: no DVC remote {name!r} (have: {', '.join(have) or 'none'})")
@@ -91,6 +94,7 @@ def _dvc_problem(e: UserError) -> str:
 
 # ---- publishing a round -------------------------------------------------------------------------------
 
+
 def round_files(rnd: str, project: str | Path = ".") -> dict[str, Path]:
     """What `rlhf publish` uploads of a round, relative key -> local file: the policy, the reward model,
     the metrics, the held-out samples and landscape, and the report (reports/) if there is one."""
@@ -116,8 +120,9 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def publish(rnd: str, dest: str, endpoint_url: str | None = None, project: str | Path = ".",
-            multipart_mib: int = 64, log=print) -> dict[str, list[str]]:
+def publish(
+    rnd: str, dest: str, endpoint_url: str | None = None, project: str | Path = ".", multipart_mib: int = 64, log=print
+) -> dict[str, list[str]]:
     """Upload round `rnd`'s files under `dest`/rNN/ with SHA-256 checksums (S3 verifies each request's;
     the whole file's is kept in the object's metadata as `sha256`), in parts above `multipart_mib` MiB,
     skipping objects already there with the same sha256. Returns the keys uploaded and skipped."""
@@ -144,8 +149,13 @@ def publish(rnd: str, dest: str, endpoint_url: str | None = None, project: str |
                 done["skipped"].append(key)
                 log(f"skipped s3://{bucket}/{key} (already there, same sha256)")
                 continue
-            s3.upload_file(str(path), bucket, key, Config=transfer,
-                           ExtraArgs={"ChecksumAlgorithm": "SHA256", "Metadata": {"sha256": digest}})
+            s3.upload_file(
+                str(path),
+                bucket,
+                key,
+                Config=transfer,
+                ExtraArgs={"ChecksumAlgorithm": "SHA256", "Metadata": {"sha256": digest}},
+            )
             done["uploaded"].append(key)
             log(f"uploaded s3://{bucket}/{key} ({_size(path.stat().st_size)}, sha256 {digest[:12]}...)")
     return done

@@ -220,7 +220,10 @@ def prepare_workspace(study: Study, run: Run, root: Path = Path(".")) -> None:
         if not (ws / name).is_symlink():
             (ws / name).parent.mkdir(parents=True, exist_ok=True)
             (ws / name).symlink_to(os.path.relpath(root.resolve() / name, (ws / name).parent.resolve()))
+    # dvc.yaml only to begin with: the run's `rlhf run` writes the one of its own params
     for name in ("dvc.yaml", ".dvcignore", *_data_files(run.params, root)):
+        if name == "dvc.yaml" and (ws / name).is_file():
+            continue
         (ws / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(root / name, ws / name) if (root / name).is_file() else \
             shutil.copytree(root / name, ws / name, dirs_exist_ok=True)

@@ -3,9 +3,9 @@ pairs dropped), trained with TRL's DPOTrainer against the round's reference."""
 
 from __future__ import annotations
 
+from rlhf.core.errors import UserError
 from rlhf.ml import sampling
 from rlhf.ml.cotrain import CoTrainMixin
-from rlhf.core.errors import UserError
 
 
 def update(u) -> dict:
@@ -26,10 +26,19 @@ def update(u) -> dict:
     ]
     if len(rows) < 2:
         raise UserError(f"{u.paths.reward_model}: the proxy RM ranks too few samples apart ({len(rows)} pairs)")
-    args = models.train_args(DPOConfig, u.cfg, u.seed, u.scratch, beta=up.dpo.beta, num_train_epochs=up.dpo.epochs,
-                             per_device_train_batch_size=up.batch_size, learning_rate=up.dpo.learning_rate,
-                             max_length=up.max_length)
+    args = models.train_args(
+        DPOConfig,
+        u.cfg,
+        u.seed,
+        u.scratch,
+        beta=up.dpo.beta,
+        num_train_epochs=up.dpo.epochs,
+        per_device_train_batch_size=up.batch_size,
+        learning_rate=up.dpo.learning_rate,
+        max_length=up.max_length,
+    )
     trainer = type("CoTrainDPO", (CoTrainMixin, DPOTrainer), {"aux": u.aux, "sequences_per_example": 2})(
-        model=u.policy, ref_model=u.ref, args=args, train_dataset=Dataset.from_list(rows), processing_class=u.tok)
+        model=u.policy, ref_model=u.ref, args=args, train_dataset=Dataset.from_list(rows), processing_class=u.tok
+    )
     result = trainer.train()
     return {"pairs": len(rows), "proxy_mean_of_samples": float(proxy.mean()), "train_loss": result.training_loss}

@@ -16,8 +16,8 @@ import logging
 import math
 from dataclasses import dataclass
 
-from rlhf.ml import sampling
 from rlhf.core.config import PPO, Sampling
+from rlhf.ml import sampling
 
 log = logging.getLogger("rlhf")
 MAX_GRAD_NORM = 1.0
@@ -74,8 +74,9 @@ def whiten(x, mask):
     return (x - mean) * (var + 1e-8).rsqrt() * mask
 
 
-def rollout(policy, ref, value_model, tok, prompts, reward_fn, p: PPO, k: int, s: Sampling, beta: float,
-            batch_size: int) -> Rollout:
+def rollout(
+    policy, ref, value_model, tok, prompts, reward_fn, p: PPO, k: int, s: Sampling, beta: float, batch_size: int
+) -> Rollout:
     import torch
 
     samples = sampling.generate(policy, tok, prompts, k, s)
@@ -101,8 +102,13 @@ def rollout(policy, ref, value_model, tok, prompts, reward_fn, p: PPO, k: int, s
     adv, returns = gae(rewards, values, mask, p.gamma, p.lam)
     if p.whiten:
         adv = whiten(adv, mask)
-    stats = {"score": float(score.mean()), "kl": float(kl.sum(1).mean()), "beta": beta,
-             "finished": float(1 - unfinished.float().mean()), "length": float(length.float().mean())}
+    stats = {
+        "score": float(score.mean()),
+        "kl": float(kl.sum(1).mean()),
+        "beta": beta,
+        "finished": float(1 - unfinished.float().mean()),
+        "length": float(length.float().mean()),
+    }
     return Rollout(ids, attn, start, length, mask, logp, values, adv, returns, stats)
 
 
@@ -122,8 +128,9 @@ def ppo_step(policy, value_model, r: Rollout, rows, p: PPO):
 
     part = (r.ids[rows], r.attn[rows], r.start[rows], r.length[rows])
     width = int(r.length[rows].max())
-    mask, old_logp, adv, ret, old_v = (x[rows, :width].to(policy.device)
-                                       for x in (r.mask, r.logp, r.advantages, r.returns, r.values))
+    mask, old_logp, adv, ret, old_v = (
+        x[rows, :width].to(policy.device) for x in (r.mask, r.logp, r.advantages, r.returns, r.values)
+    )
     logp = sampling.response_logprobs(policy, *part)[0]
     ratio = torch.exp(logp - old_logp)
     pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - p.clip, 1 + p.clip))
@@ -133,9 +140,13 @@ def ppo_step(policy, value_model, r: Rollout, rows, p: PPO):
     n = mask.sum()
     pg_loss, vf_loss = (pg * mask).sum() / n, (vf * mask).sum() / n
     ratio = ratio.detach()
-    stats = {"ratio": float((ratio * mask).sum() / n), "ratio_max_dev": float(((ratio - 1).abs() * mask).max()),
-             "clipfrac": float((((ratio - 1).abs() > p.clip).float() * mask).sum() / n),
-             "policy_loss": float(pg_loss.detach()), "value_loss": float(vf_loss.detach())}
+    stats = {
+        "ratio": float((ratio * mask).sum() / n),
+        "ratio_max_dev": float(((ratio - 1).abs() * mask).max()),
+        "clipfrac": float((((ratio - 1).abs() > p.clip).float() * mask).sum() / n),
+        "policy_loss": float(pg_loss.detach()),
+        "value_loss": float(vf_loss.detach()),
+    }
     return pg_loss + p.value_coef * vf_loss, stats
 
 
@@ -147,16 +158,32 @@ def adapt_beta(beta: float, kl: float, p: PPO, n: int) -> float:
     return beta * (1 + error * n / p.horizon)
 
 
-def train(policy, ref, value_model, tok, prompts: list[str], reward_fn, p: PPO, k: int, s: Sampling,
-          batch_size: int, seed: int, aux=None) -> list[dict]:
+def train(
+    policy,
+    ref,
+    value_model,
+    tok,
+    prompts: list[str],
+    reward_fn,
+    p: PPO,
+    k: int,
+    s: Sampling,
+    batch_size: int,
+    seed: int,
+    aux=None,
+) -> list[dict]:
     """PPO over `prompts` (p.epochs passes); returns one stats dict per iteration (rollout batch)."""
     import random
 
     import torch
 
     params = [q for q in policy.parameters() if q.requires_grad]
-    opt = torch.optim.AdamW([{"params": params, "lr": p.learning_rate},
-                             {"params": list(value_model.parameters()), "lr": p.value_learning_rate}])
+    opt = torch.optim.AdamW(
+        [
+            {"params": params, "lr": p.learning_rate},
+            {"params": list(value_model.parameters()), "lr": p.value_learning_rate},
+        ]
+    )
     rng = random.Random(seed)
     order = [i for _ in range(math.ceil(p.epochs) + 1) for i in rng.sample(range(len(prompts)), len(prompts))]
     iterations = max(1, math.ceil(p.epochs * len(prompts) / p.rollout_prompts))
@@ -176,11 +203,21 @@ def train(policy, ref, value_model, tok, prompts: list[str], reward_fn, p: PPO, 
                 torch.nn.utils.clip_grad_norm_(params + list(value_model.parameters()), MAX_GRAD_NORM)
                 opt.step()
                 steps.append(st)
-        stats = {**r.stats, "first_minibatch": steps[0],
-                 **{key: sum(st[key] for st in steps) / len(steps) for key in ("policy_loss", "value_loss", "clipfrac")}}
+        stats = {
+            **r.stats,
+            "first_minibatch": steps[0],
+            **{key: sum(st[key] for st in steps) / len(steps) for key in ("policy_loss", "value_loss", "clipfrac")},
+        }
         history.append(stats)
-        log.info("ppo %d/%d: score %.3f  kl %.3f  beta %.4f  clipfrac %.3f", it + 1, iterations, stats["score"],
-                 stats["kl"], beta, stats["clipfrac"])
+        log.info(
+            "ppo %d/%d: score %.3f  kl %.3f  beta %.4f  clipfrac %.3f",
+            it + 1,
+            iterations,
+            stats["score"],
+            stats["kl"],
+            beta,
+            stats["clipfrac"],
+        )
         beta = adapt_beta(beta, r.stats["kl"], p, len(r.ids))
     return history
 
@@ -193,7 +230,24 @@ def update(u) -> dict:
     value_model = models.load_reward_model(u.paths.reward_model, u.dev)  # the value model starts as the proxy RM
     value_model.config.pad_token_id = u.tok.pad_token_id
     up = cfg.update_policy
-    history = train(u.policy, u.ref, value_model, u.tok, u.prompts, u.proxy, up.ppo, up.k, cfg.generate,
-                    up.batch_size, u.seed, u.aux)
-    return {"iterations": len(history), "score_first": history[0]["score"], "score_last": history[-1]["score"],
-            "kl_last": history[-1]["kl"], "beta_last": history[-1]["beta"]}
+    history = train(
+        u.policy,
+        u.ref,
+        value_model,
+        u.tok,
+        u.prompts,
+        u.proxy,
+        up.ppo,
+        up.k,
+        cfg.generate,
+        up.batch_size,
+        u.seed,
+        u.aux,
+    )
+    return {
+        "iterations": len(history),
+        "score_first": history[0]["score"],
+        "score_last": history[-1]["score"],
+        "kl_last": history[-1]["kl"],
+        "beta_last": history[-1]["beta"],
+    }

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import random
 
-from rlhf.ml import sampling
 from rlhf.core.errors import UserError
 from rlhf.core.io import read_jsonl
+from rlhf.ml import sampling
 
 
 def quantiles(scores):
@@ -36,22 +36,38 @@ def update(u) -> dict:
     sft = read_jsonl(cfg.prepare.sft, required=("prompt", "completion"), what="prepare.sft") if up.rest.keep_sft else []
     rng, steps = random.Random(u.seed), []
     for n, threshold in enumerate(up.rest.thresholds, 1):
-        rows = [{"prompt": p, "completion": r} for p, r, done, qi in zip(asked, s.responses, s.finished, q)
-                if done and qi >= threshold]
+        rows = [
+            {"prompt": p, "completion": r}
+            for p, r, done, qi in zip(asked, s.responses, s.finished, q)
+            if done and qi >= threshold
+        ]
         if not rows:
             raise UserError(f"update_policy.rest.thresholds: no finished sample reaches {threshold} (step {n})")
         used = {"samples": len(rows)}
         if sft:
-            rows += [{"prompt": r["prompt"], "completion": r["completion"]} for r in rng.choices(sft, k=used["samples"])]
+            rows += [
+                {"prompt": r["prompt"], "completion": r["completion"]} for r in rng.choices(sft, k=used["samples"])
+            ]
             used["sft"] = used["samples"]
         if u.aux is not None:
             extra = u.aux.mix(used["samples"])
             rows += [{"prompt": r["prompt"], "completion": r["completion"]} for r in extra]
             used["aux"] = len(extra)
-        args = models.train_args(SFTConfig, cfg, u.seed + n, u.scratch, num_train_epochs=up.rest.epochs,
-                                 learning_rate=up.rest.learning_rate, per_device_train_batch_size=up.batch_size,
-                                 max_length=up.max_length, completion_only_loss=True)
-        loss = SFTTrainer(model=u.policy, args=args, train_dataset=Dataset.from_list(rows),
-                          processing_class=u.tok).train().training_loss
+        args = models.train_args(
+            SFTConfig,
+            cfg,
+            u.seed + n,
+            u.scratch,
+            num_train_epochs=up.rest.epochs,
+            learning_rate=up.rest.learning_rate,
+            per_device_train_batch_size=up.batch_size,
+            max_length=up.max_length,
+            completion_only_loss=True,
+        )
+        loss = (
+            SFTTrainer(model=u.policy, args=args, train_dataset=Dataset.from_list(rows), processing_class=u.tok)
+            .train()
+            .training_loss
+        )
         steps.append({"threshold": threshold, **used, "train_loss": loss})
     return {"samples": len(s.responses), "improve_steps": steps}

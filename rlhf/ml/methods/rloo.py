@@ -20,14 +20,28 @@ def update(u) -> dict:
         return u.proxy(prompts, completions).tolist()
 
     args = models.train_args(
-        RLOOConfig, u.cfg, u.seed, u.scratch, beta=up.rloo.beta, num_train_epochs=up.rloo.epochs,
-        learning_rate=up.rloo.learning_rate, per_device_train_batch_size=up.batch_size, num_generations=up.k,
-        max_completion_length=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+        RLOOConfig,
+        u.cfg,
+        u.seed,
+        u.scratch,
+        beta=up.rloo.beta,
+        num_train_epochs=up.rloo.epochs,
+        learning_rate=up.rloo.learning_rate,
+        per_device_train_batch_size=up.batch_size,
+        num_generations=up.k,
+        max_completion_length=s.max_new_tokens,
+        temperature=s.temperature,
+        top_k=s.top_k,
+        top_p=s.top_p,
         logging_steps=10,
     )
     trainer = type("CoTrainRLOO", (CoTrainMixin, RLOOTrainer), {"aux": u.aux})(
-        model=u.policy, reward_funcs=proxy_reward, args=args, processing_class=u.tok,
-        train_dataset=Dataset.from_list([{"prompt": p} for p in u.prompts]))
+        model=u.policy,
+        reward_funcs=proxy_reward,
+        args=args,
+        processing_class=u.tok,
+        train_dataset=Dataset.from_list([{"prompt": p} for p in u.prompts]),
+    )
     if trainer.beta:  # TRL would reload the policy's own checkpoint as the reference: use the round's
         add_fused_lm_head(u.ref, temperature=trainer.temperature)  # as TRL prepares its own reference
         trainer.ref_model = trainer.accelerator.prepare_model(u.ref, evaluation_mode=True)
@@ -36,5 +50,8 @@ def update(u) -> dict:
             trainer.model.delete_adapter("ref")
     result = trainer.train()
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
-    return {"train_loss": result.training_loss, "reward_first": rewards[0] if rewards else None,
-            "reward_last": rewards[-1] if rewards else None}
+    return {
+        "train_loss": result.training_loss,
+        "reward_first": rewards[0] if rewards else None,
+        "reward_last": rewards[-1] if rewards else None,
+    }
