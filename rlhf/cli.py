@@ -266,14 +266,16 @@ def _step(args, cfg) -> int:
     from rlhf.core.paths import round_paths
     from rlhf.core.processes import RUN_PID
     from rlhf.core.ranks import is_main, world_size
-    from rlhf.orchestration import launch, stages
+    from rlhf.orchestration import launch
     from rlhf.orchestration.preload import quiet_libraries
 
     rnd = getattr(args, "round", "r00")
     if args.command != "prepare" and rnd not in cfg.rounds:
         raise UserError(f"{PARAMS}: rounds: no round {rnd!r} (have {', '.join(cfg.rounds)})")
     if "DVC_STAGE" in os.environ and RUN_PID not in os.environ and "LOCAL_RANK" not in os.environ:
-        stages.require_current(cfg)  # DVC runs it, not under `rlhf run` (which wrote dvc.yaml): `dvc repro` by hand
+        from rlhf.orchestration.stages import require_current
+
+        require_current(cfg)  # DVC runs it, not under `rlhf run` (which wrote dvc.yaml): `dvc repro` by hand
     if cmd := launch.command(cfg, args.command, rnd):  # runtime.num_processes ranks of this same command
         return launch.run(cmd)
     quiet_libraries()

@@ -1,6 +1,7 @@
 """Each policy-update method, and DPO with concat RM data and an ensemble reward, runs the offline default
 for 3 rounds and raises the held-out gold score. Slow: the variants share one full-size project (what
-they have in common is reused), each changes params.yaml and runs `dvc repro`, as a study would. Plain
+they have in common is reused), each changes params.yaml and runs `rlhf stages` and `dvc repro`, as a
+user reproducing by hand would. Plain
 DPO is the full demo (test_demo.py)."""
 
 import json
@@ -32,6 +33,8 @@ VARIANTS = {
 def test_variant_raises_gold_over_three_rounds(project, variant):
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
     (project / "params.yaml").write_text(yaml.safe_dump(deep_update(base, VARIANTS[variant]), sort_keys=False))
+    # params changed what the stages read (concat, an ensemble): dvc.yaml follows, as before `dvc repro` by hand
+    subprocess.run([BIN / "rlhf", "stages"], cwd=project, check=True, capture_output=True)
     out = subprocess.run([BIN / "dvc", "repro"], cwd=project, capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "Stage 'update_policy@r01' didn't change" not in out.stdout  # the method really ran

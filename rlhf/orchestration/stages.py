@@ -15,7 +15,6 @@ command run under a dvc.yaml that is not current refuses, naming what to run.
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 import yaml
@@ -25,6 +24,10 @@ from rlhf.core.errors import UserError
 from rlhf.core.io import write_text
 from rlhf.core.paths import ROUND_STEPS, SFT, STEP_OUTPUT, STEPS, round_paths
 from rlhf.orchestration.imports import files_imported, graph
+from tasks import evaluate, generate, label, prepare, train_rm, update_policy
+
+# Each step's module: its `reads(cfg, rnd)` and `PARAMS` (imported here, so the layering check sees them).
+MODULES = {m.__name__.removeprefix("tasks."): m for m in (prepare, generate, label, train_rm, update_policy, evaluate)}
 
 DVC_YAML = Path("dvc.yaml")
 CODE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding rlhf/, tasks/ and flows/
@@ -59,7 +62,6 @@ def _outputs(paths, names) -> dict[str, list[str]]:
 def stages(cfg: Config) -> dict:
     """The dvc.yaml document for `cfg`."""
     code = code_deps()
-    prepare = importlib.import_module("tasks.prepare")
     out = {
         "prepare": {
             "cmd": "rlhf prepare",
@@ -69,7 +71,7 @@ def stages(cfg: Config) -> dict:
         }
     }
     for step in ROUND_STEPS:
-        module = importlib.import_module(f"tasks.{step}")
+        module = MODULES[step]
         reads = {rnd: _unique(module.reads(cfg, rnd)) for rnd in cfg.rounds}
         width = max(map(len, reads.values()))
         out[step] = {
