@@ -37,6 +37,8 @@ PARAMS = (
     "update_policy.init",
     "update_policy.eta",
     "update_policy.ref",
+    "prompts.max_prompt_length",
+    "prompts.too_long",
 )
 
 
@@ -66,9 +68,12 @@ def evaluate(cfg: Config, rnd: str) -> dict:
 
     models.setup(cfg, "evaluate", rnd)
     paths, dev, e = round_paths(rnd), models.device(cfg), cfg.evaluate
-    rows = read_prompts(cfg.prompts.eval)
-    prompts = [p["prompt"] for p in rows]
     tok = models.load_tokenizer(paths.policy)
+    rows = read_prompts(cfg.prompts.eval)
+    kept, prompts, too_long = sampling.fit_prompts(
+        tok, [p["prompt"] for p in rows], cfg.prompts.max_prompt_length, cfg.prompts.too_long, "prompts.eval"
+    )
+    rows = [rows[i] for i in kept]
     policy = models.load_policy(paths.policy, dev)
     pure = _pure_sampling(e, k=max([e.samples_per_prompt, *e.best_of_n]))
     s = sampling.generate(policy, tok, prompts, pure.k, pure)
@@ -95,6 +100,8 @@ def evaluate(cfg: Config, rnd: str) -> dict:
         "finished": sum(s.finished) / len(s.finished),
         "length": sum(map(len, s.response_ids)) / len(s.response_ids),
     }
+    if too_long:  # held-out prompts over prompts.max_prompt_length, dropped or cut before sampling
+        metrics["too_long"] = {"prompts": too_long, "action": cfg.prompts.too_long}
     samples = [
         {"prompt_id": rows[i]["id"], "prompt": prompts[i], "response": r, "gold": float(g)}
         for i, r, g in zip(s.prompt_index, s.responses, gold.ravel())

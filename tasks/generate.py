@@ -8,7 +8,14 @@ from rlhf.core.paths import SFT, round_paths
 
 # What the stage's outputs depend on besides the files below: dvc.yaml is generated from these
 # (rlhf/orchestration/stages.py). Not runtime.num_processes: generate is one process however training runs.
-PARAMS = ("runtime.seed", "runtime.threads", "runtime.device", "generate")
+PARAMS = (
+    "runtime.seed",
+    "runtime.threads",
+    "runtime.device",
+    "generate",
+    "prompts.max_prompt_length",
+    "prompts.too_long",
+)
 
 
 def reads(cfg: Config, rnd: str) -> list[str]:
@@ -22,9 +29,12 @@ def generate(cfg: Config, rnd: str) -> dict:
     seed = models.setup(cfg, "generate", rnd)
     prev = cfg.rounds[rnd]
     policy_dir = round_paths(prev).policy
-    prompts = read_prompts(cfg.prompts.label)
+    rows = read_prompts(cfg.prompts.label)
     tok = models.load_tokenizer(policy_dir)
-    texts, k = [p["prompt"] for p in prompts], cfg.generate.k
+    kept, texts, too_long = sampling.fit_prompts(
+        tok, [p["prompt"] for p in rows], cfg.prompts.max_prompt_length, cfg.prompts.too_long, "prompts.label"
+    )
+    prompts, k = [{**rows[i], "prompt": t} for i, t in zip(kept, texts)], cfg.generate.k
     if cfg.generate.backend == "vllm":
         s = sampling.generate_vllm(policy_dir, tok, texts, k, cfg.generate, seed)
     else:
@@ -42,4 +52,5 @@ def generate(cfg: Config, rnd: str) -> dict:
         for i, text, done in zip(s.prompt_index, s.responses, s.finished)
     ]
     write_jsonl(round_paths(rnd).samples, rows)
-    return {"samples": len(rows), "prompts": len(prompts), "finished": sum(s.finished) / len(rows)}
+    summary = {"samples": len(rows), "prompts": len(prompts), "finished": sum(s.finished) / len(rows)}
+    return {**summary, f"prompts_{cfg.prompts.too_long}": too_long} if too_long else summary

@@ -21,7 +21,7 @@ from rlhf.core.ranks import is_main
 log = logging.getLogger("rlhf")
 
 
-PARAMS = ("runtime", "prepare", "evaluate", "label.judge")
+PARAMS = ("runtime", "prepare", "evaluate", "label.judge", "prompts.max_prompt_length", "prompts.too_long")
 
 
 def reads(cfg: Config, rnd: str = "r00") -> list[str]:

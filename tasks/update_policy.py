@@ -15,7 +15,7 @@ from rlhf.core.paths import RoundPaths, round_paths
 log = logging.getLogger("rlhf")
 
 
-PARAMS = ("runtime", "generate", "update_policy")
+PARAMS = ("runtime", "generate", "update_policy", "prompts.max_prompt_length", "prompts.too_long")
 
 
 def reads(cfg: Config, rnd: str) -> list[str]:
@@ -57,7 +57,7 @@ class Update:
 
 
 def update_policy(cfg: Config, rnd: str) -> dict:
-    from rlhf.ml import models, policy
+    from rlhf.ml import models, policy, sampling
     from rlhf.ml.cotrain import Aux
     from rlhf.ml.methods import METHODS
     from rlhf.ml.reward import ProxyReward
@@ -65,11 +65,17 @@ def update_policy(cfg: Config, rnd: str) -> dict:
     seed = models.setup(cfg, "update_policy", rnd)
     paths, dev, up = round_paths(rnd), models.device(cfg), cfg.update_policy
     tok = models.load_tokenizer(round_paths(cfg.rounds[rnd]).policy)
+    _, prompts, too_long = sampling.fit_prompts(
+        tok,
+        [p["prompt"] for p in read_prompts(cfg.prompts.policy)],
+        cfg.prompts.max_prompt_length,
+        cfg.prompts.too_long,
+        "prompts.policy",
+    )
     model = policy.trainable_policy(cfg, rnd, dev)
     ref = policy.reference(cfg, rnd, dev)
     proxy = ProxyReward(cfg, rnd, tok, dev)
     aux = Aux.from_params(up.cotrain, tok, up.batch_size, up.max_length, seed) if up.cotrain.ratio else None
-    prompts = [p["prompt"] for p in read_prompts(cfg.prompts.policy)]
     log.info(
         "update_policy %s: %s from %s, reference %s%s",
         rnd,
@@ -82,6 +88,8 @@ def update_policy(cfg: Config, rnd: str) -> dict:
         summary = METHODS[up.method](Update(cfg, rnd, paths, seed, dev, tok, model, ref, proxy, prompts, aux, scratch))
     models.save(model, tok, paths.policy)
     summary = {"method": up.method, "trainable_parameters": _trainable(model), **summary}
+    if too_long:
+        summary[f"prompts_{cfg.prompts.too_long}"] = too_long
     return {**summary, "cotrain": aux.counts()} if aux else summary
 
 

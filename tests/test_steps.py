@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from rlhf.core.errors import UserError
 from rlhf.core.io import read_jsonl, read_prompts
 from rlhf.core.paths import SFT, round_paths
 from rlhf.judges import make_judge
@@ -126,3 +127,43 @@ def torch_allclose(a, b):
     import torch
 
     return torch.allclose(a, b, atol=1e-4)
+
+
+def test_prompts_over_the_limit_are_dropped_or_cut_to_their_last_tokens():
+    tok = models.build_tokenizer(["a b c d e f g h i j"])
+    long = " ".join("abcdefghij") * 5000  # 100,000 characters
+    kept, texts, over = sampling.fit_prompts(tok, ["a b", long], 8, "drop", "prompts.label")
+    assert (kept, texts, over) == ([0], ["a b"], 1)
+    kept, texts, over = sampling.fit_prompts(tok, ["a b", long], 8, "truncate", "prompts.label")
+    assert kept == [0, 1] and over == 1 and texts[0] == "a b"
+    assert texts[1] == "c d e f g h i j" and long.endswith(texts[1])  # its last 8 tokens, at a token boundary
+    with pytest.raises(UserError, match="prompts.eval: every prompt is longer than prompts.max_prompt_length"):
+        sampling.fit_prompts(tok, [long], 8, "drop", "prompts.eval")
+
+
+@pytest.mark.parametrize("too_long", ["drop", "truncate"])
+def test_a_50000_character_prompt_never_reaches_the_model_whole(tiny_project, tmp_path, monkeypatch, too_long):
+    import shutil
+
+    import yaml
+
+    from rlhf.core.config import load_config
+    from tasks.generate import generate
+
+    project = tmp_path / "project"
+    shutil.copytree(tiny_project, project, symlinks=True)
+    monkeypatch.chdir(project)
+    long = " ".join(["the ocean is blue ."] * 2700)  # 51,300 characters of words the tokenizer knows
+    with open("data/prompts/label.jsonl", "a") as f:
+        f.write(json.dumps({"id": "huge", "prompt": long}) + "\n")
+    params = yaml.safe_load(open("params.yaml"))
+    params["prompts"].update(max_prompt_length=64, too_long=too_long)
+    open("params.yaml", "w").write(yaml.safe_dump(params))
+    summary = generate(load_config(), "r01")
+    assert summary[f"prompts_{too_long}"] == 1
+    huge = [r for r in read_jsonl(round_paths("r01").samples) if r["prompt_id"] == "huge"]
+    tok = models.load_tokenizer(SFT.policy)
+    if too_long == "drop":
+        assert huge == []
+    else:
+        assert huge and all(len(tok(r["prompt"])["input_ids"]) <= 64 and long.endswith(r["prompt"]) for r in huge)

@@ -87,6 +87,18 @@ class Prompts(Section):
     label: str = d("data/prompts/label.jsonl", "sampled and judged each round: the reward model's training data")
     policy: str = d("data/prompts/policy.jsonl", "sampled and scored by the proxy RM in the policy update")
     eval: str = d("data/prompts/eval.jsonl", "held out: evaluation only")
+    max_prompt_length: int = d(
+        1024,
+        "longest prompt, in the policy's tokens; a longer one is dropped or cut "
+        "(too_long) before any generation, so no input can exhaust memory",
+        ge=8,
+    )
+    too_long: Literal["drop", "truncate"] = d(
+        "drop",
+        "a prompt over max_prompt_length: left out (counted in the "
+        "step's summary and the round's metrics), or cut to its last "
+        "max_prompt_length tokens",
+    )
 
 
 class Sampling(Section):

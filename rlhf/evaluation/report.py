@@ -129,6 +129,12 @@ def write_report(rounds: list[str], out: str | Path = "reports", project: str | 
     parts.append(_landscape_section([r["round"] for r in rows], project, out))
     notes = [f"<li><b>{r['round']}</b>: {html.escape(a)}</li>" for r in rows for a in r.get("alarms", [])]
     notes += [
+        f"<li><b>{r['round']}</b>: {r['too_long']['prompts']} held-out prompts over prompts.max_prompt_length "
+        f"({'dropped' if r['too_long']['action'] == 'drop' else 'cut to their last tokens'})</li>"
+        for r in rows
+        if r.get("too_long")
+    ]
+    notes += [
         f"<li><b>{r['round']}</b>: {html.escape(name)} missing: {html.escape(item['missing'])}</li>"
         for r in rows
         for name, item in _missing(r)

@@ -57,6 +57,31 @@ def generate(model, tok, prompts: list[str], k: int, s: Sampling, max_new_tokens
     return out
 
 
+def fit_prompts(tok, prompts: list[str], limit: int, too_long: str, what: str) -> tuple[list[int], list[str], int]:
+    """The prompts fitted into `limit` of `tok`'s tokens (the special tokens it adds included): the indices
+    of those kept, their text, and how many were longer. With too_long=truncate a longer prompt is kept as
+    its last tokens, cut at a token boundary of its text; with drop it is left out. One batched
+    tokenisation, before any model runs. `what`: the params key of the prompt set, for the error when none fits."""
+    import numpy as np
+
+    room = limit - tok.num_special_tokens_to_add()
+    enc = tok(prompts, add_special_tokens=False, return_offsets_mapping=True)
+    lengths = np.array([len(ids) for ids in enc["input_ids"]])
+    over = int((lengths > room).sum())
+    if too_long == "drop":
+        kept = np.flatnonzero(lengths <= room).tolist()
+        if not kept:
+            raise UserError(
+                f"{what}: every prompt is longer than prompts.max_prompt_length ({limit} tokens); raise "
+                "it, or set prompts.too_long: truncate"
+            )
+        return kept, [prompts[i] for i in kept], over
+    texts = [
+        p if n <= room else p[enc["offset_mapping"][i][-room][0] :] for i, (p, n) in enumerate(zip(prompts, lengths))
+    ]
+    return list(range(len(prompts))), texts, over
+
+
 def require_vllm() -> None:
     """`generate.backend: vllm` needs vLLM installed and a GPU; otherwise one line saying which is missing."""
     import importlib.util
