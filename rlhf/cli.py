@@ -311,11 +311,7 @@ def _params(args) -> int:
         raise UserError(f"params: no key {args.key!r} (`rlhf params` lists them all)")
     width = max(len(k.name) for k in found)
     for k in found:
-        print(
-            f"{k.name.ljust(width)}  {k.description}"
-            if k.section
-            else f"{k.name.ljust(width)}  {reference.line(k.name)}"
-        )
+        print(f"{k.name.ljust(width)}  {k.description}" if k.section else f"{k.name.ljust(width)}  {reference.line(k)}")
     return 0
 
 

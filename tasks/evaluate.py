@@ -48,17 +48,16 @@ def reads(cfg: Config, rnd: str) -> list[str]:
     from rlhf.ml.policy import reference_rounds
     from rlhf.ml.reward import reward_rounds
 
-    out = [str(round_paths(rnd).policy), cfg.prompts.eval, *judge_files(cfg)]
+    policy, inputs = str(round_paths(rnd).policy), [cfg.prompts.eval, *judge_files(cfg)]
     if rnd == "r00":
-        return out
+        return [policy, *inputs]
     refs = dict.fromkeys([*reference_rounds(cfg, rnd), "r00"])  # with ref: init, the KL to the SFT policy too
-    return [
-        *out[:1],
+    earlier = [
         *(str(round_paths(r).policy) for r in refs if r != rnd),
         *(str(round_paths(r).reward_model) for r in reward_rounds(cfg, rnd)),
         *(str(round_paths(r).eval_samples) for r in dict.fromkeys([cfg.rounds[rnd], "r00"])),
-        *out[1:],
     ]
+    return [policy, *earlier, *inputs]
 
 
 def evaluate(cfg: Config, rnd: str) -> dict:

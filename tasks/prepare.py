@@ -28,14 +28,11 @@ def reads(cfg: Config, rnd: str = "r00") -> list[str]:
     """The SFT policy it copies, or the texts it builds the tiny one from; then what evaluate@r00 reads."""
     from tasks.evaluate import reads as evaluate_reads
 
-    p = cfg.prepare
-    built = (
-        [p.pretrain, p.sft, cfg.prompts.label, cfg.prompts.policy]
-        if p.policy == "tiny"
-        else [str(Path(p.policy).expanduser())]
-        if Path(p.policy).expanduser().is_dir()
-        else []
-    )
+    p, local = cfg.prepare, Path(cfg.prepare.policy).expanduser()
+    if p.policy == "tiny":
+        built = [p.pretrain, p.sft, cfg.prompts.label, cfg.prompts.policy]
+    else:  # a hub id is no file DVC can hash
+        built = [str(local)] if local.is_dir() else []
     return [*built, *(r for r in evaluate_reads(cfg, "r00") if r != str(SFT.policy))]
 
 

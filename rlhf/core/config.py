@@ -467,18 +467,23 @@ def _describe(err: dict, model: type[BaseModel] = Config) -> str:
 
 def _about(loc: tuple, model: type[BaseModel]) -> str:
     """— what the key at `loc` is for and the values it takes, from the schema ('' for no such key)."""
+    field = _field(loc, model)
+    return f" — {field.description} ({allowed(field)})" if field and field.description and not is_section(field) else ""
+
+
+def _field(loc: tuple, model: type[BaseModel]):
+    """The schema's field at `loc` (e.g. ("train_rm", "data")), or None where no such key is."""
     field = None
     for part in loc:
         field = model.model_fields.get(str(part)) if model else None
         if field is None:
-            return ""
-        model = field.annotation if _is_section(field) else None
-    return (
-        f" — {field.description} ({allowed(field)})" if field and field.description and not _is_section(field) else ""
-    )
+            return None
+        model = field.annotation if is_section(field) else None
+    return field
 
 
-def _is_section(field) -> bool:
+def is_section(field) -> bool:
+    """Whether a schema field holds a section of keys rather than one value."""
     return isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
 
 
@@ -513,9 +518,7 @@ def _type(annotation) -> str:
 
 def _keys_beside(loc: tuple, model: type[BaseModel] = Config) -> list[str]:
     """The valid keys of the section that holds `loc` (for a did-you-mean hint)."""
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
-        if field is None or not _is_section(field):
-            return []
-        model = field.annotation
-    return list(model.model_fields)
+    holder = _field(loc[:-1], model) if len(loc) > 1 else None
+    if len(loc) > 1 and not (holder and is_section(holder)):
+        return []
+    return list((holder.annotation if holder else model).model_fields)

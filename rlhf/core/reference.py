@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from rlhf.core.config import Config, allowed
+from rlhf.core.config import Config, allowed, is_section
 
 
 @dataclass(frozen=True)
@@ -26,9 +26,7 @@ def keys(model: type[BaseModel] = Config, prefix: str = "") -> list[Key]:
     """Every key of `model`, sections before the keys inside them, in the schema's order."""
     out = []
     for name, field in model.model_fields.items():
-        sub = (
-            field.annotation if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel) else None
-        )
+        sub = field.annotation if is_section(field) else None
         default = "(required)" if field.default is PydanticUndefined else "" if sub else _yaml(field.default)
         out.append(
             Key(prefix + name, "section" if sub else allowed(field), default, field.description or "", bool(sub))
@@ -38,15 +36,8 @@ def keys(model: type[BaseModel] = Config, prefix: str = "") -> list[Key]:
     return out
 
 
-def key(name: str) -> Key | None:
-    return next((k for k in keys() if k.name == name), None)
-
-
-def line(name: str) -> str:
+def line(k: Key) -> str:
     """One key in one line: description, allowed values, default."""
-    k = key(name)
-    if k is None:
-        return ""
     return f"{k.description} ({k.allowed}" + (f"; default {k.default})" if k.default else ")")
 
 
@@ -61,7 +52,7 @@ def _yaml(value) -> str:
 
 
 def markdown() -> str:
-    """docs/params.md: one table per section."""
+    """docs/params.md: one table per section, the section's docstring above it."""
     lines = [
         "# params.yaml reference",
         "",
@@ -69,20 +60,18 @@ def markdown() -> str:
         "current). `rlhf params KEY` prints one key. Every key is optional except `rounds`.",
         "",
     ]
-    models = _sections()
-    for name, (model, description) in models.items():
-        title = name or "top level"
-        doc = " ".join((model.__doc__ or "").split()) if name else description
+    everything = keys()
+    for name, model in _sections().items():
         lines += [
-            f"## `{title}`",
+            f"## `{name or 'top level'}`",
             "",
-            doc or description,
+            " ".join((model.__doc__ or "").split()),
             "",
             "| key | allowed | default | what it does |",
             "|---|---|---|---|",
         ]
-        for k in keys(model, f"{name}." if name else ""):
-            if k.name.count(".") == (name.count(".") + 1 if name else 0):
+        for k in everything:
+            if k.name.rpartition(".")[0] == name:
                 default = f"`{k.default}`" if k.default else ""
                 lines.append(f"| `{k.name}` | {_cell(k.allowed)} | {_cell(default)} | {_cell(k.description)} |")
         lines.append("")
@@ -93,9 +82,9 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", "\\n")
 
 
-def _sections(model: type[BaseModel] = Config, prefix: str = "") -> dict[str, tuple[type[BaseModel], str]]:
-    out = {prefix.rstrip("."): (model, model.__doc__ or "")}
+def _sections(model: type[BaseModel] = Config, prefix: str = "") -> dict[str, type[BaseModel]]:
+    out = {prefix.rstrip("."): model}
     for name, field in model.model_fields.items():
-        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+        if is_section(field):
             out |= _sections(field.annotation, f"{prefix}{name}.")
     return out

@@ -91,22 +91,30 @@ def _unique(paths: list[str]) -> list[str]:
 
 
 def render(cfg: Config) -> str:
-    return HEADER + yaml.safe_dump(stages(cfg), sort_keys=False, width=120)
+    return _text(stages(cfg))
+
+
+def _text(doc: dict) -> str:
+    return HEADER + yaml.safe_dump(doc, sort_keys=False, width=120)
 
 
 def write(cfg: Config, path: str | Path = DVC_YAML) -> bool:
     """Write dvc.yaml for `cfg` unless it already says the same; True if it changed."""
-    path = Path(path)
-    if current(cfg, path):
+    doc = stages(cfg)
+    if _says(path, doc):
         return False
-    write_text(path, render(cfg))
+    write_text(path, _text(doc))
     return True
 
 
 def current(cfg: Config, path: str | Path = DVC_YAML) -> bool:
     """Whether dvc.yaml is what `write` would write for `cfg`."""
+    return _says(path, stages(cfg))
+
+
+def _says(path: str | Path, doc: dict) -> bool:
     try:
-        return yaml.safe_load(Path(path).read_text(encoding="utf-8")) == yaml.safe_load(render(cfg))
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8")) == doc
     except (OSError, yaml.YAMLError):
         return False
 
