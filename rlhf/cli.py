@@ -197,13 +197,19 @@ def main(argv: list[str] | None = None) -> None:
     try:
         sys.exit(_dispatch(args))
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(e))
     except OSError as e:  # a file or device the user can act on: one line, not a traceback
-        print(f"error: {f'{e.filename}: ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(f"{f'{e.filename}: ' if e.filename else ''}{e.strerror or e}")
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+def _fail(message: str) -> None:
+    """The one-line error and exit 2. One write of the whole line: ranks of a launch share one stderr pipe,
+    and print's separate write of the newline let two ranks' lines run together."""
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
+    sys.exit(2)
 
 
 def _dispatch(args) -> int:
