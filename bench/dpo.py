@@ -82,8 +82,8 @@ def _bare(cfg, rnd: str, rm_dir, loss: dict) -> dict[str, float]:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from rlhf.core.io import read_prompts
     from rlhf.core.paths import SFT
+    from rlhf.core.prompts import read_prompts
     from rlhf.core.seeds import stage_seed
 
     up, s, seed = cfg.update_policy, cfg.generate, stage_seed(cfg, "update_policy", rnd)
@@ -98,7 +98,10 @@ def _bare(cfg, rnd: str, rm_dir, loss: dict) -> dict[str, float]:
     policy = AutoModelForCausalLM.from_pretrained(SFT.policy)
     ref = AutoModelForCausalLM.from_pretrained(SFT.policy).eval()
     rm = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
-    prompts = [p["prompt"] for p in read_prompts(cfg.prompts.policy)]
+    prompts = [  # rendered as the policy's chat template renders a question
+        tok.apply_chat_template([{"role": "user", "content": p["prompt"]}], tokenize=False, add_generation_prompt=True)
+        for p in read_prompts(cfg.prompts.policy)
+    ]
     lap("load models")
     tok.padding_side = "left"
     texts = [p for p in prompts for _ in range(up.k)]

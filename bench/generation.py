@@ -19,17 +19,19 @@ def main() -> None:
     with chdir(default_project(args.out)):
         import torch
 
-        from rlhf.core.io import read_jsonl, read_prompts
+        from rlhf.core.io import read_jsonl
         from rlhf.core.paths import SFT, round_paths
+        from rlhf.core.prompts import read_prompts
         from rlhf.core.seeds import stage_seed
-        from rlhf.ml import models
+        from rlhf.ml import chat, models
         from tasks.generate import generate
 
         cfg, rnd = config(overrides(args)), "r01"
         s = cfg.generate
         torch.set_num_threads(cfg.runtime.threads)
         tok, model = models.load_tokenizer(SFT.policy, "left"), models.load_policy(SFT.policy).eval()
-        texts = [p["prompt"] for p in read_prompts(cfg.prompts.label) for _ in range(s.k)]
+        rendered = chat.render(tok, [p["prompt"] for p in read_prompts(cfg.prompts.label)])
+        texts = [t for t in rendered for _ in range(s.k)]
         bare_out: list[list[int]] = []
 
         def bare() -> None:

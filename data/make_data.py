@@ -42,11 +42,14 @@ def main() -> None:
     rng.shuffle(combos)
     prompts = [{"topic": t, "prompt": world["prompt_format"].format(opener=o, topic=t, closer=c)} for o, t, c in combos]
     splits = {"eval": prompts[:100], "label": prompts[100:300], "policy": prompts[300:]}
+    # Prompt sets hold the user's question; the policy's chat template renders it as a dialogue turn. The
+    # SFT, pre-training and co-training texts are already rendered (TRL's standard prompt/completion rows).
+    dialogue = [{**p, "prompt": world["dialogue_format"].format(prompt=p["prompt"])} for p in prompts]
     for name, rows in splits.items():
         lines = [json.dumps({"id": f"{name}-{i:04d}", **r}) for i, r in enumerate(rows)]
         (HERE / "prompts" / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
 
-    train_prompts = splits["label"] + splits["policy"]
+    train_prompts = dialogue[100:]  # the label and policy prompts
     sft = []
     for i in range(3000):
         p = rng.choice(train_prompts)

@@ -18,8 +18,9 @@ import math
 import numpy as np
 
 from rlhf.core.config import Config, Sampling
-from rlhf.core.io import read_jsonl, read_prompts, write_json, write_jsonl
+from rlhf.core.io import read_jsonl, write_json, write_jsonl
 from rlhf.core.paths import SFT, round_paths
+from rlhf.core.prompts import describe, messages_of, read_prompts
 from rlhf.evaluation import metrics as stats
 from rlhf.judges import checked, judge_files, make_judge
 
@@ -37,6 +38,7 @@ PARAMS = (
     "update_policy.init",
     "update_policy.eta",
     "update_policy.ref",
+    "prompts.eval",
     "prompts.max_prompt_length",
     "prompts.too_long",
 )
@@ -48,7 +50,7 @@ def reads(cfg: Config, rnd: str) -> list[str]:
     from rlhf.ml.policy import reference_rounds
     from rlhf.ml.reward import reward_rounds
 
-    policy, inputs = str(round_paths(rnd).policy), [cfg.prompts.eval, *judge_files(cfg)]
+    policy, inputs = str(round_paths(rnd).policy), [*cfg.prompts.eval.files(), *judge_files(cfg)]
     if rnd == "r00":
         return [policy, *inputs]
     refs = dict.fromkeys([*reference_rounds(cfg, rnd), "r00"])  # with ref: init, the KL to the SFT policy too
@@ -61,23 +63,22 @@ def reads(cfg: Config, rnd: str) -> list[str]:
 
 
 def evaluate(cfg: Config, rnd: str) -> dict:
-    from rlhf.ml import models, sampling
+    from rlhf.ml import chat, models, sampling
     from rlhf.ml.policy import reference
     from rlhf.ml.reward import ProxyReward
 
     models.setup(cfg, "evaluate", rnd)
     paths, dev, e = round_paths(rnd), models.device(cfg), cfg.evaluate
     tok = models.load_tokenizer(paths.policy)
-    rows = read_prompts(cfg.prompts.eval)
-    kept, prompts, too_long = sampling.fit_prompts(
-        tok, [p["prompt"] for p in rows], cfg.prompts.max_prompt_length, cfg.prompts.too_long, "prompts.eval"
+    rows, prompts, too_long = chat.policy_prompts(
+        tok, read_prompts(cfg.prompts.eval, "prompts.eval"), cfg.prompts, "prompts.eval"
     )
-    rows = [rows[i] for i in kept]
     policy = models.load_policy(paths.policy, dev)
     pure = _pure_sampling(e, k=max([e.samples_per_prompt, *e.best_of_n]))
     s = sampling.generate(policy, tok, prompts, pure.k, pure)
     judge = make_judge(cfg)
-    gold_all = checked(judge.score([prompts[i] for i in s.prompt_index], s.responses), f"evaluate@{rnd}")
+    conversations = [messages_of(r["prompt"]) for r in rows]  # what the judge reads
+    gold_all = checked(judge.score([conversations[i] for i in s.prompt_index], s.responses), f"evaluate@{rnd}")
     gold_all = gold_all.reshape(len(prompts), pure.k)
     reward = None if rnd == "r00" else ProxyReward(cfg, rnd, tok, dev)
     proxy_all = (
@@ -101,8 +102,15 @@ def evaluate(cfg: Config, rnd: str) -> dict:
     }
     if too_long:  # held-out prompts over prompts.max_prompt_length, dropped or cut before sampling
         metrics["too_long"] = {"prompts": too_long, "action": cfg.prompts.too_long}
+    metrics["prompt_set"] = describe(cfg.prompts.eval)
     samples = [
-        {"prompt_id": rows[i]["id"], "prompt": prompts[i], "response": r, "gold": float(g)}
+        {
+            "prompt_id": rows[i]["id"],
+            "prompt": prompts[i],
+            "messages": conversations[i],
+            "response": r,
+            "gold": float(g),
+        }
         for i, r, g in zip(s.prompt_index, s.responses, gold.ravel())
     ]
     if rnd == "r00":  # the SFT policy is its own reference and has no proxy RM yet
@@ -150,16 +158,17 @@ def _pure_sampling(e, k: int) -> Sampling:
 def _landscape(e, policy, tok, judge, reward, rnd: str) -> dict:
     """Gold and proxy over the evaluate.landscape grid ({"axes": {}} when it is off)."""
     from rlhf.evaluation import landscape
-    from rlhf.ml import sampling
+    from rlhf.ml import chat, sampling
 
     spec = e.landscape
     if not spec.axes:
         return {"axes": {}}
     cells = landscape.prompts(spec)
-    s = sampling.generate(policy, tok, cells, spec.samples, _pure_sampling(e, spec.samples))
-    asked = [cells[i] for i in s.prompt_index]
-    gold = checked(judge.score(asked, s.responses), f"evaluate@{rnd} (landscape)")
-    return landscape.grid(spec, gold, None if reward is None else reward(asked, s.responses), s.responses)
+    texts = chat.render(tok, cells, "evaluate.landscape")
+    s = sampling.generate(policy, tok, texts, spec.samples, _pure_sampling(e, spec.samples))
+    gold = checked(judge.score([cells[i] for i in s.prompt_index], s.responses), f"evaluate@{rnd} (landscape)")
+    proxy = None if reward is None else reward([texts[i] for i in s.prompt_index], s.responses)
+    return landscape.grid(spec, gold, proxy, s.responses)
 
 
 def _against_earlier(cfg: Config, rnd: str, gold: np.ndarray, reward) -> tuple[dict, dict | None]:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from rlhf.core.config import Config
-from rlhf.core.io import read_prompts, write_jsonl
+from rlhf.core.io import write_jsonl
 from rlhf.core.paths import SFT, round_paths
+from rlhf.core.prompts import describe, messages_of, read_prompts
 
 # What the stage's outputs depend on besides the files below: dvc.yaml is generated from these
 # (rlhf/orchestration/stages.py). Not runtime.num_processes: generate is one process however training runs.
@@ -13,6 +14,7 @@ PARAMS = (
     "runtime.threads",
     "runtime.device",
     "generate",
+    "prompts.label",
     "prompts.max_prompt_length",
     "prompts.too_long",
 )
@@ -20,21 +22,20 @@ PARAMS = (
 
 def reads(cfg: Config, rnd: str) -> list[str]:
     """The files and folders generate reads: the policy it samples from (a LoRA adapter's base too)."""
-    return [str(round_paths(cfg.rounds[rnd]).policy), str(SFT.policy), cfg.prompts.label]
+    return [str(round_paths(cfg.rounds[rnd]).policy), str(SFT.policy), *cfg.prompts.label.files()]
 
 
 def generate(cfg: Config, rnd: str) -> dict:
-    from rlhf.ml import models, sampling
+    from rlhf.ml import chat, models, sampling
 
     seed = models.setup(cfg, "generate", rnd)
     prev = cfg.rounds[rnd]
     policy_dir = round_paths(prev).policy
-    rows = read_prompts(cfg.prompts.label)
     tok = models.load_tokenizer(policy_dir)
-    kept, texts, too_long = sampling.fit_prompts(
-        tok, [p["prompt"] for p in rows], cfg.prompts.max_prompt_length, cfg.prompts.too_long, "prompts.label"
+    prompts, texts, too_long = chat.policy_prompts(
+        tok, read_prompts(cfg.prompts.label, "prompts.label"), cfg.prompts, "prompts.label"
     )
-    prompts, k = [{**rows[i], "prompt": t} for i, t in zip(kept, texts)], cfg.generate.k
+    k = cfg.generate.k
     if cfg.generate.backend == "vllm":
         s = sampling.generate_vllm(policy_dir, tok, texts, k, cfg.generate, seed)
     else:
@@ -43,7 +44,8 @@ def generate(cfg: Config, rnd: str) -> dict:
     rows = [
         {
             "prompt_id": prompts[i]["id"],
-            "prompt": prompts[i]["prompt"],
+            "prompt": texts[i],  # as the policy saw it, rendered: what the proxy RM and the KL read
+            "messages": messages_of(prompts[i]["prompt"]),  # the conversation: what the gold judge reads
             "response": text,
             "finished": done,
             "policy_round": prev,
@@ -52,5 +54,10 @@ def generate(cfg: Config, rnd: str) -> dict:
         for i, text, done in zip(s.prompt_index, s.responses, s.finished)
     ]
     write_jsonl(round_paths(rnd).samples, rows)
-    summary = {"samples": len(rows), "prompts": len(prompts), "finished": sum(s.finished) / len(rows)}
+    summary = {
+        "samples": len(rows),
+        "prompts": len(prompts),
+        "finished": sum(s.finished) / len(rows),
+        "prompt_set": describe(cfg.prompts.label),
+    }
     return {**summary, f"prompts_{cfg.prompts.too_long}": too_long} if too_long else summary

@@ -31,9 +31,9 @@ def label(cfg: Config, rnd: str) -> dict:
         read_jsonl(paths.samples, required=("prompt_id", "prompt", "response")), str(paths.samples)
     )
     flat = [r for g in groups for r in g]
-    gold = checked(
-        score_in_workers(cfg, [r["prompt"] for r in flat], [r["response"] for r in flat]), str(paths.samples)
-    )
+    # The judge reads the conversation, never the policy's rendering (samples of older versions: the prompt).
+    conversations = [r.get("messages", r["prompt"]) for r in flat]
+    gold = checked(score_in_workers(cfg, conversations, [r["response"] for r in flat]), str(paths.samples))
     gold = gold.reshape(len(groups), -1)
     prompt, chosen, rejected = pairs_of(gold, lab.pairs, lab.ties)
     if not len(prompt):
@@ -47,6 +47,7 @@ def label(cfg: Config, rnd: str) -> dict:
         {
             "prompt_id": g[0]["prompt_id"],
             "prompt": g[0]["prompt"],
+            "messages": g[0].get("messages", g[0]["prompt"]),
             "responses": [r["response"] for r in g],
             "gold": s.tolist(),
             "pairs": [],

@@ -9,13 +9,13 @@ import tempfile
 from dataclasses import dataclass
 
 from rlhf.core.config import Config
-from rlhf.core.io import read_prompts
 from rlhf.core.paths import RoundPaths, round_paths
+from rlhf.core.prompts import read_prompts
 
 log = logging.getLogger("rlhf")
 
 
-PARAMS = ("runtime", "generate", "update_policy", "prompts.max_prompt_length", "prompts.too_long")
+PARAMS = ("runtime", "generate", "update_policy", "prompts.policy", "prompts.max_prompt_length", "prompts.too_long")
 
 
 def reads(cfg: Config, rnd: str) -> list[str]:
@@ -29,7 +29,7 @@ def reads(cfg: Config, rnd: str) -> list[str]:
     out = [
         *(str(round_paths(r).policy) for r in policies),
         *(str(round_paths(r).reward_model) for r in reward_rounds(cfg, rnd)),
-        cfg.prompts.policy,
+        *cfg.prompts.policy.files(),
     ]
     if up.cotrain.ratio:
         out.append(up.cotrain.data)
@@ -51,13 +51,13 @@ class Update:
     policy: object  # trained in place; a PeftModel with LoRA
     ref: object
     proxy: object  # rlhf.ml.reward.ProxyReward: (prompts, responses) -> scores, the reward the update optimises
-    prompts: list[str]
+    prompts: list[str]  # rendered by the policy's chat template (rlhf/ml/chat.py)
     aux: object  # rlhf.ml.cotrain.Aux, or None without co-training
     scratch: str  # a temporary folder for trainer output
 
 
 def update_policy(cfg: Config, rnd: str) -> dict:
-    from rlhf.ml import models, policy, sampling
+    from rlhf.ml import chat, models, policy
     from rlhf.ml.cotrain import Aux
     from rlhf.ml.methods import METHODS
     from rlhf.ml.reward import ProxyReward
@@ -65,12 +65,8 @@ def update_policy(cfg: Config, rnd: str) -> dict:
     seed = models.setup(cfg, "update_policy", rnd)
     paths, dev, up = round_paths(rnd), models.device(cfg), cfg.update_policy
     tok = models.load_tokenizer(round_paths(cfg.rounds[rnd]).policy)
-    _, prompts, too_long = sampling.fit_prompts(
-        tok,
-        [p["prompt"] for p in read_prompts(cfg.prompts.policy)],
-        cfg.prompts.max_prompt_length,
-        cfg.prompts.too_long,
-        "prompts.policy",
+    _, prompts, too_long = chat.policy_prompts(
+        tok, read_prompts(cfg.prompts.policy, "prompts.policy"), cfg.prompts, "prompts.policy"
     )
     model = policy.trainable_policy(cfg, rnd, dev)
     ref = policy.reference(cfg, rnd, dev)

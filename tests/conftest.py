@@ -43,7 +43,8 @@ SUBSET = {"label": 200, "policy": 64, "eval": 24}
 def deep_update(base: dict, change: dict) -> dict:
     out = dict(base)
     for k, v in change.items():
-        out[k] = deep_update(base.get(k, {}), v) if isinstance(v, dict) and k != "rounds" else v
+        deeper = isinstance(v, dict) and isinstance(base.get(k, {}), dict) and k != "rounds"
+        out[k] = deep_update(base.get(k, {}), v) if deeper else v
     return out
 
 
@@ -122,3 +123,13 @@ def in_project(tiny_project, monkeypatch):
     from rlhf.core.config import load_config
 
     return load_config()
+
+
+def rendered(cfg, key: str, tok=None) -> list[str]:
+    """A prompt set of `cfg` as the SFT policy sees it: rendered by its chat template (rlhf/ml/chat.py)."""
+    from rlhf.core.paths import SFT
+    from rlhf.core.prompts import read_prompts
+    from rlhf.ml import chat, models
+
+    tok = tok or models.load_tokenizer(SFT.policy)
+    return chat.render(tok, [p["prompt"] for p in read_prompts(getattr(cfg.prompts, key))])

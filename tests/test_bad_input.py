@@ -194,7 +194,7 @@ CASES = {
     ),
     "empty prompt": (
         edit("data/prompts/eval.jsonl", '{"id": "a", "prompt": " "}\n'),
-        "data/prompts/eval.jsonl: row 1: 'prompt' must be a non-empty string",
+        "data/prompts/eval.jsonl: row 1: the prompt is empty",
     ),
     "malformed sft data": (edit("data/sft.jsonl", line=(2, "not json")), "data/sft.jsonl:2: malformed JSON"),
     "missing pretraining text": (edit("data/pretrain.txt", None), "data/pretrain.txt: no such file (prepare.pretrain)"),

@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 
 from rlhf.core.config import load_config, parse_config
 from rlhf.core.errors import UserError
-from rlhf.core.io import read_jsonl, read_prompts, write_jsonl
+from rlhf.core.io import read_jsonl, write_jsonl
 from rlhf.core.paths import SFT, round_paths
+from rlhf.core.prompts import read_prompts
 from rlhf.ml import models
 from tests.conftest import BIN, TINY, make_project
 
@@ -134,6 +135,7 @@ def test_train_rm_on_two_ranks_matches_one_process(project, monkeypatch):
     assert "processes" not in json.loads(outs[1].splitlines()[-1])
     # Only rank 0 wrote: the one model folder, no scratch left beside it by another writer.
     assert sorted(p.name for p in rm.iterdir()) == [
+        "chat_template.jinja",
         "config.json",
         "model.safetensors",
         "tokenizer.json",

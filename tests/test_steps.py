@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 
 from rlhf.core.errors import UserError
-from rlhf.core.io import read_jsonl, read_prompts
+from rlhf.core.io import read_jsonl
 from rlhf.core.paths import SFT, round_paths
+from rlhf.core.prompts import read_prompts
 from rlhf.judges import make_judge
-from rlhf.ml import models, sampling
+from rlhf.ml import chat, models, sampling
 from rlhf.ml.pairs import best_worst
+from tests.conftest import rendered
 
 
 def test_prepare_builds_loadable_models_below_the_best(in_project):
@@ -53,8 +55,8 @@ def test_label_pairs_best_over_worst_by_gold(in_project):
 
 def held_out_pairs(cfg, policy_dir, k=4):
     """Best-vs-worst pairs by gold on the held-out prompts, sampled from a policy."""
-    prompts = [p["prompt"] for p in read_prompts(cfg.prompts.eval)]
     tok, policy = models.load_tokenizer(policy_dir), models.load_policy(policy_dir)
+    prompts = rendered(cfg, "eval", tok)
     s = sampling.generate(policy, tok, prompts, k, cfg.generate)
     asked = [prompts[i] for i in s.prompt_index]
     gold = make_judge(cfg).score(asked, s.responses).reshape(len(prompts), k)
@@ -84,7 +86,7 @@ def test_train_rm_ranks_held_out_gold_pairs_better_than_chance(in_project):
 def test_update_policy_raises_the_proxy_reward(in_project):
     import torch
 
-    prompts = [p["prompt"] for p in read_prompts(in_project.prompts.policy)]
+    prompts = rendered(in_project, "policy")
     rm = models.load_reward_model(round_paths("r01").reward_model)
     tok = models.load_tokenizer(SFT.policy)
     means = {}
@@ -132,13 +134,13 @@ def torch_allclose(a, b):
 def test_prompts_over_the_limit_are_dropped_or_cut_to_their_last_tokens():
     tok = models.build_tokenizer(["a b c d e f g h i j"])
     long = " ".join("abcdefghij") * 5000  # 100,000 characters
-    kept, texts, over = sampling.fit_prompts(tok, ["a b", long], 8, "drop", "prompts.label")
+    kept, texts, over = chat.fit_prompts(tok, ["a b", long], 8, "drop", "prompts.label")
     assert (kept, texts, over) == ([0], ["a b"], 1)
-    kept, texts, over = sampling.fit_prompts(tok, ["a b", long], 8, "truncate", "prompts.label")
+    kept, texts, over = chat.fit_prompts(tok, ["a b", long], 8, "truncate", "prompts.label")
     assert kept == [0, 1] and over == 1 and texts[0] == "a b"
     assert texts[1] == "c d e f g h i j" and long.endswith(texts[1])  # its last 8 tokens, at a token boundary
     with pytest.raises(UserError, match="prompts.eval: every prompt is longer than prompts.max_prompt_length"):
-        sampling.fit_prompts(tok, [long], 8, "drop", "prompts.eval")
+        chat.fit_prompts(tok, [long], 8, "drop", "prompts.eval")
 
 
 @pytest.mark.parametrize("too_long", ["drop", "truncate"])
@@ -166,4 +168,7 @@ def test_a_50000_character_prompt_never_reaches_the_model_whole(tiny_project, tm
     if too_long == "drop":
         assert huge == []
     else:
-        assert huge and all(len(tok(r["prompt"])["input_ids"]) <= 64 and long.endswith(r["prompt"]) for r in huge)
+        # Cut from the left: the rendered turn keeps its end, the question's last words and the generation prompt.
+        kept = [r["prompt"].removesuffix(" assistant :") for r in huge]
+        assert huge and all(len(tok(r["prompt"])["input_ids"]) <= 64 for r in huge)
+        assert all(r["prompt"].endswith(" assistant :") and long.endswith(k) for r, k in zip(huge, kept))

@@ -8,8 +8,9 @@ import pytest
 import yaml
 
 from rlhf.core.errors import UserError
-from rlhf.core.io import atomic_dir, read_jsonl, read_prompts, write_jsonl
+from rlhf.core.io import atomic_dir, read_jsonl, write_jsonl
 from rlhf.core.paths import ROUND_STEPS, STEP_OUTPUT, round_paths
+from rlhf.core.prompts import read_prompts
 from rlhf.judges import checked
 from rlhf.ml.pairs import best_worst, group_by_prompt, pairs_of
 from tests.conftest import ROOT

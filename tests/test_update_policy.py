@@ -8,12 +8,11 @@ import pytest
 import torch
 
 from rlhf.core.config import PPO, Config, CoTrain
-from rlhf.core.io import read_prompts
 from rlhf.core.paths import SFT, round_paths
 from rlhf.ml import models, sampling
 from rlhf.ml.cotrain import Aux
 from rlhf.ml.methods import ppo
-from tests.conftest import deep_update
+from tests.conftest import deep_update, rendered
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +83,7 @@ def run_ppo(cfg, reward_fn, p: PPO, prompts, policy=None, ref=None, k=4):
 def test_ppo_first_minibatch_has_ratio_one_and_zero_kl_to_an_identical_reference(scratch_project, monkeypatch):
     monkeypatch.chdir(scratch_project)
     cfg = config()
-    prompts = [p["prompt"] for p in read_prompts(cfg.prompts.policy)][:16]
+    prompts = rendered(cfg, "policy")[:16]
     policy = models.load_policy(SFT.policy)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     _, _, history = run_ppo(
@@ -99,7 +98,7 @@ def test_ppo_first_minibatch_has_ratio_one_and_zero_kl_to_an_identical_reference
 def test_ppo_raises_a_toy_reward_for_one_word(scratch_project, monkeypatch):
     monkeypatch.chdir(scratch_project)
     cfg = config()
-    prompts = [p["prompt"] for p in read_prompts(cfg.prompts.policy)]
+    prompts = rendered(cfg, "policy")
 
     def elephants(asked, responses):  # reward: how often the response says "elephant"
         return [r.split().count("elephant") for r in responses]
@@ -136,7 +135,7 @@ def test_each_method_raises_the_proxy_reward(scratch_project, monkeypatch, metho
     )
     summary = update_policy(cfg, "r01")
     assert summary["method"] == method
-    prompts = [p["prompt"] for p in read_prompts(cfg.prompts.policy)]
+    prompts = rendered(cfg, "policy")
     rm, tok = models.load_reward_model(round_paths("r01").reward_model), models.load_tokenizer(SFT.policy)
     means = {}
     for name, folder in (("before", SFT.policy), ("after", round_paths("r01").policy)):

@@ -64,29 +64,78 @@ class TinyModel(Section):
 class Prepare(Section):
     """Round 0: the SFT policy every round starts from, built here or taken from a model folder or hub id."""
 
-    policy: str = d("tiny", "tiny: build the offline default; else a local path or hub id of an SFT policy")
+    policy: str = d("tiny", "tiny: make it here by SFT (of base); else a local path or hub id of an SFT policy")
+    base: str | None = d(
+        None,
+        "the base LM SFT fine-tunes (a local path or hub id); null: build and pre-train the tiny Llama",
+    )
+    chat_template: str | None = d(
+        None, "a chat template (Jinja) for a base whose tokenizer has none; conversational SFT rows need one"
+    )
     tiny: TinyModel = d(TinyModel(), "the tiny model's shape and pre-training")
     pretrain: str = d("data/pretrain.txt", "plain text the tiny base LM is pre-trained on, one line each")
-    sft: str = d("data/sft.jsonl", "prompt/completion rows the tiny policy is fine-tuned on (and ReST's keep_sft)")
+    sft: str = d(
+        "data/sft.jsonl",
+        "prompt/completion rows SFT trains on, strings or TRL's conversational messages (and ReST's keep_sft)",
+    )
     sft_epochs: float = d(2.0, "SFT epochs (completion-only loss)", ge=0)
     learning_rate: float = d(1e-3, "SFT learning rate", gt=0)
     batch_size: int = d(32, "pre-training and SFT batch size", gt=0)
     max_length: int = d(96, "longest pre-training or SFT sequence, in tokens", gt=0)
 
-    @field_validator("policy")
+    @field_validator("policy", "base")
     @classmethod
-    def _local_path_exists(cls, v: str) -> str:
-        if v != "tiny" and missing_local_dir(v):
+    def _local_path_exists(cls, v: str | None) -> str | None:
+        if v not in ("tiny", None) and missing_local_dir(v):
             raise ValueError(f"no such model directory: {v}")
         return v
 
+    @model_validator(mode="after")
+    def _base_for_sft(self) -> Prepare:
+        if self.base and self.policy != "tiny":
+            raise ValueError("[base] a base to fine-tune, but prepare.policy takes an SFT policy as it is: set one")
+        return self
+
+
+class PromptSet(Section):
+    """One prompt set: a JSONL file of rows with an `id` and a `prompt` (a string, or a list of messages as in
+    TRL's conversational format), an s3:// JSONL object, a local dataset (parquet, JSON, CSV, arrow, a
+    `save_to_disk` folder) or a Hub dataset id, loaded with `datasets`. A bare string is its `path`."""
+
+    path: str = d(..., "the file, folder, s3:// object or Hub dataset id")
+    split: str = d("train", "the dataset split (a JSONL file or s3:// object has one)")
+    column: str = d(
+        "prompt",
+        "the column holding the prompt: a string or messages; a conversation ending in an answer "
+        "(a preference set's `chosen`) is cut before the answer",
+    )
+    id_column: str | None = d(None, "the column of unique ids; null: `id` where present, else a hash of the prompt")
+    sample: int | None = d(None, "take this many rows at random (seeded); null: all", gt=0)
+    seed: int = d(0, "the seed of that sample")
+    revision: str | None = d(None, "a Hub dataset's revision (branch, tag or commit), recorded with the round")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_path(cls, v):
+        return {"path": v} if isinstance(v, str) else v
+
+    def files(self) -> list[str]:
+        """What DVC can hash of it: the local file or folder, or the s3:// object; nothing for a Hub id."""
+        local = self.path.startswith(("s3://", ".", "/", "~")) or Path(self.path).expanduser().exists()
+        return [self.path] if local else []
+
 
 class Prompts(Section):
-    """The three disjoint prompt sets (JSONL rows with a unique `id` and a `prompt`; or s3://bucket/key)."""
+    """The three disjoint prompt sets, and how long a prompt may be. Each set is a path or a section of
+    `path`, `split`, `column`, ... (prompts.label.path and below)."""
 
-    label: str = d("data/prompts/label.jsonl", "sampled and judged each round: the reward model's training data")
-    policy: str = d("data/prompts/policy.jsonl", "sampled and scored by the proxy RM in the policy update")
-    eval: str = d("data/prompts/eval.jsonl", "held out: evaluation only")
+    label: PromptSet = d(
+        PromptSet(path="data/prompts/label.jsonl"), "sampled and judged each round: the reward model's training data"
+    )
+    policy: PromptSet = d(
+        PromptSet(path="data/prompts/policy.jsonl"), "sampled and scored by the proxy RM in the policy update"
+    )
+    eval: PromptSet = d(PromptSet(path="data/prompts/eval.jsonl"), "held out: evaluation only")
     max_prompt_length: int = d(
         1024,
         "longest prompt, in the policy's tokens; a longer one is dropped or cut "

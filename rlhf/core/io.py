@@ -122,16 +122,3 @@ def remove_scratch(folder: str | Path) -> None:
     write_text and atomic_dir): never a real artifact, which only ever appears by a rename."""
     for p in Path(folder).glob(".*.tmp"):
         shutil.rmtree(p) if p.is_dir() else p.unlink()
-
-
-def read_prompts(path: str | Path) -> list[dict]:
-    """A prompt set: JSONL rows with a unique `id` and a non-empty `prompt` string."""
-    rows = read_jsonl(path, required=("id", "prompt"))
-    seen: dict[str, int] = {}
-    for n, row in enumerate(rows, 1):
-        if not isinstance(row["prompt"], str) or not row["prompt"].strip():
-            raise UserError(f"{path}: row {n}: 'prompt' must be a non-empty string")
-        if row["id"] in seen:
-            raise UserError(f"{path}: row {n}: duplicate id {row['id']!r} (first in row {seen[row['id']]})")
-        seen[row["id"]] = n
-    return rows

@@ -1,8 +1,9 @@
 """Reward models as gold judges: any Hugging Face sequence-classification RM, and UltraRM's architecture.
 
-Input is built one of three ways (`label.judge.input`): a plain `template` ("Human: {prompt}\\nAssistant:
-{response}", UltraRM's format), the tokenizer's `chat` template (user/assistant turns), or a (question,
-answer) `pair` for DeBERTa-style RMs. Texts are scored in length-sorted batches, so a batch wastes little
+Input is built from the conversation and the response, never from the policy's rendering, one of three ways
+(`label.judge.input`): a plain `template` ("Human: {prompt}\\nAssistant: {response}", UltraRM's format)
+filled in turn by turn, the judge tokenizer's own `chat` template, or a (question, answer) `pair` for
+DeBERTa-style RMs (the last user turn). Texts are scored in length-sorted batches, so a batch wastes little
 padding, in half precision on a GPU. Safety: remote code runs only with `trust_remote_code: true`, and
 weights load from safetensors unless `allow_pickle: true`.
 """
@@ -13,6 +14,7 @@ import numpy as np
 
 from rlhf.core.config import Judge
 from rlhf.core.errors import UserError
+from rlhf.core.prompts import last_user_turn, messages_of, text_length
 
 
 def ultrarm_class():
@@ -43,20 +45,18 @@ class ModelJudge:
         self.spec, self.model, self.tok, self.best = spec, model.eval(), tok, spec.best
         self.dev = dev
 
-    def inputs(self, prompts: list[str], responses: list[str]) -> dict:
+    def inputs(self, prompts: list, responses: list[str]) -> dict:
         s, tok = self.spec, self.tok
         kw = {"truncation": True, "max_length": s.max_length, "padding": True, "return_tensors": "pt"}
         if s.input == "pair":
-            return tok(prompts, responses, **kw)
+            return tok([last_user_turn(p) for p in prompts], responses, **kw)
         if s.input == "chat":
             texts = [
-                tok.apply_chat_template(
-                    [{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=False
-                )
+                tok.apply_chat_template([*messages_of(p), {"role": "assistant", "content": r}], tokenize=False)
                 for p, r in zip(prompts, responses)
             ]
             return tok(texts, add_special_tokens=False, **kw)
-        return tok([s.template.format(prompt=p, response=r) for p, r in zip(prompts, responses)], **kw)
+        return tok([fill_template(s.template, p, r) for p, r in zip(prompts, responses)], **kw)
 
     def score(self, prompts: list[str], responses: list[str]) -> np.ndarray:
         import torch
@@ -73,9 +73,24 @@ class ModelJudge:
         return scores
 
 
-def length_order(prompts: list[str], responses: list[str]) -> np.ndarray:
+def fill_template(template: str, prompt, response: str) -> str:
+    """A `template` judge's text: each earlier (user, answer) exchange and then this one, each through the
+    template, one per line; a system turn leads as its own line."""
+    turns, text, question = messages_of(prompt), [], None
+    for m in turns:
+        if m["role"] == "system":
+            text.append(m["content"])
+        elif m["role"] == "user":
+            question = m["content"]
+        elif question is not None:  # an earlier answer
+            text.append(template.format(prompt=question, response=m["content"]))
+            question = None
+    return "\n".join([*text, template.format(prompt=question, response=response)])
+
+
+def length_order(prompts: list, responses: list[str]) -> np.ndarray:
     """The order a model judge scores in: by length, so that a batch wastes little padding (stable)."""
-    return np.argsort([len(p) + len(r) for p, r in zip(prompts, responses, strict=True)], kind="stable")
+    return np.argsort([text_length(p) + len(r) for p, r in zip(prompts, responses, strict=True)], kind="stable")
 
 
 def load_model_judge(spec: Judge, dev: str) -> ModelJudge:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from rlhf.core.errors import UserError
+from rlhf.core.prompts import last_user_turn
 
 WEIGHTS = {"on_topic": 0.4, "fluent": 0.2, "length": 0.2, "clean": 0.2}
 
@@ -77,6 +78,8 @@ class PinkElephantJudge:
             and all(w in self.known for w in words)
         )
 
-    def score(self, prompts: list[str], responses: list[str]) -> np.ndarray:
-        parts = [self.components(p, r) for p, r in zip(prompts, responses, strict=True)]
+    def score(self, prompts: list, responses: list[str]) -> np.ndarray:
+        """Scores of (prompt, response) pairs; a prompt is a string or a conversation, whose last user turn
+        asks the question."""
+        parts = [self.components(last_user_turn(p), r) for p, r in zip(prompts, responses, strict=True)]
         return np.array([sum(WEIGHTS[k] * c[k] for k in WEIGHTS) for c in parts], dtype=np.float64)

@@ -19,6 +19,14 @@ from rlhf.core.seeds import stage_seed
 
 log = logging.getLogger("rlhf")
 SPECIALS = {"pad": "<pad>", "eos": "<eos>", "unk": "<unk>"}
+# The tiny policy's chat template: a user turn renders as `user : <question> assistant :`, the dialogue form
+# its pre-training and SFT texts use, and an answer ends with <eos>; so the default run renders its prompts
+# through a template as a Hub instruct model's run does.
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} "
+    "{% if m['role'] == 'assistant' %}{{ eos_token }} {% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}assistant :{% endif %}"
+)
 
 
 def setup(cfg: Config, step: str, rnd: str) -> int:
@@ -60,12 +68,12 @@ def check_local_model(path: str, section: str, trust_remote_code: bool = False, 
     folder = Path(path).expanduser()
     if not folder.is_dir():
         return {}
-    key = section if section.endswith(".policy") else f"{section}.name"
+    key = section if section.endswith((".policy", ".base")) else f"{section}.name"
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise UserError(f"{key}: {folder}/config.json: not a Hugging Face model folder ({e})") from None
-    flags = not section.endswith(".policy")  # policies load with remote code and pickle always off
+    flags = not section.endswith((".policy", ".base"))  # policies load with remote code and pickle always off
     if "auto_map" in config and not trust_remote_code:
         raise UserError(
             f"{section}: {path} needs its own remote code to load; "
@@ -155,6 +163,7 @@ def build_tokenizer(texts: list[str]):
         unk_token=SPECIALS["unk"],
         model_max_length=512,
     )
+    tok.chat_template = TINY_CHAT_TEMPLATE
     return tok
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from rlhf.core.config import Sampling
 from rlhf.core.errors import UserError
+from rlhf.ml.chat import stop_ids
 
 log = logging.getLogger("rlhf")
 
@@ -24,10 +25,12 @@ class Samples:
 
 
 def generate(model, tok, prompts: list[str], k: int, s: Sampling, max_new_tokens: int | None = None) -> Samples:
-    """k samples per prompt, in batches of left-padded prompts (seed torch before calling)."""
+    """k samples per prompt (rendered texts, rlhf/ml/chat.py), in batches of left-padded prompts (seed torch
+    before calling). A response ends at the first of the policy's stop ids, which it keeps."""
     import torch
 
     tok.padding_side = "left"
+    stops = stop_ids(tok, model)
     order = [i for i in range(len(prompts)) for _ in range(k)]
     out = Samples([], [], [], [])
     model.eval()
@@ -43,43 +46,18 @@ def generate(model, tok, prompts: list[str], k: int, s: Sampling, max_new_tokens
                 top_p=s.top_p,
                 max_new_tokens=max_new_tokens or s.max_new_tokens,
                 pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id,
+                eos_token_id=stops,
             )
         width = batch["input_ids"].shape[1]
         for i, ids in zip(idx, seqs[:, width:].tolist()):
-            done = tok.eos_token_id in ids
+            end = next((n for n, t in enumerate(ids) if t in stops), None)
             out.prompt_index.append(i)
-            out.response_ids.append(ids[: ids.index(tok.eos_token_id) + 1] if done else ids)
-            out.finished.append(done)
+            out.response_ids.append(ids if end is None else ids[: end + 1])
+            out.finished.append(end is not None)
         out.responses.extend(continuations(tok, batch["input_ids"].tolist(), out.response_ids[-len(idx) :]))
         log.info("generated %d/%d samples", min(start + s.batch_size, len(order)), len(order))
     tok.padding_side = "right"
     return out
-
-
-def fit_prompts(tok, prompts: list[str], limit: int, too_long: str, what: str) -> tuple[list[int], list[str], int]:
-    """The prompts fitted into `limit` of `tok`'s tokens (the special tokens it adds included): the indices
-    of those kept, their text, and how many were longer. With too_long=truncate a longer prompt is kept as
-    its last tokens, cut at a token boundary of its text; with drop it is left out. One batched
-    tokenisation, before any model runs. `what`: the params key of the prompt set, for the error when none fits."""
-    import numpy as np
-
-    room = limit - tok.num_special_tokens_to_add()
-    enc = tok(prompts, add_special_tokens=False, return_offsets_mapping=True)
-    lengths = np.array([len(ids) for ids in enc["input_ids"]])
-    over = int((lengths > room).sum())
-    if too_long == "drop":
-        kept = np.flatnonzero(lengths <= room).tolist()
-        if not kept:
-            raise UserError(
-                f"{what}: every prompt is longer than prompts.max_prompt_length ({limit} tokens); raise "
-                "it, or set prompts.too_long: truncate"
-            )
-        return kept, [prompts[i] for i in kept], over
-    texts = [
-        p if n <= room else p[enc["offset_mapping"][i][-room][0] :] for i, (p, n) in enumerate(zip(prompts, lengths))
-    ]
-    return list(range(len(prompts))), texts, over
 
 
 def require_vllm() -> None:
@@ -117,7 +95,7 @@ def generate_vllm(policy_dir, tok, prompts: list[str], k: int, s: Sampling, seed
         engine = {"model": a["base_model_name_or_path"], "enable_lora": True, "max_lora_rank": rank}
         lora = LoRARequest("policy", 1, str(policy_dir))
     llm = LLM(**engine, tokenizer=str(policy_dir), seed=seed, trust_remote_code=False)
-    eos = tok.eos_token_id
+    stops = stop_ids(tok)
     prompt_ids = tok(prompts)["input_ids"]  # tokenised as the transformers backend does
     params = [
         SamplingParams(
@@ -127,7 +105,7 @@ def generate_vllm(policy_dir, tok, prompts: list[str], k: int, s: Sampling, seed
             top_k=s.top_k or -1,
             top_p=s.top_p,
             max_tokens=s.max_new_tokens,
-            stop_token_ids=[eos],
+            stop_token_ids=stops,
         )
         for i in range(len(prompts))
     ]
@@ -137,10 +115,11 @@ def generate_vllm(policy_dir, tok, prompts: list[str], k: int, s: Sampling, seed
         for c in request.outputs:
             ids = list(c.token_ids)
             done = c.finish_reason == "stop"
-            if eos in ids:
-                ids = ids[: ids.index(eos) + 1]
-            elif done:  # stopped at the eos, which vLLM may leave out of token_ids
-                ids.append(eos)
+            end = next((n for n, t in enumerate(ids) if t in stops), None)
+            if end is not None:
+                ids = ids[: end + 1]
+            elif done:  # stopped at a stop id, which vLLM may leave out of token_ids
+                ids.append(c.stop_reason if isinstance(c.stop_reason, int) else stops[0])
             out.prompt_index.append(i)
             out.response_ids.append(ids)
             out.finished.append(done)

@@ -7,11 +7,13 @@ weights, architecture, pad token), the judge is built or imported, the remote is
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from rlhf.core.config import Config
 from rlhf.core.errors import UserError
-from rlhf.core.io import read_jsonl, read_prompts
+from rlhf.core.io import read_jsonl
+from rlhf.core.prompts import read_prompts
 from rlhf.judges import CallableJudge, PinkElephantJudge
 from rlhf.judges.reward_models import check_judge
 from rlhf.ml.models import check_local_model, load_tokenizer
@@ -25,9 +27,13 @@ def check_inputs(cfg: Config) -> None:
     for path in ("dvc.yaml", ".dvc"):
         if not Path(path).exists():
             raise UserError(f"{path}: not found; run from the project root (a DVC repository)")
-    for key in ("label", "policy", "eval"):
-        read_prompts(getattr(cfg.prompts, key))
-    if cfg.prepare.policy == "tiny":
+    check_prompt_sets(cfg)
+    if cfg.prepare.base:
+        read_jsonl(cfg.prepare.sft, required=("prompt", "completion"), what="prepare.sft")
+        if Path(cfg.prepare.base).expanduser().is_dir():
+            check_local_model(cfg.prepare.base, "prepare.base")
+            load_tokenizer(cfg.prepare.base)
+    elif cfg.prepare.policy == "tiny":
         if not Path(cfg.prepare.pretrain).is_file():
             raise UserError(f"{cfg.prepare.pretrain}: no such file (prepare.pretrain)")
         read_jsonl(cfg.prepare.sft, required=("prompt", "completion"), what="prepare.sft")
@@ -50,6 +56,29 @@ def check_inputs(cfg: Config) -> None:
         read_jsonl(cfg.prepare.sft, required=("prompt", "completion"), what="prepare.sft")
     if cfg.storage.push:
         remote_for_push(cfg.storage.remote)  # a run that would push to no remote stops before it starts
+
+
+def check_prompt_sets(cfg: Config) -> None:
+    """Each prompt set loads (file, split, column); none shares a prompt with the held-out eval set; and
+    conversations come only with a policy that has a chat template to render them."""
+    import logging
+
+    from rlhf.ml.chat import has_template
+
+    sets = {key: read_prompts(getattr(cfg.prompts, key), f"prompts.{key}") for key in ("label", "policy", "eval")}
+    seen = {key: {json.dumps(r["prompt"], sort_keys=True) for r in rows} for key, rows in sets.items()}
+    for key in ("label", "policy"):
+        if shared := len(seen[key] & seen["eval"]):
+            raise UserError(f"prompts.{key}: {shared} of its prompts are also in prompts.eval, which must be held out")
+    if shared := len(seen["label"] & seen["policy"]):
+        logging.getLogger("rlhf").warning("prompts.label and prompts.policy share %d prompts", shared)
+    chats = [k for k, rows in sets.items() if any(not isinstance(r["prompt"], str) for r in rows)]
+    policy = Path(cfg.prepare.base or cfg.prepare.policy).expanduser()
+    if chats and policy.is_dir() and not cfg.prepare.chat_template and not has_template(load_tokenizer(policy)):
+        raise UserError(
+            f"prompts.{chats[0]}: conversational prompts, but the policy {cfg.prepare.policy} has no chat "
+            "template to render them (use string prompts, or a policy with a template)"
+        )
 
 
 def check_study(study: Study) -> None:

@@ -236,6 +236,7 @@ def _data_files(params: dict, root: Path) -> list[str]:
     out = []
     for key in INPUT_FILES:
         value = lookup(params, *key.split("."))
+        value = value.get("path") if isinstance(value, dict) else value  # a prompt set given as a section
         if isinstance(value, str) and not Path(value).is_absolute() and (root / value).exists():
             out.append(value)
     return out

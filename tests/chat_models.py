@@ -1,0 +1,142 @@
+"""Tiny models in the layouts of modern Hub models, built locally in seconds: byte-level BPE tokenizers
+with special tokens and chat templates, no pad token, and reward models whose tokenizer is not the policy's.
+They are saved with save_pretrained and loaded by path, the calls a Hub id takes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# Llama-3-like: the template writes the BOS itself, and the tokenizer adds one too.
+LLAMA3 = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+# A judge's own template, of another family: Zephyr-style role tags.
+ZEPHYR = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def questions(root: Path) -> list[str]:
+    """The questions of the shipped SFT set (its prompts are rendered `user : <question> assistant :`)."""
+    rows = [json.loads(line) for line in (root / "data" / "sft.jsonl").read_text().splitlines()]
+    return [r["prompt"].removeprefix("user : ").removesuffix(" assistant :") for r in rows]
+
+
+def conversational_sft(root: Path, dest: Path, n: int = 600) -> Path:
+    """The shipped SFT set's short answers (a dozen words at most, so that a tiny model's answers end within
+    a few dozen tokens) in TRL's conversational prompt/completion format, as JSONL."""
+    rows = [json.loads(line) for line in (root / "data" / "sft.jsonl").read_text().splitlines()]
+    short = [(q, r) for q, r in zip(questions(root), rows) if len(r["completion"].split()) <= 12][:n]
+    with open(dest, "w") as f:
+        for q, r in short:
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": [{"role": "user", "content": q}],
+                        "completion": [{"role": "assistant", "content": r["completion"].strip()}],
+                    }
+                )
+                + "\n"
+            )
+    return dest
+
+
+def bpe_tokenizer(texts: list[str], specials: list[str], template: str, eos: str, bos: str | None = None):
+    """A byte-level BPE tokenizer trained on `texts`, with `specials` as special tokens and no pad token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    if bos:  # the tokenizer adds a BOS to every text, as Llama's does
+        core.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", special_tokens=[(bos, core.token_to_id(bos))]
+        )
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token=eos, bos_token=bos, model_max_length=1024)
+    tok.chat_template = template
+    return tok
+
+
+def chat_policy(dest: Path, texts: list[str], kind: str = "qwen2") -> Path:
+    """An untrained causal LM with a chat tokenizer: `qwen2` (ChatML, eos <|im_end|>, a second stop id
+    <|endoftext|> in its generation config) or `llama3` (BOS added by template and tokenizer, eos <|eot_id|>)."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    if kind == "qwen2":
+        tok = bpe_tokenizer(texts, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], CHATML, "<|im_end|>")
+        cls, config_cls = Qwen2ForCausalLM, Qwen2Config
+    else:
+        specials = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+        tok = bpe_tokenizer(texts, specials, LLAMA3, "<|eot_id|>", bos="<|begin_of_text|>")
+        cls, config_cls = LlamaForCausalLM, LlamaConfig
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    config = config_cls(
+        vocab_size=len(tok),
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+        tie_word_embeddings=True,
+        **shape,
+    )
+    model = cls(config)
+    stops = [tok.eos_token_id] + ([tok.convert_tokens_to_ids("<|endoftext|>")] if kind == "qwen2" else [])
+    model.generation_config = GenerationConfig(eos_token_id=stops, bos_token_id=tok.bos_token_id)
+    model.save_pretrained(dest)
+    tok.save_pretrained(dest)
+    return dest
+
+
+def chat_judge(dest: Path, texts: list[str]) -> Path:
+    """A GPT-NeoX sequence-classification reward model with its own byte-level tokenizer and a Zephyr-style
+    chat template (neither the policy's tokens nor its template)."""
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForSequenceClassification
+
+    torch.manual_seed(1)
+    tok = bpe_tokenizer(texts, ["</s>", "<|user|>", "<|assistant|>", "<|system|>"], ZEPHYR, "</s>")
+    config = GPTNeoXConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_labels=1,
+        pad_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    GPTNeoXForSequenceClassification(config).save_pretrained(dest)
+    tok.save_pretrained(dest)
+    return dest
+
+
+def conversational_prompts(root: Path, dest: Path, split: str, n: int, system: bool = False) -> Path:
+    """A shipped prompt set as a parquet file of `messages` conversations (a system turn on every other)."""
+    import datasets
+
+    rows = [json.loads(line) for line in (root / "data" / "prompts" / f"{split}.jsonl").read_text().splitlines()][:n]
+    convs = []
+    for i, r in enumerate(rows):
+        turns = [{"role": "user", "content": r["prompt"]}]
+        if system and i % 2:
+            turns.insert(0, {"role": "system", "content": "answer in short sentences ."})
+        convs.append({"id": r["id"], "messages": turns})
+    datasets.Dataset.from_list(convs).to_parquet(str(dest))
+    return dest

@@ -1,0 +1,154 @@
+"""Chat models and conversational data: a Qwen2-style ChatML base fine-tuned by prepare on a conversational
+SFT set, prompts from parquet `messages` conversations, and a GPT-NeoX chat-template gold RM with its own
+tokenizer; one round of every step, in-process."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import yaml
+
+from rlhf.core.errors import UserError
+from rlhf.core.io import read_jsonl
+from rlhf.core.paths import SFT, round_paths
+from tests import chat_models
+from tests.conftest import ROOT, TINY, deep_update, make_project
+
+
+@pytest.fixture(scope="module")
+def chat_project(tmp_path_factory):
+    from rlhf.core.config import load_config
+    from tasks.evaluate import evaluate
+    from tasks.generate import generate
+    from tasks.label import label
+    from tasks.prepare import prepare
+    from tasks.train_rm import train_rm
+    from tasks.update_policy import update_policy
+
+    project = make_project(tmp_path_factory.mktemp("chat") / "project", TINY)
+    texts = chat_models.questions(ROOT)[:2000] + (ROOT / "data" / "pretrain.txt").read_text().splitlines()[:2000]
+    chat_models.chat_policy(project / "base", texts, "qwen2")
+    chat_models.chat_judge(project / "judge", texts)
+    chat_models.conversational_sft(ROOT, project / "data" / "sft_chat.jsonl")
+    sets = {}
+    for split, n in (("label", 48), ("policy", 32), ("eval", 16)):
+        path = project / "data" / "prompts" / f"{split}.parquet"
+        chat_models.conversational_prompts(ROOT, path, split, n, system=split != "policy")
+        sets[split] = {"path": f"data/prompts/{split}.parquet", "column": "messages"}
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    change = {
+        "prepare": {"base": "base", "sft": "data/sft_chat.jsonl", "sft_epochs": 4.0, "learning_rate": 0.005},
+        "prompts": sets,
+        "label": {"judge": {"type": "hf", "name": "judge", "input": "chat"}},
+        "generate": {"max_new_tokens": 24},
+        "evaluate": {"landscape": {"axes": {}}, "max_new_tokens": 24},
+    }
+    (project / "params.yaml").write_text(yaml.safe_dump(deep_update(params, change), sort_keys=False))
+    old = os.getcwd()
+    os.chdir(project)
+    try:
+        cfg = load_config()
+        summaries = {"prepare": prepare(cfg)}
+        for step in (generate, label, train_rm, update_policy, evaluate):
+            summaries[step.__name__] = step(cfg, "r01")
+    finally:
+        os.chdir(old)
+    return project, summaries
+
+
+@pytest.fixture
+def in_chat(chat_project, monkeypatch):
+    monkeypatch.chdir(chat_project[0])
+    return chat_project[1]
+
+
+def test_prompts_are_rendered_by_the_policys_template_and_responses_end_at_its_end_of_turn(in_chat):
+    from rlhf.ml import models
+
+    rows = read_jsonl(round_paths("r01").samples)
+    assert all(r["prompt"].endswith("<|im_start|>assistant\n") for r in rows)
+    with_system = [r for r in rows if r["messages"][0]["role"] == "system"]
+    assert with_system and all(r["prompt"].startswith("<|im_start|>system\nanswer in short") for r in with_system)
+    assert all(r["prompt"].startswith("<|im_start|>user\n") for r in rows if r["messages"][0]["role"] == "user")
+    # prepare's SFT taught the base its template: most answers end at <|im_end|>, which is no part of the text.
+    assert in_chat["generate"]["finished"] > 0.6
+    assert not any("<|im_end|>" in r["response"] for r in rows)
+    tok = models.load_tokenizer(SFT.policy)
+    assert tok.chat_template == chat_models.CHATML and tok.eos_token == "<|im_end|>"
+    metrics = json.loads(round_paths("r01").metrics.read_text())
+    assert metrics["finished"] > 0.3 and metrics["prompt_set"]["column"] == "messages"
+
+
+def test_the_gold_judge_scores_its_own_rendering_of_the_conversation(in_chat):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained("judge")
+    rm = AutoModelForSequenceClassification.from_pretrained("judge").eval()
+    rows = read_jsonl(round_paths("r01").labels)[:6]
+    for row in rows:
+        for response, gold in zip(row["responses"], row["gold"]):
+            text = tok.apply_chat_template(
+                [*row["messages"], {"role": "assistant", "content": response}], tokenize=False
+            )
+            assert "<|im_start|>" not in text and text.startswith(("<|user|>", "<|system|>"))
+            with torch.no_grad():
+                direct = rm(**tok(text, add_special_tokens=False, return_tensors="pt")).logits[0, 0]
+            assert gold == pytest.approx(float(direct), abs=1e-4)
+
+
+def test_the_proxy_rm_scores_the_rendered_conversation_the_policy_produced(in_chat):
+    from rlhf.ml import models
+
+    tok = models.load_tokenizer(round_paths("r01").reward_model)
+    rm = models.load_reward_model(round_paths("r01").reward_model).eval()
+    row = read_jsonl(round_paths("r01").eval_samples)[0]
+    import torch
+
+    ids = tok(row["prompt"] + row["response"] + tok.eos_token, return_tensors="pt")
+    assert tok.decode(ids["input_ids"][0][:2]) == "<|im_start|>" + row["messages"][0]["role"]
+    with torch.no_grad():
+        assert row["proxy"] == pytest.approx(float(rm(**ids).logits[0, 0]), abs=1e-4)
+
+
+def test_a_template_that_writes_the_bos_is_not_given_two(tmp_path):
+    from rlhf.ml import chat, models
+
+    chat_models.chat_policy(tmp_path / "llama3", ["what is the ocean ?", "the ocean is blue ."] * 50, "llama3")
+    tok = models.load_tokenizer(tmp_path / "llama3")
+    assert tok.pad_token == tok.eos_token == "<|eot_id|>"  # no pad token: it pads with the eos
+    [text] = chat.render(tok, [[{"role": "user", "content": "what is the ocean ?"}]])
+    ids = tok(text)["input_ids"]
+    assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
+    assert text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+def test_prompt_sets_from_datasets_formats_and_their_errors(tmp_path):
+    import datasets
+
+    from rlhf.core.config import PromptSet
+    from rlhf.core.prompts import read_prompts
+
+    convo = [{"role": "user", "content": "describe the ocean ."}]
+    uf = [
+        {"prompt": "describe the ocean .", "chosen": [*convo, {"role": "assistant", "content": "blue ."}]},
+        {"prompt": "describe the city .", "chosen": [{"role": "user", "content": "describe the city ."}]},
+    ]
+    datasets.DatasetDict({"train_prefs": datasets.Dataset.from_list(uf)}).save_to_disk(str(tmp_path / "uf"))
+    rows = read_prompts(PromptSet(path=str(tmp_path / "uf"), split="train_prefs", column="chosen"))
+    assert [r["prompt"] for r in rows][0] == convo  # the answer is cut off the conversation
+    assert len({r["id"] for r in rows}) == 2  # ids from the content
+    (tmp_path / "p.jsonl").write_text(json.dumps({"id": "a", "prompt": "describe the ocean ."}) + "\n")
+    assert read_prompts(str(tmp_path / "p.jsonl"))[0]["prompt"] == "describe the ocean ."
+    datasets.Dataset.from_list(uf).to_parquet(str(tmp_path / "uf.parquet"))
+    assert len(read_prompts(PromptSet(path=str(tmp_path / "uf.parquet")))) == 2
+    with pytest.raises(UserError, match=r"prompts.label.column: .* has no column 'messages' \(columns: prompt, chosen"):
+        read_prompts(PromptSet(path=str(tmp_path / "uf.parquet"), column="messages"), "prompts.label")
+    with pytest.raises(UserError, match=r"no split 'test' \(its splits: train_prefs\)"):
+        read_prompts(PromptSet(path=str(tmp_path / "uf"), split="test"), "prompts.eval")
+    bad = [{"prompt": [{"role": "assistant", "content": "hi"}]}]
+    datasets.Dataset.from_list(bad).to_parquet(str(tmp_path / "bad.parquet"))
+    with pytest.raises(UserError, match="row 1: the conversation has no user turn"):
+        read_prompts(PromptSet(path=str(tmp_path / "bad.parquet")))
