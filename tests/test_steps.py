@@ -172,3 +172,25 @@ def test_a_50000_character_prompt_never_reaches_the_model_whole(tiny_project, tm
         kept = [r["prompt"].removesuffix(" assistant :") for r in huge]
         assert huge and all(len(tok(r["prompt"])["input_ids"]) <= 64 for r in huge)
         assert all(r["prompt"].endswith(" assistant :") and long.endswith(k) for r, k in zip(huge, kept))
+
+
+def test_report_to_tensorboard_leaves_a_run_per_round_and_step(tiny_project, tmp_path, monkeypatch):
+    import shutil
+
+    import yaml
+
+    from rlhf.core.config import load_config
+    from tasks.train_rm import train_rm
+    from tasks.update_policy import update_policy
+
+    project = tmp_path / "project"
+    shutil.copytree(tiny_project, project, symlinks=True)
+    monkeypatch.chdir(project)
+    params = yaml.safe_load(open("params.yaml"))
+    params["runtime"]["report_to"] = "tensorboard"
+    open("params.yaml", "w").write(yaml.safe_dump(params))
+    cfg = load_config()
+    for step in (train_rm, update_policy):
+        step(cfg, "r01")
+        [events] = (project / "logs" / f"r01-{step.__name__}").glob("events.out.tfevents.*")
+        assert events.stat().st_size > 100  # scalars written, not just a header

@@ -41,6 +41,11 @@ class Runtime(Section):
         ge=1,
     )
     accelerate_config: str | None = d(None, "an `accelerate config`, DeepSpeed or FSDP file for that launch")
+    report_to: Literal["none", "tensorboard", "wandb", "trackio", "mlflow"] = d(
+        "none",
+        "where every trainer logs its training curves, one run per round and step (`r01-train_rm`), TensorBoard "
+        "under logs/ (offline; `pip install tensorboard`); wandb, trackio and mlflow take their own settings",
+    )
 
     @field_validator("accelerate_config")
     @classmethod

@@ -18,6 +18,8 @@ from rlhf.core.io import atomic_dir
 from rlhf.core.seeds import stage_seed
 
 log = logging.getLogger("rlhf")
+LOGS = "logs"  # training curves (runtime.report_to: tensorboard), ignored by git and DVC
+_RUN_NAME = "rlhf"  # the stage's round and step, set by setup(): each trainer's run name
 SPECIALS = {"pad": "<pad>", "eos": "<eos>", "unk": "<unk>"}
 # The tiny policy's chat template: a user turn renders as `user : <question> assistant :`, the dialogue form
 # its pre-training and SFT texts use, and an answer ends with <eos>; so the default run renders its prompts
@@ -30,10 +32,14 @@ TINY_CHAT_TEMPLATE = (
 
 
 def setup(cfg: Config, step: str, rnd: str) -> int:
-    """Fix threads and seeds for one stage run; returns the stage's seed."""
+    """Fix threads and seeds for one stage run, and name its training curves; returns the stage's seed."""
     import numpy as np
     import torch
 
+    global _RUN_NAME
+    _RUN_NAME = f"{rnd}-{step}"
+    # transformers' TensorBoard callback reads its folder here: one per round and step, under the project's logs/.
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(LOGS, _RUN_NAME).absolute())
     torch.set_num_threads(cfg.runtime.threads)
     seed = stage_seed(cfg, step, rnd)
     random.seed(seed)
@@ -204,8 +210,9 @@ def train_args(config_cls, cfg: Config, seed: int, scratch: str | Path, **kw):
         use_cpu=on_cpu,
         activation_checkpointing=False,
         save_strategy="no",
-        report_to="none",
-        logging_steps=max(1, kw.pop("logging_steps", 50)),
+        report_to=cfg.runtime.report_to,
+        run_name=_RUN_NAME,
+        logging_steps=max(1, kw.pop("logging_steps", 50 if cfg.runtime.report_to == "none" else 5)),
         disable_tqdm=not os.isatty(2),
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,  # several processes: every trained weight takes part in the loss
