@@ -28,11 +28,10 @@ def label(cfg: Config, rnd: str) -> dict:
     seed = stage_seed(cfg, "label", rnd)
     paths, lab = round_paths(rnd), cfg.label
     groups = group_by_prompt(
-        read_jsonl(paths.samples, required=("prompt_id", "prompt", "response")), str(paths.samples)
+        read_jsonl(paths.samples, required=("prompt_id", "prompt", "messages", "response")), str(paths.samples)
     )
     flat = [r for g in groups for r in g]
-    # The judge reads the conversation, never the policy's rendering (samples of older versions: the prompt).
-    conversations = [r.get("messages", r["prompt"]) for r in flat]
+    conversations = [r["messages"] for r in flat]  # the judge reads the conversation, never the rendering
     gold = checked(score_in_workers(cfg, conversations, [r["response"] for r in flat]), str(paths.samples))
     gold = gold.reshape(len(groups), -1)
     prompt, chosen, rejected = pairs_of(gold, lab.pairs, lab.ties)
@@ -47,7 +46,7 @@ def label(cfg: Config, rnd: str) -> dict:
         {
             "prompt_id": g[0]["prompt_id"],
             "prompt": g[0]["prompt"],
-            "messages": g[0].get("messages", g[0]["prompt"]),
+            "messages": g[0]["messages"],
             "responses": [r["response"] for r in g],
             "gold": s.tolist(),
             "pairs": [],

@@ -92,9 +92,8 @@ os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ['PATH']}"
 os.environ.pop("PREFECT_API_URL", None)
 
 
-@pytest.fixture(scope="session")
-def tiny_project(tmp_path_factory) -> Path:
-    """The tiny project after prepare and one full round, run in-process by the step functions."""
+def run_round(project: Path) -> dict:
+    """prepare and one full round of `project`, in-process by the step functions; their summaries."""
     from rlhf.core.config import load_config
     from tasks.evaluate import evaluate
     from tasks.generate import generate
@@ -103,7 +102,6 @@ def tiny_project(tmp_path_factory) -> Path:
     from tasks.train_rm import train_rm
     from tasks.update_policy import update_policy
 
-    project = make_project(tmp_path_factory.mktemp("steps") / "project", TINY)
     old = os.getcwd()
     os.chdir(project)
     try:
@@ -113,7 +111,14 @@ def tiny_project(tmp_path_factory) -> Path:
             summaries[step.__name__] = step(cfg, "r01")
     finally:
         os.chdir(old)
-    (project / "summaries.yaml").write_text(yaml.safe_dump(summaries))
+    return summaries
+
+
+@pytest.fixture(scope="session")
+def tiny_project(tmp_path_factory) -> Path:
+    """The tiny project after prepare and one full round, run in-process by the step functions."""
+    project = make_project(tmp_path_factory.mktemp("steps") / "project", TINY)
+    (project / "summaries.yaml").write_text(yaml.safe_dump(run_round(project)))
     return project
 
 

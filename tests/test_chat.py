@@ -5,7 +5,6 @@ tokenizer; one round of every step, in-process."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import yaml
@@ -14,19 +13,11 @@ from rlhf.core.errors import UserError
 from rlhf.core.io import read_jsonl
 from rlhf.core.paths import SFT, round_paths
 from tests import chat_models
-from tests.conftest import ROOT, TINY, deep_update, make_project
+from tests.conftest import ROOT, TINY, deep_update, make_project, run_round
 
 
 @pytest.fixture(scope="module")
 def chat_project(tmp_path_factory):
-    from rlhf.core.config import load_config
-    from tasks.evaluate import evaluate
-    from tasks.generate import generate
-    from tasks.label import label
-    from tasks.prepare import prepare
-    from tasks.train_rm import train_rm
-    from tasks.update_policy import update_policy
-
     project = make_project(tmp_path_factory.mktemp("chat") / "project", TINY)
     texts = chat_models.questions(ROOT)[:2000] + (ROOT / "data" / "pretrain.txt").read_text().splitlines()[:2000]
     chat_models.chat_policy(project / "base", texts, "qwen2")
@@ -46,16 +37,7 @@ def chat_project(tmp_path_factory):
         "evaluate": {"landscape": {"axes": {}}, "max_new_tokens": 24},
     }
     (project / "params.yaml").write_text(yaml.safe_dump(deep_update(params, change), sort_keys=False))
-    old = os.getcwd()
-    os.chdir(project)
-    try:
-        cfg = load_config()
-        summaries = {"prepare": prepare(cfg)}
-        for step in (generate, label, train_rm, update_policy, evaluate):
-            summaries[step.__name__] = step(cfg, "r01")
-    finally:
-        os.chdir(old)
-    return project, summaries
+    return project, run_round(project)
 
 
 @pytest.fixture

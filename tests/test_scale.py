@@ -54,7 +54,12 @@ def project(tmp_path_factory):
         write_jsonl(
             round_paths("r01").samples,
             [
-                {"prompt_id": p["id"], "prompt": p["prompt"], "response": sft[(K * i + j) % len(sft)]["completion"]}
+                {
+                    "prompt_id": p["id"],
+                    "prompt": p["prompt"],
+                    "messages": [{"role": "user", "content": p["prompt"]}],
+                    "response": sft[(K * i + j) % len(sft)]["completion"],
+                }
                 for i, p in enumerate(prompts)
                 for j in range(K)
             ],

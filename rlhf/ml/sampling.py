@@ -50,7 +50,7 @@ def generate(model, tok, prompts: list[str], k: int, s: Sampling, max_new_tokens
             )
         width = batch["input_ids"].shape[1]
         for i, ids in zip(idx, seqs[:, width:].tolist()):
-            end = next((n for n, t in enumerate(ids) if t in stops), None)
+            end = first_stop(ids, stops)
             out.prompt_index.append(i)
             out.response_ids.append(ids if end is None else ids[: end + 1])
             out.finished.append(end is not None)
@@ -58,6 +58,11 @@ def generate(model, tok, prompts: list[str], k: int, s: Sampling, max_new_tokens
         log.info("generated %d/%d samples", min(start + s.batch_size, len(order)), len(order))
     tok.padding_side = "right"
     return out
+
+
+def first_stop(ids: list[int], stops: list[int]) -> int | None:
+    """Where a response ends: the position of its first stop id, or None if it never ended."""
+    return next((n for n, t in enumerate(ids) if t in stops), None)
 
 
 def require_vllm() -> None:
@@ -115,7 +120,7 @@ def generate_vllm(policy_dir, tok, prompts: list[str], k: int, s: Sampling, seed
         for c in request.outputs:
             ids = list(c.token_ids)
             done = c.finish_reason == "stop"
-            end = next((n for n, t in enumerate(ids) if t in stops), None)
+            end = first_stop(ids, stops)
             if end is not None:
                 ids = ids[: end + 1]
             elif done:  # stopped at a stop id, which vLLM may leave out of token_ids
