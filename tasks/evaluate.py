@@ -45,8 +45,9 @@ PARAMS = (
 
 
 def reads(cfg: Config, rnd: str) -> list[str]:
-    """The round's policy, its reward and reference, the held-out prompts, the judge's files, and the
-    earlier held-out samples the win rates compare with (round 0: the SFT policy alone)."""
+    """The round's policy, its reward and reference, the held-out prompts, the judge's files, the round's
+    samples (for the alarm on unfinished ones), and the earlier held-out samples the win rates compare with
+    (round 0: the SFT policy alone)."""
     from rlhf.ml.policy import reference_rounds
     from rlhf.ml.reward import reward_rounds
 
@@ -58,24 +59,27 @@ def reads(cfg: Config, rnd: str) -> list[str]:
         *(str(round_paths(r).policy) for r in refs if r != rnd),
         *(str(round_paths(r).reward_model) for r in reward_rounds(cfg, rnd)),
         *(str(round_paths(r).eval_samples) for r in dict.fromkeys([cfg.rounds[rnd], "r00"])),
+        str(round_paths(rnd).samples),
     ]
     return [policy, *earlier, *inputs]
 
 
 def evaluate(cfg: Config, rnd: str) -> dict:
-    from rlhf.ml import chat, models, sampling
+    from rlhf.ml import chat, models, sampling, tracking
     from rlhf.ml.policy import reference
     from rlhf.ml.reward import ProxyReward
+    from rlhf.ml.sampler import Sampler
 
-    models.setup(cfg, "evaluate", rnd)
+    seed = models.setup(cfg, "evaluate", rnd)
     paths, dev, e = round_paths(rnd), models.device(cfg), cfg.evaluate
     tok = models.load_tokenizer(paths.policy)
     rows, prompts, too_long = chat.policy_prompts(
         tok, read_prompts(cfg.prompts.eval, "prompts.eval"), cfg.prompts, "prompts.eval"
     )
     policy = models.load_policy(paths.policy, dev)
+    sample = Sampler(cfg, tok, paths.policy, seed, policy)
     pure = _pure_sampling(e, k=max([e.samples_per_prompt, *e.best_of_n]))
-    s = sampling.generate(policy, tok, prompts, pure.k, pure)
+    s = sample(prompts, pure.k, pure)
     judge = make_judge(cfg)
     conversations = [messages_of(r["prompt"]) for r in rows]  # what the judge reads
     gold_all = checked(judge.score([conversations[i] for i in s.prompt_index], s.responses), f"evaluate@{rnd}")
@@ -103,6 +107,7 @@ def evaluate(cfg: Config, rnd: str) -> dict:
     if too_long:  # held-out prompts over prompts.max_prompt_length, dropped or cut before sampling
         metrics["too_long"] = {"prompts": too_long, "action": cfg.prompts.too_long}
     metrics["prompt_set"] = describe(cfg.prompts.eval)
+    metrics["alarms"] = stats.unfinished("evaluate", metrics["finished"], e.max_new_tokens)
     samples = [
         {
             "prompt_id": rows[i]["id"],
@@ -138,12 +143,16 @@ def evaluate(cfg: Config, rnd: str) -> dict:
         metrics["kl"]["reference"] = cfg.update_policy.ref
         metrics["win_rate"], before = _against_earlier(cfg, rnd, gold, reward)
         now = {"gold": float(gold.mean()), "proxy": float(proxy.mean())}
-        metrics["alarms"] = stats.alarms(metrics["kl"]["sampled_log_ratio"], now, before)
-        for alarm in metrics["alarms"]:
-            log.warning("evaluate %s: %s", rnd, alarm)
+        generated = [r["finished"] for r in read_jsonl(paths.samples, required=("finished",))]
+        metrics["alarms"] += stats.unfinished("generate", sum(generated) / len(generated), cfg.generate.max_new_tokens)
+        metrics["alarms"] += stats.alarms(metrics["kl"]["sampled_log_ratio"], now, before)
+    for alarm in metrics["alarms"]:
+        log.warning("evaluate %s: %s", rnd, alarm)
     write_jsonl(paths.eval_samples, samples)
-    write_json(paths.landscape, _landscape(e, policy, tok, judge, reward, rnd))
+    write_json(paths.landscape, _landscape(e, sample, tok, judge, reward, rnd))
     write_json(paths.metrics, metrics)
+    with tracking.curves(cfg, "rounds") as log_metrics:  # one run: each round a step of its curves
+        log_metrics({f"eval_{k}": v for k, v in tracking.scalars(metrics).items()}, int(rnd.removeprefix("r")))
     return metrics
 
 
@@ -155,17 +164,17 @@ def _pure_sampling(e, k: int) -> Sampling:
     )
 
 
-def _landscape(e, policy, tok, judge, reward, rnd: str) -> dict:
+def _landscape(e, sample, tok, judge, reward, rnd: str) -> dict:
     """Gold and proxy over the evaluate.landscape grid ({"axes": {}} when it is off)."""
     from rlhf.evaluation import landscape
-    from rlhf.ml import chat, sampling
+    from rlhf.ml import chat
 
     spec = e.landscape
     if not spec.axes:
         return {"axes": {}}
     cells = landscape.prompts(spec)
     texts = chat.render(tok, cells, "evaluate.landscape")
-    s = sampling.generate(policy, tok, texts, spec.samples, _pure_sampling(e, spec.samples))
+    s = sample(texts, spec.samples, _pure_sampling(e, spec.samples))
     gold = checked(judge.score([cells[i] for i in s.prompt_index], s.responses), f"evaluate@{rnd} (landscape)")
     proxy = None if reward is None else reward([texts[i] for i in s.prompt_index], s.responses)
     return landscape.grid(spec, gold, proxy, s.responses)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 from rlhf.core.config import Config
 from rlhf.core.io import write_jsonl
 from rlhf.core.paths import SFT, round_paths
 from rlhf.core.prompts import describe, messages_of, read_prompts
+from rlhf.evaluation.metrics import unfinished
+
+log = logging.getLogger("rlhf")
 
 # What the stage's outputs depend on besides the files below: dvc.yaml is generated from these
 # (rlhf/orchestration/stages.py). Not runtime.num_processes: generate is one process however training runs.
@@ -26,7 +31,8 @@ def reads(cfg: Config, rnd: str) -> list[str]:
 
 
 def generate(cfg: Config, rnd: str) -> dict:
-    from rlhf.ml import chat, models, sampling
+    from rlhf.ml import chat, models
+    from rlhf.ml.sampler import Sampler
 
     seed = models.setup(cfg, "generate", rnd)
     prev = cfg.rounds[rnd]
@@ -35,11 +41,7 @@ def generate(cfg: Config, rnd: str) -> dict:
     prompts, texts, too_long = chat.policy_prompts(
         tok, read_prompts(cfg.prompts.label, "prompts.label"), cfg.prompts, "prompts.label"
     )
-    k = cfg.generate.k
-    if cfg.generate.backend == "vllm":
-        s = sampling.generate_vllm(policy_dir, tok, texts, k, cfg.generate, seed)
-    else:
-        s = sampling.generate(models.load_policy(policy_dir, models.device(cfg)), tok, texts, k, cfg.generate)
+    s = Sampler(cfg, tok, policy_dir, seed)(texts, cfg.generate.k, cfg.generate)
     params = cfg.generate.model_dump(exclude={"batch_size"})
     rows = [
         {
@@ -54,6 +56,8 @@ def generate(cfg: Config, rnd: str) -> dict:
         for i, text, done in zip(s.prompt_index, s.responses, s.finished)
     ]
     write_jsonl(round_paths(rnd).samples, rows)
+    for alarm in unfinished("generate", sum(s.finished) / len(rows), cfg.generate.max_new_tokens):
+        log.warning("generate %s: %s", rnd, alarm)
     summary = {
         "samples": len(rows),
         "prompts": len(prompts),

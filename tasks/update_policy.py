@@ -52,6 +52,7 @@ class Update:
     ref: object
     proxy: object  # rlhf.ml.reward.ProxyReward: (prompts, responses) -> scores, the reward the update optimises
     prompts: list[str]  # rendered by the policy's chat template (rlhf/ml/chat.py)
+    sample: object  # rlhf.ml.sampler.Sampler of `policy`: (prompts, k, sampling) -> Samples, on generate.backend
     aux: object  # rlhf.ml.cotrain.Aux, or None without co-training
     scratch: str  # a temporary folder for trainer output
 
@@ -61,10 +62,12 @@ def update_policy(cfg: Config, rnd: str) -> dict:
     from rlhf.ml.cotrain import Aux
     from rlhf.ml.methods import METHODS
     from rlhf.ml.reward import ProxyReward
+    from rlhf.ml.sampler import Sampler
 
     seed = models.setup(cfg, "update_policy", rnd)
     paths, dev, up = round_paths(rnd), models.device(cfg), cfg.update_policy
-    tok = models.load_tokenizer(round_paths(cfg.rounds[rnd]).policy)
+    start = round_paths(cfg.rounds[rnd]).policy
+    tok = models.load_tokenizer(start)
     _, prompts, too_long = chat.policy_prompts(
         tok, read_prompts(cfg.prompts.policy, "prompts.policy"), cfg.prompts, "prompts.policy"
     )
@@ -81,7 +84,9 @@ def update_policy(cfg: Config, rnd: str) -> dict:
         f", LoRA rank {up.lora.rank}" if up.lora.rank else "",
     )
     with tempfile.TemporaryDirectory() as scratch:
-        summary = METHODS[up.method](Update(cfg, rnd, paths, seed, dev, tok, model, ref, proxy, prompts, aux, scratch))
+        sample = Sampler(cfg, tok, start, seed, model)
+        u = Update(cfg, rnd, paths, seed, dev, tok, model, ref, proxy, prompts, sample, aux, scratch)
+        summary = METHODS[up.method](u)
     models.save(model, tok, paths.policy)
     summary = {"method": up.method, "trainable_parameters": _trainable(model), **summary}
     if too_long:

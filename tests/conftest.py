@@ -92,13 +92,14 @@ os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ['PATH']}"
 os.environ.pop("PREFECT_API_URL", None)
 
 
-def run_round(project: Path) -> dict:
-    """prepare and one full round of `project`, in-process by the step functions; their summaries."""
+def run_round(project: Path, rounds: tuple[str, ...] = ("r01",), prepare: bool = True) -> dict:
+    """prepare (unless done) and full rounds of `project`, in-process by the step functions; their summaries
+    (the last round's)."""
     from rlhf.core.config import load_config
     from tasks.evaluate import evaluate
     from tasks.generate import generate
     from tasks.label import label
-    from tasks.prepare import prepare
+    from tasks.prepare import prepare as prepare_step
     from tasks.train_rm import train_rm
     from tasks.update_policy import update_policy
 
@@ -106,9 +107,10 @@ def run_round(project: Path) -> dict:
     os.chdir(project)
     try:
         cfg = load_config()
-        summaries = {"prepare": prepare(cfg)}
-        for step in (generate, label, train_rm, update_policy, evaluate):
-            summaries[step.__name__] = step(cfg, "r01")
+        summaries = {"prepare": prepare_step(cfg)} if prepare else {}
+        for rnd in rounds:
+            for step in (generate, label, train_rm, update_policy, evaluate):
+                summaries[step.__name__] = step(cfg, rnd)
     finally:
         os.chdir(old)
     return summaries

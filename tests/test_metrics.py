@@ -71,3 +71,9 @@ def test_alarms():
 
 def test_summary_of_nothing_is_missing_not_zero():
     assert metrics.summary([]) == {"mean": None, "missing": "no samples", "count": 0}
+
+
+def test_an_alarm_when_most_responses_hit_the_token_limit():
+    [alarm] = metrics.unfinished("generate", 0.3, 24)
+    assert alarm.startswith("70% of generate's responses hit generate.max_new_tokens (24) without ending")
+    assert metrics.unfinished("evaluate", 0.5, 24) == []

@@ -178,8 +178,10 @@ def test_report_to_tensorboard_leaves_a_run_per_round_and_step(tiny_project, tmp
     import shutil
 
     import yaml
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from rlhf.core.config import load_config
+    from tasks.evaluate import evaluate
     from tasks.train_rm import train_rm
     from tasks.update_policy import update_policy
 
@@ -188,9 +190,18 @@ def test_report_to_tensorboard_leaves_a_run_per_round_and_step(tiny_project, tmp
     monkeypatch.chdir(project)
     params = yaml.safe_load(open("params.yaml"))
     params["runtime"]["report_to"] = "tensorboard"
+    params["update_policy"]["method"] = "ppo"  # the project's own loop reports too, not only TRL's trainers
+    params["update_policy"]["ppo"] = {"rollout_prompts": 16, "epochs": 0.5, "ppo_epochs": 1}  # two iterations
     open("params.yaml", "w").write(yaml.safe_dump(params))
     cfg = load_config()
-    for step in (train_rm, update_policy):
+    for step in (train_rm, update_policy, evaluate):
         step(cfg, "r01")
-        [events] = (project / "logs" / f"r01-{step.__name__}").glob("events.out.tfevents.*")
-        assert events.stat().st_size > 100  # scalars written, not just a header
+
+    def scalars(run: str) -> set[str]:
+        events = EventAccumulator(str(project / "logs" / run))
+        events.Reload()
+        return set(events.Tags()["scalars"])
+
+    assert {"train/loss"} <= scalars("r01-train_rm")
+    assert {"train/score", "train/kl", "train/beta", "train/clipfrac"} <= scalars("r01-update_policy")
+    assert {"eval/gold/mean", "eval/proxy/mean", "eval/kl/per_sequence", "eval/finished"} <= scalars("rounds")

@@ -165,7 +165,12 @@ class Sampling(Section):
     max_new_tokens: int = d(48, "longest response, in tokens", gt=0)
     batch_size: int = d(64, "sequences generated at once", gt=0)
     backend: Literal["transformers", "vllm"] = d(
-        "transformers", "generate's engine: vllm needs a GPU and `pip install vllm`"
+        "transformers",
+        "the engine of every sampling of a round (generate, the methods' rollouts, evaluate): vllm needs a GPU "
+        "and `pip install vllm`",
+    )
+    vllm_memory: float = d(
+        0.5, "backend vllm: the share of GPU memory its engine takes (the rest: training, judges)", gt=0, lt=1
     )
 
 

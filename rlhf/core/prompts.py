@@ -117,7 +117,12 @@ def _rows(spec, what: str) -> tuple[list[dict], str]:
 def _dataset(spec, local: Path):
     """The split of a local dataset or a Hub dataset, loaded as `datasets` loads any (HF_HUB_OFFLINE and the
     HF cache apply)."""
+    import os
+
     import datasets
+
+    if not os.isatty(2):  # progress bars for a person at a terminal (a Hub download), not in logs and checks
+        datasets.disable_progress_bars()
 
     if local.is_dir() and ((local / "dataset_info.json").is_file() or (local / "dataset_dict.json").is_file()):
         ds = datasets.load_from_disk(str(local))

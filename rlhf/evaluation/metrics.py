@@ -90,6 +90,17 @@ def best_of_n(proxy: np.ndarray, gold: np.ndarray, ns: list[int]) -> dict:
     return out
 
 
+def unfinished(step: str, finished: float, limit: int) -> list[str]:
+    """An alarm when most of a step's responses hit its token limit without ending: the judge and the proxy
+    then score answers cut short (the limit too low, or a policy that does not end its turn)."""
+    if finished >= 0.5:
+        return []
+    return [
+        f"{1 - finished:.0%} of {step}'s responses hit {step}.max_new_tokens ({limit}) without ending: raise it, "
+        "or check that the policy ends its turn (its eos)"
+    ]
+
+
 def alarms(kl_sampled: dict, now: dict, before: dict | None) -> list[str]:
     """Warnings a study should not miss. `kl_sampled`: the mean and sem of the sampled-token log-ratio KL
     estimate; `now`/`before`: this and the previous round's gold and proxy means (the proxy of both

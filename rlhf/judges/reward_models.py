@@ -146,8 +146,17 @@ def check_judge(spec: Judge) -> None:
             f"label.judge.type: ultrarm needs a Llama reward model with a regression_head; {spec.name} "
             f"is a {arch or config.get('model_type')}"
         )
+    if spec.input == "chat" and config and not _has_chat_template(spec.name):
+        raise UserError(f"label.judge.input: chat, but {spec.name} has no chat template; use input: template or pair")
     if spec.type == "hf" and arch and "auto_map" not in config and not arch.endswith("ForSequenceClassification"):
         raise UserError(
             f"label.judge.name: {spec.name} is a {arch}, not a sequence-classification reward model "
             "(for UltraRM's architecture use label.judge.type: ultrarm)"
         )
+
+
+def _has_chat_template(folder: str) -> bool:
+    """A local model's tokenizer names a chat template (tokenizer_config.json, or chat_template.jinja beside it)."""
+    from transformers import AutoTokenizer
+
+    return bool(AutoTokenizer.from_pretrained(folder).chat_template)

@@ -28,11 +28,22 @@ def render(tok, prompts: list, what: str = "prompts") -> list[str]:
                 "(set a chat_template in its tokenizer_config.json, or use string prompts)"
             )
         return list(prompts)
-    texts = [tok.apply_chat_template(messages_of(p), tokenize=False, add_generation_prompt=True) for p in prompts]
+    texts = [_apply(tok, messages_of(p), f"{what}: prompt {i + 1}") for i, p in enumerate(prompts)]
     bos = tok.bos_token
     if bos and texts and _adds_bos(tok):
         texts = [t.removeprefix(bos) for t in texts]
     return texts
+
+
+def _apply(tok, messages: list[dict], where: str) -> str:
+    """One conversation through the template; a template that refuses it (many refuse a system turn, or
+    turns that do not alternate, with raise_exception) is one line naming the prompt."""
+    from jinja2 import TemplateError
+
+    try:
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except TemplateError as e:
+        raise UserError(f"{where}: the policy's chat template refuses it: {e}") from None
 
 
 def _adds_bos(tok) -> bool:
@@ -40,17 +51,33 @@ def _adds_bos(tok) -> bool:
     return bool(ids) and ids[0] == tok.bos_token_id
 
 
-def stop_ids(tok, model=None) -> list[int]:
+def stop_ids(tok, generation_config=None) -> list[int]:
     """The ids that end a response: the tokenizer's eos and every eos the model's generation config names
     (an instruct model may end a turn with one token and a document with another)."""
     ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    extra = getattr(generation_config, "eos_token_id", None)
     for i in [extra] if isinstance(extra, int) else extra or []:
         if i not in ids:
             ids.append(i)
     if not ids:
         raise UserError(f"{tok.name_or_path}: the policy names no eos or end-of-turn token, so no response could end")
     return ids
+
+
+def saved_generation_config(folder):
+    """A saved policy's generation_config.json (a LoRA adapter's, its base's), or None where it has none."""
+    import json
+    from pathlib import Path
+
+    from transformers import GenerationConfig
+
+    folder = Path(folder).expanduser()
+    if (folder / "adapter_config.json").is_file():
+        folder = Path(json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]).expanduser()
+    try:
+        return GenerationConfig.from_pretrained(folder)
+    except OSError:  # none saved (or a hub id not in the cache)
+        return None
 
 
 def policy_prompts(tok, rows: list[dict], spec, what: str) -> tuple[list[dict], list[str], int]:

@@ -10,7 +10,6 @@ import logging
 from dataclasses import dataclass
 
 from rlhf.core.config import Sampling
-from rlhf.core.errors import UserError
 from rlhf.ml.chat import stop_ids
 
 log = logging.getLogger("rlhf")
@@ -30,7 +29,7 @@ def generate(model, tok, prompts: list[str], k: int, s: Sampling, max_new_tokens
     import torch
 
     tok.padding_side = "left"
-    stops = stop_ids(tok, model)
+    stops = stop_ids(tok, getattr(model, "generation_config", None))
     order = [i for i in range(len(prompts)) for _ in range(k)]
     out = Samples([], [], [], [])
     model.eval()
@@ -63,74 +62,6 @@ def generate(model, tok, prompts: list[str], k: int, s: Sampling, max_new_tokens
 def first_stop(ids: list[int], stops: list[int]) -> int | None:
     """Where a response ends: the position of its first stop id, or None if it never ended."""
     return next((n for n, t in enumerate(ids) if t in stops), None)
-
-
-def require_vllm() -> None:
-    """`generate.backend: vllm` needs vLLM installed and a GPU; otherwise one line saying which is missing."""
-    import importlib.util
-
-    if importlib.util.find_spec("vllm") is None:
-        raise UserError(
-            "generate.backend: vllm is not installed (pip install vllm, on a machine with a GPU); "
-            "or use generate.backend: transformers"
-        )
-    import torch
-
-    if not torch.cuda.is_available():
-        raise UserError("generate.backend: vllm needs a GPU and none is visible; use generate.backend: transformers")
-
-
-def generate_vllm(policy_dir, tok, prompts: list[str], k: int, s: Sampling, seed: int) -> Samples:
-    """`generate` by vLLM for the policy saved in `policy_dir` (a LoRA adapter runs over its base): the same
-    samples structure, each prompt seeded on its own (seed + its index), so a prompt's samples do not depend
-    on how vLLM batches."""
-    import json
-    from pathlib import Path
-
-    require_vllm()
-    from vllm import LLM, SamplingParams
-
-    engine, lora = {"model": str(policy_dir)}, None
-    adapter = Path(policy_dir) / "adapter_config.json"
-    if adapter.is_file():
-        from vllm.lora.request import LoRARequest
-
-        a = json.loads(adapter.read_text())
-        rank = next(r for r in (8, 16, 32, 64, 128, 256, 512) if r >= a["r"])  # the ranks vLLM accepts
-        engine = {"model": a["base_model_name_or_path"], "enable_lora": True, "max_lora_rank": rank}
-        lora = LoRARequest("policy", 1, str(policy_dir))
-    llm = LLM(**engine, tokenizer=str(policy_dir), seed=seed, trust_remote_code=False)
-    stops = stop_ids(tok)
-    prompt_ids = tok(prompts)["input_ids"]  # tokenised as the transformers backend does
-    params = [
-        SamplingParams(
-            n=k,
-            seed=seed + i,
-            temperature=s.temperature,
-            top_k=s.top_k or -1,
-            top_p=s.top_p,
-            max_tokens=s.max_new_tokens,
-            stop_token_ids=stops,
-        )
-        for i in range(len(prompts))
-    ]
-    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, lora_request=lora)
-    out = Samples([], [], [], [])
-    for i, request in enumerate(outputs):  # in the order of the prompts
-        for c in request.outputs:
-            ids = list(c.token_ids)
-            done = c.finish_reason == "stop"
-            end = first_stop(ids, stops)
-            if end is not None:
-                ids = ids[: end + 1]
-            elif done:  # stopped at a stop id, which vLLM may leave out of token_ids
-                ids.append(c.stop_reason if isinstance(c.stop_reason, int) else stops[0])
-            out.prompt_index.append(i)
-            out.response_ids.append(ids)
-            out.finished.append(done)
-    out.responses = continuations(tok, [prompt_ids[i] for i in out.prompt_index], out.response_ids)
-    log.info("generated %d samples with vLLM", len(out.responses))
-    return out
 
 
 def continuations(tok, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[str]:

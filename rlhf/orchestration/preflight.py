@@ -16,8 +16,9 @@ from rlhf.core.io import read_jsonl
 from rlhf.core.prompts import read_prompts
 from rlhf.judges import CallableJudge, PinkElephantJudge
 from rlhf.judges.reward_models import check_judge
+from rlhf.ml.chat import saved_generation_config, stop_ids
 from rlhf.ml.models import check_local_model, load_tokenizer
-from rlhf.ml.sampling import require_vllm
+from rlhf.ml.sampler import require_vllm
 from rlhf.orchestration.storage import remote_for_push
 from rlhf.studies.grid import Study
 
@@ -30,16 +31,13 @@ def check_inputs(cfg: Config) -> None:
     check_prompt_sets(cfg)
     if cfg.prepare.base:
         read_jsonl(cfg.prepare.sft, required=("prompt", "completion"), what="prepare.sft")
-        if Path(cfg.prepare.base).expanduser().is_dir():
-            check_local_model(cfg.prepare.base, "prepare.base")
-            load_tokenizer(cfg.prepare.base)
+        check_policy(cfg.prepare.base, "prepare.base")
     elif cfg.prepare.policy == "tiny":
         if not Path(cfg.prepare.pretrain).is_file():
             raise UserError(f"{cfg.prepare.pretrain}: no such file (prepare.pretrain)")
         read_jsonl(cfg.prepare.sft, required=("prompt", "completion"), what="prepare.sft")
-    elif Path(cfg.prepare.policy).expanduser().is_dir():
-        check_local_model(cfg.prepare.policy, "prepare.policy")
-        load_tokenizer(cfg.prepare.policy)  # fails, naming it, without a pad or eos token to pad with
+    else:
+        check_policy(cfg.prepare.policy, "prepare.policy")
     if cfg.generate.backend == "vllm":
         require_vllm()
     judge = cfg.label.judge
@@ -58,12 +56,25 @@ def check_inputs(cfg: Config) -> None:
         remote_for_push(cfg.storage.remote)  # a run that would push to no remote stops before it starts
 
 
+def check_policy(path: str, key: str) -> None:
+    """A local policy folder (`key` names it) loads without running code, has something to pad with, and
+    names an eos or end-of-turn token, so that its responses can end. A hub id is checked as it loads."""
+    if not Path(path).expanduser().is_dir():
+        return
+    check_local_model(path, key)
+    try:
+        tok = load_tokenizer(path)
+        stop_ids(tok, saved_generation_config(path))
+    except UserError as e:
+        raise UserError(f"{key}: {e}") from None
+
+
 def check_prompt_sets(cfg: Config) -> None:
     """Each prompt set loads (file, split, column); none shares a prompt with the held-out eval set; and
-    conversations come only with a policy that has a chat template to render them."""
+    each prompt renders through a local policy's chat template (conversations need one)."""
     import logging
 
-    from rlhf.ml.chat import has_template
+    from rlhf.ml.chat import render
 
     sets = {key: read_prompts(getattr(cfg.prompts, key), f"prompts.{key}") for key in ("label", "policy", "eval")}
     seen = {key: {json.dumps(r["prompt"], sort_keys=True) for r in rows} for key, rows in sets.items()}
@@ -72,13 +83,12 @@ def check_prompt_sets(cfg: Config) -> None:
             raise UserError(f"prompts.{key}: {shared} of its prompts are also in prompts.eval, which must be held out")
     if shared := len(seen["label"] & seen["policy"]):
         logging.getLogger("rlhf").warning("prompts.label and prompts.policy share %d prompts", shared)
-    chats = [k for k, rows in sets.items() if any(not isinstance(r["prompt"], str) for r in rows)]
     policy = Path(cfg.prepare.base or cfg.prepare.policy).expanduser()
-    if chats and policy.is_dir() and not cfg.prepare.chat_template and not has_template(load_tokenizer(policy)):
-        raise UserError(
-            f"prompts.{chats[0]}: conversational prompts, but the policy {cfg.prepare.policy} has no chat "
-            "template to render them (use string prompts, or a policy with a template)"
-        )
+    if policy.is_dir():  # every prompt renders: a template may refuse a system turn, none takes conversations
+        tok = load_tokenizer(policy)
+        tok.chat_template = cfg.prepare.chat_template or tok.chat_template
+        for key, rows in sets.items():
+            render(tok, [r["prompt"] for r in rows], f"prompts.{key}")
 
 
 def check_study(study: Study) -> None:

@@ -4,7 +4,6 @@ pairs dropped), trained with TRL's DPOTrainer against the round's reference."""
 from __future__ import annotations
 
 from rlhf.core.errors import UserError
-from rlhf.ml import sampling
 from rlhf.ml.cotrain import CoTrainMixin
 
 
@@ -16,7 +15,7 @@ def update(u) -> dict:
     from rlhf.ml.pairs import best_worst
 
     up, k = u.cfg.update_policy, u.cfg.update_policy.k
-    s = sampling.generate(u.policy, u.tok, u.prompts, k, u.cfg.generate)
+    s = u.sample(u.prompts, k, u.cfg.generate)
     proxy = u.proxy([u.prompts[i] for i in s.prompt_index], s.responses)
     best, worst, valid = best_worst(proxy.reshape(len(u.prompts), k))
     rows = [

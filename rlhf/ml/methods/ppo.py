@@ -75,11 +75,11 @@ def whiten(x, mask):
 
 
 def rollout(
-    policy, ref, value_model, tok, prompts, reward_fn, p: PPO, k: int, s: Sampling, beta: float, batch_size: int
+    policy, ref, value_model, tok, prompts, reward_fn, p: PPO, k: int, s: Sampling, beta: float, batch_size: int, sample
 ) -> Rollout:
     import torch
 
-    samples = sampling.generate(policy, tok, prompts, k, s)
+    samples = sample(prompts, k, s) if sample else sampling.generate(policy, tok, prompts, k, s)
     asked = [prompts[i] for i in samples.prompt_index]
     score = torch.as_tensor(reward_fn(asked, samples.responses), dtype=torch.float32)
     unfinished = ~torch.tensor(samples.finished)
@@ -171,8 +171,11 @@ def train(
     batch_size: int,
     seed: int,
     aux=None,
+    sample=None,
+    log_stats=None,
 ) -> list[dict]:
-    """PPO over `prompts` (p.epochs passes); returns one stats dict per iteration (rollout batch)."""
+    """PPO over `prompts` (p.epochs passes); returns one stats dict per iteration (rollout batch). `sample`:
+    the round's Sampler of `policy` (None: transformers); `log_stats(stats, iteration)`: the training curves."""
     import random
 
     import torch
@@ -191,7 +194,7 @@ def train(
     for it in range(iterations):
         batch = [prompts[i] for i in order[it * p.rollout_prompts : (it + 1) * p.rollout_prompts]]
         policy.eval(), value_model.eval()  # dropout off: ratio 1 at the first minibatch
-        r = rollout(policy, ref, value_model, tok, batch, reward_fn, p, k, s, beta, batch_size)
+        r = rollout(policy, ref, value_model, tok, batch, reward_fn, p, k, s, beta, batch_size, sample)
         steps = []
         for _ in range(p.ppo_epochs):
             for rows in torch.randperm(len(r.ids)).split(batch_size):
@@ -209,6 +212,8 @@ def train(
             **{key: sum(st[key] for st in steps) / len(steps) for key in ("policy_loss", "value_loss", "clipfrac")},
         }
         history.append(stats)
+        if log_stats:
+            log_stats({key: v for key, v in stats.items() if key != "first_minibatch"}, it + 1)
         log.info(
             "ppo %d/%d: score %.3f  kl %.3f  beta %.4f  clipfrac %.3f",
             it + 1,
@@ -224,26 +229,29 @@ def train(
 
 def update(u) -> dict:
     """The update_policy method `ppo` (u: tasks.update_policy.Update)."""
-    from rlhf.ml import models
+    from rlhf.ml import models, tracking
 
     cfg = u.cfg
     value_model = models.load_reward_model(u.paths.reward_model, u.dev)  # the value model starts as the proxy RM
     value_model.config.pad_token_id = u.tok.pad_token_id
     up = cfg.update_policy
-    history = train(
-        u.policy,
-        u.ref,
-        value_model,
-        u.tok,
-        u.prompts,
-        u.proxy,
-        up.ppo,
-        up.k,
-        cfg.generate,
-        up.batch_size,
-        u.seed,
-        u.aux,
-    )
+    with tracking.curves(cfg, f"{u.rnd}-update_policy") as log_stats:
+        history = train(
+            u.policy,
+            u.ref,
+            value_model,
+            u.tok,
+            u.prompts,
+            u.proxy,
+            up.ppo,
+            up.k,
+            cfg.generate,
+            up.batch_size,
+            u.seed,
+            u.aux,
+            u.sample,
+            log_stats,
+        )
     return {
         "iterations": len(history),
         "score_first": history[0]["score"],

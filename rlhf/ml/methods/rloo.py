@@ -1,5 +1,6 @@
 """RLOO through TRL's RLOOTrainer: k samples per prompt, each one's baseline the mean reward of the
-other k-1; the reward is the proxy RM's score with a KL penalty (beta) to the round's reference."""
+other k-1; the reward is the proxy RM's score with a KL penalty (beta) to the round's reference. TRL
+samples its rollouts itself: with `generate.backend: vllm`, through its own colocated vLLM engine."""
 
 from __future__ import annotations
 
@@ -34,6 +35,12 @@ def update(u) -> dict:
         top_k=s.top_k,
         top_p=s.top_p,
         logging_steps=10,
+        # generate.backend: vllm samples the rollouts with TRL's colocated vLLM, weights synced each step
+        **(
+            {"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": s.vllm_memory}
+            if s.backend == "vllm"
+            else {}
+        ),
     )
     trainer = type("CoTrainRLOO", (CoTrainMixin, RLOOTrainer), {"aux": u.aux})(
         model=u.policy,
