@@ -14,7 +14,7 @@ import logging
 import tempfile
 from pathlib import Path
 
-from rlhf.core.config import Config
+from rlhf.core.config import TRAINING_RUNTIME, Config
 from rlhf.core.errors import UserError
 from rlhf.core.io import read_jsonl
 from rlhf.core.paths import SFT
@@ -24,7 +24,7 @@ from rlhf.core.ranks import is_main
 log = logging.getLogger("rlhf")
 
 
-PARAMS = ("runtime", "prepare", "evaluate", "label.judge", "prompts")
+PARAMS = (*TRAINING_RUNTIME, "prepare", "evaluate", "label.judge", "prompts")
 
 
 def reads(cfg: Config, rnd: str = "r00") -> list[str]:

@@ -13,7 +13,7 @@ import logging
 import random
 import tempfile
 
-from rlhf.core.config import Config
+from rlhf.core.config import TRAINING_RUNTIME, Config
 from rlhf.core.errors import UserError
 from rlhf.core.paths import SFT, round_paths
 from rlhf.ml.pairs import read_pairs
@@ -22,7 +22,7 @@ from rlhf.ml.reward import rm_rounds
 log = logging.getLogger("rlhf")
 
 
-PARAMS = ("runtime", "train_rm")
+PARAMS = (*TRAINING_RUNTIME, "train_rm")
 
 
 def data_rounds(cfg: Config, rnd: str) -> list[str]:

@@ -8,14 +8,21 @@ import logging
 import tempfile
 from dataclasses import dataclass
 
-from rlhf.core.config import Config
+from rlhf.core.config import TRAINING_RUNTIME, Config
 from rlhf.core.paths import RoundPaths, round_paths
 from rlhf.core.prompts import read_prompts
 
 log = logging.getLogger("rlhf")
 
 
-PARAMS = ("runtime", "generate", "update_policy", "prompts.policy", "prompts.max_prompt_length", "prompts.too_long")
+PARAMS = (
+    *TRAINING_RUNTIME,
+    "generate",
+    "update_policy",
+    "prompts.policy",
+    "prompts.max_prompt_length",
+    "prompts.too_long",
+)
 
 
 def reads(cfg: Config, rnd: str) -> list[str]:

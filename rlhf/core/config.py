@@ -44,7 +44,8 @@ class Runtime(Section):
     report_to: Literal["none", "tensorboard", "wandb", "trackio", "mlflow"] = d(
         "none",
         "where every trainer logs its training curves, one run per round and step (`r01-train_rm`), TensorBoard "
-        "under logs/ (offline; `pip install tensorboard`); wandb, trackio and mlflow take their own settings",
+        "under logs/ (offline; `pip install tensorboard`); wandb, trackio and mlflow take their own settings; "
+        "changing it re-runs no stage",
     )
 
     @field_validator("accelerate_config")
@@ -53,6 +54,11 @@ class Runtime(Section):
         if v is not None and not Path(v).expanduser().is_file():
             raise ValueError(f"no such file: {v}")
         return v
+
+
+# What a training stage's outputs depend on in `runtime`: not report_to, since where the curves go changes no
+# weight, so turning TensorBoard on re-runs no stage.
+TRAINING_RUNTIME = tuple(f"runtime.{k}" for k in ("seed", "threads", "device", "num_processes", "accelerate_config"))
 
 
 class TinyModel(Section):
