@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +29,8 @@ from rlhf.core.paths import ROUND_STEPS, round_paths
 from rlhf.core.processes import RUN_PID, dying_with_parent, error_line, relay
 from rlhf.core.rounds import extend_rounds, last_completed
 from rlhf.evaluation.report import flat, metrics_rows, metrics_table, round_markdown, write_report
-from rlhf.orchestration import stages
+from rlhf.orchestration import interrupts, stages
+from rlhf.orchestration.lock import project_lock
 from rlhf.orchestration.preload import preloaded
 
 
@@ -69,9 +71,26 @@ def stage(step: str, rnd: str, force: bool = False) -> bool:
     # dvc dies with this process (rlhf/core/processes.py): a killed run leaves no stage behind to race the next one
     cmd = dying_with_parent("dvc", "repro", "--single-item", name, *(["--force"] if force else []))
     env = stage_env()
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
-        tail = relay(proc.stdout, log.info)
+    # A session of its own: Ctrl-C reaches this process alone, which stops the stage's whole group on the way out
+    # and then reports the interruption (rlhf/orchestration/interrupts.py).
+    with subprocess.Popen(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    ) as proc:
+        try:
+            tail = relay(proc.stdout, log.info)
+            proc.wait()
+        except BaseException as e:  # Ctrl-C, SIGTERM, Prefect's own termination: the step stops first
+            interrupts.stop_group(proc)
+            _interrupted(e, step, rnd)
+            raise
     skipped = any("didn't change, skipping" in line for line in tail)
+    _require_server(name, None if proc.returncode == 0 else error_line(tail))
     if proc.returncode != 0:
         # The step's own one-line "error: ..." says most; DVC's "ERROR: failed to reproduce" comes next.
         message = f"stage {name} failed: {error_line(tail)}"
@@ -80,6 +99,37 @@ def stage(step: str, rnd: str, force: bool = False) -> bool:
         subprocess.run([sys.executable, "-m", "dvc", "checkout", "--quiet", name], env=env, capture_output=True)
         return Failed(message=message, data=StageFailed(message))  # a failed task run, no traceback
     return not skipped
+
+
+def _interrupted(e: BaseException, step: str, rnd: str) -> None:
+    """The one line for a run stopped by a signal in the middle of a stage (the CLI prints it)."""
+    signum = interrupts.signalled() or getattr(e, "signal", None)  # Prefect's TerminationSignal names its signal
+    if signum is None:
+        return
+    name = target(step, rnd)
+    interrupts.end(
+        f"interrupted ({signal.Signals(signum).name}) in round {rnd}, step {step}, which was stopped; the stages "
+        f"before it are recorded in dvc.lock, and `rlhf run` resumes at {name}",
+        128 + signum,
+    )
+
+
+def _require_server(name: str, failure: str | None) -> None:
+    """After a stage: if the Prefect server is gone, end the run here in one line (the stage's outcome is in
+    dvc.lock), rather than have Prefect retry the dead API for a minute and fail in tracebacks."""
+    from rlhf.orchestration.server import abandon_api, api_url, healthy
+
+    url = api_url()
+    if not url or healthy(url):
+        return
+    abandon_api()
+    outcome = f"stage {name} failed: {failure}" if failure else f"{name} finished and is recorded in dvc.lock"
+    interrupts.end(
+        f"error: the Prefect server at {url} stopped answering; {outcome}; `rlhf run` resumes from there once a server "
+        "answers (its own temporary one when none is set)",
+        2,
+    )
+    raise interrupts.ServerGone(url)
 
 
 def run_name() -> str:
@@ -98,6 +148,13 @@ def run_name() -> str:
 def iterate(force: bool = False, more: int = 0) -> list[dict]:
     """Run prepare and every round in params.yaml, or with `more`, prepare and that many rounds past the last
     completed one (adding them to params.yaml); print and return the per-round metrics."""
+    # One command per project at a time (a no-op under `rlhf run`, which holds it); SIGTERM stops an `rlhf run`
+    # as Ctrl-C does (rlhf/orchestration/interrupts.py).
+    with project_lock("a flow run of iterated-rlhf (`rlhf serve`)"), interrupts.reclaimed():
+        return _iterate(force, more)
+
+
+def _iterate(force: bool, more: int) -> list[dict]:
     todo = extend_rounds(more) if more else None
     cfg = load_config()
     todo = todo or list(cfg.rounds)

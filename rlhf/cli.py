@@ -107,6 +107,14 @@ def parser() -> argparse.ArgumentParser:
         "the round outputs it reads under these params. `rlhf run` does it itself; run this after "
         "editing params.yaml when you use `dvc repro` or `dvc status` directly.",
     )
+    sub.add_parser(
+        "verify",
+        help="hash every output dvc.lock records again, from its bytes, and list what differs",
+        description="Read every output of every stage that dvc.lock records and hash it as DVC does (files: md5 "
+        "of the content; folders: DVC's .dir manifest), bypassing DVC's cache of hashes, which trusts a file whose "
+        "size and modification time are unchanged. Lists each path that differs with the stage that wrote it; "
+        "exit status 1 if any does, 0 if all match.",
+    )
     sub.add_parser("metrics", help="print the per-round metrics table of the rounds run so far")
     rep = sub.add_parser(
         "report",
@@ -225,8 +233,12 @@ def _dispatch(args) -> int:
         return _storage(args)
     if args.command == "params":
         return _params(args)
+    if args.command == "run":
+        return _run(args)
+    if args.command == "verify":
+        return _verify()
     cfg = load_config(PARAMS)
-    if args.command in ("check", "run"):
+    if args.command == "check":
         from rlhf.orchestration.preflight import check_inputs
 
         check_inputs(cfg)
@@ -246,8 +258,6 @@ def _dispatch(args) -> int:
 
         print(write_report(["r00", *cfg.rounds], args.out))
         return 0
-    if args.command == "run":
-        return _run(args)
     if args.command == "serve":
         if args.more < 1:
             raise UserError(f"--more must be at least 1 (got {args.more})")
@@ -259,15 +269,26 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "stages":
         from rlhf.orchestration import stages
+        from rlhf.orchestration.lock import project_lock
 
-        changed = stages.write(cfg)
+        with project_lock("rlhf stages"):  # not under a run, whose stages refuse a dvc.yaml they were not run for
+            changed = stages.write(cfg)
         print(f"{stages.DVC_YAML}: {'written' if changed else 'up to date'} ({len(cfg.rounds)} rounds)")
         return 0
     return _step(args, cfg)
 
 
 def _step(args, cfg) -> int:
-    """One step, as its DVC stage runs it: in this process, or as runtime.num_processes ranks of itself."""
+    """One step, as its DVC stage runs it, holding the project's lock (rlhf/orchestration/lock.py): under
+    `rlhf run`, whose lock it shares, or by hand (`dvc repro`), when no other command may run here."""
+    from rlhf.orchestration.lock import project_lock
+
+    with project_lock(f"rlhf {args.command}" + (f" {args.round}" if hasattr(args, "round") else "")):
+        return _step_locked(args, cfg)
+
+
+def _step_locked(args, cfg) -> int:
+    """One step: in this process, or as runtime.num_processes ranks of itself."""
     from rlhf.core.io import remove_scratch
     from rlhf.core.paths import round_paths
     from rlhf.core.processes import RUN_PID
@@ -296,14 +317,50 @@ def _step(args, cfg) -> int:
 
 
 def _run(args) -> int:
-    """The flow, against PREFECT_API_URL or else a temporary server that lives (and dies) with this run."""
+    """The flow, against PREFECT_API_URL or else a temporary server that lives (and dies) with this run, holding
+    the project's lock from before anything starts. Ctrl-C or SIGTERM stops the running stage, records the
+    flow run as crashed, stops the server and exits 128 + the signal's number with one line saying where the
+    next `rlhf run` resumes (rlhf/orchestration/interrupts.py)."""
+    from rlhf.core.config import load_config
+    from rlhf.orchestration import interrupts
+    from rlhf.orchestration.lock import project_lock
+    from rlhf.orchestration.preflight import check_inputs
     from rlhf.orchestration.server import prefect_api
 
-    with prefect_api():
-        from flows.iterate import iterate
+    with interrupts.interruptible():
+        try:
+            with project_lock(" ".join(["rlhf", *sys.argv[1:]])):
+                check_inputs(load_config(PARAMS))
+                with prefect_api():
+                    from flows.iterate import iterate
 
-        iterate(force=args.force, more=args.more)
+                    iterate(force=args.force, more=args.more)
+        except BaseException as e:
+            if not (interrupts.ending() or isinstance(e, interrupts.Interrupted)):
+                raise
+            # Whatever Prefect raised on the way out, the run ended for the reason recorded in one line.
+            line, code = interrupts.ending() or (
+                f"interrupted ({e}) outside any stage; dvc.lock records the stages that finished, and `rlhf run` "
+                "resumes at the first one not done",
+                e.code,
+            )
+            interrupts.say(line)
+            return code
     return 0
+
+
+def _verify() -> int:
+    from rlhf.orchestration.lock import project_lock
+    from rlhf.orchestration.verify import LOCK, verify
+
+    with project_lock("rlhf verify"):  # a run writing its rounds now would differ from dvc.lock for a moment
+        checked, problems = verify()
+    for line in problems:
+        print(line)
+    print(
+        f"{LOCK}: {len(problems)} of {checked} outputs differ" if problems else f"{LOCK}: all {checked} outputs match"
+    )
+    return 1 if problems else 0
 
 
 def _params(args) -> int:

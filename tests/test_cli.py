@@ -12,7 +12,7 @@ def rlhf(*args, cwd):
     return subprocess.run([BIN / "rlhf", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("command", ["run", "check", "metrics", *STEPS])
+@pytest.mark.parametrize("command", ["run", "check", "metrics", "verify", "server", *STEPS])
 def test_every_subcommand_has_help(tmp_path, command):
     out = rlhf(command, "--help", cwd=tmp_path)
     assert out.returncode == 0 and out.stdout.startswith("usage: rlhf")

@@ -48,6 +48,7 @@ def preloaded(env: dict[str, str]) -> Iterator[None]:
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
+        start_new_session=True,  # Ctrl-C reaches the run alone, which stops it (rlhf/orchestration/interrupts.py)
     )
     deadline = time.monotonic() + 10
     while not path.exists() and proc.poll() is None and time.monotonic() < deadline:  # it listens before importing

@@ -46,10 +46,20 @@ def project_server() -> str | None:
 def serve_forever(host: str, port: int) -> int:
     """Run `prefect server start` in the foreground (state in .prefect/) until Ctrl-C."""
     with socket.socket() as s:
+        # As the server itself binds (uvicorn sets SO_REUSEADDR): a port that a stopped server's connections
+        # hold in TIME_WAIT for a minute is free to listen on again at once.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:
             raise UserError(f"cannot listen on {host}:{port} ({e.strerror}); pick another port with --port") from None
+    if not loopback(host):
+        print(
+            f"warning: the Prefect API on {host}:{port} has no authentication: anyone who can reach this port can "
+            "read, start and cancel runs; bind to 127.0.0.1 (the default) unless the network is yours alone",
+            file=sys.stderr,
+            flush=True,
+        )
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     api_url = f"http://{shown}:{port}/api"
     HOME.mkdir(exist_ok=True)
@@ -87,6 +97,17 @@ def serve_forever(host: str, port: int) -> int:
         stop(proc, timeout=15)
 
 
+def loopback(host: str) -> bool:
+    """Whether every address `host` names is this machine's loopback (127.0.0.0/8, ::1)."""
+    import ipaddress
+
+    try:
+        found = {a[4][0] for a in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    return bool(found) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in found)
+
+
 @contextmanager
 def temporary_prefect_server(timeout: float = 60) -> Iterator[str]:
     """Prefect's temporary API server for a run without PREFECT_API_URL (as Prefect's own ephemeral mode
@@ -118,7 +139,9 @@ def temporary_prefect_server(timeout: float = 60) -> Iterator[str]:
         "on",
     )
     url = f"http://127.0.0.1:{port}/api"
-    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
+    # A session of its own: Ctrl-C in the terminal reaches the run alone, which reports the interruption to this
+    # server before it stops it (rlhf/orchestration/interrupts.py); it still dies with the run if that is killed.
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + timeout
         while not healthy(url):
@@ -151,4 +174,26 @@ def prefect_api() -> Iterator[str]:
         finally:
             from prefect.logging.handlers import APILogWorker
 
-            APILogWorker.drain_all(timeout=5)
+            if healthy(url):  # a server that is gone takes none of them: no waiting on it
+                APILogWorker.drain_all(timeout=5)
+
+
+def api_url() -> str | None:
+    """The API this process's Prefect client talks to (in a flow run)."""
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    return str(url).rstrip("/") if url else None
+
+
+def abandon_api() -> None:
+    """The server is gone: let Prefect's client fail at once instead of retrying each call for about a minute,
+    send no more log lines, and print nothing about the ones it could not send."""
+    import logging
+
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    settings.client.max_retries = 0
+    settings.logging.to_api.enabled = False
+    logging.raiseExceptions = False
