@@ -1,6 +1,7 @@
 # make demo: set up .venv if needed, then run the offline default (3 rounds) through Prefect and DVC.
 # make test: set up .venv (with test extras) and chromium if needed, then ruff and the test suite.
 # make bench: the benchmarks under bench/ (docs/performance.md).
+# make mutants: slips in the core math (tests/mutations.py) that the reference tests must catch (docs/testing.md).
 VENV        ?= .venv
 PYTHON      ?= python3
 TORCH_INDEX ?=
@@ -8,7 +9,7 @@ PIP         := $(VENV)/bin/pip
 export DVC_SITE_CACHE_DIR ?= $(CURDIR)/.dvc/tmp/site_cache
 export DVC_NO_ANALYTICS   := 1
 
-.PHONY: demo test test-slow bench install browser lint clean-rounds
+.PHONY: demo test test-slow bench mutants install browser lint clean-rounds
 
 install: $(VENV)/.installed
 
@@ -38,6 +39,11 @@ browser:
 
 test-slow: install
 	$(VENV)/bin/python -m pytest -q -m slow
+
+# Each mutant on a scratch copy of the code (never the working tree), the reference tests run on it: about
+# 2 minutes; fails unless every mutant is killed.
+mutants: install
+	OMP_NUM_THREADS=1 $(VENV)/bin/python tests/mutations.py
 
 # Every benchmark in turn (about 45 minutes on 2 CPU cores); each prints its ratios, kept in bench/out/.
 bench: install

@@ -51,11 +51,13 @@ def test_best_of_n_analytic_kl_and_selection():
     assert got["4"]["gold"] == pytest.approx((0.3 + 0.1) / 2)  # the proxy's best can be gold's worse
 
 
-def test_categorical_kl_on_known_distributions():
+def test_categorical_kl_on_known_distributions_in_both_directions():
+    """KL(p || q), not KL(q || p): the two differ here (0.511 against 0.368). (More in test_reference_math.py.)"""
     p, q = torch.tensor([0.5, 0.5]), torch.tensor([0.9, 0.1])
     expected = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)
     assert float(sampling.categorical_kl(p.log(), q.log())) == pytest.approx(expected)
-    assert float(sampling.categorical_kl(q.log(), q.log())) == 0
+    reverse = 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)
+    assert float(sampling.categorical_kl(q.log(), p.log())) == pytest.approx(reverse)
 
 
 def test_alarms():
@@ -71,6 +73,18 @@ def test_alarms():
 
 def test_summary_of_nothing_is_missing_not_zero():
     assert metrics.summary([]) == {"mean": None, "missing": "no samples", "count": 0}
+
+
+def test_summary_std_and_sem_against_hand_computed_values():
+    """The error bars of every metric: the sample std (n - 1) and the standard error of the mean, worked by
+    hand: mean 5, squared deviations 9+1+1+1+0+0+4+16 = 32, variance 32/7, sem sqrt(32/7/8) = sqrt(4/7)."""
+    got = metrics.summary([2, 4, 4, 4, 5, 5, 7, 9])
+    assert got == {
+        "mean": 5.0,
+        "std": pytest.approx(2.13809, abs=1e-5),
+        "sem": pytest.approx(0.75593, abs=1e-5),
+        "count": 8,
+    }
 
 
 def test_an_alarm_when_most_responses_hit_the_token_limit():
