@@ -88,7 +88,7 @@ def evaluate(cfg: Config, rnd: str) -> dict:
     proxy_all = (
         None
         if reward is None
-        else reward([prompts[i] for i in s.prompt_index], s.responses).reshape(len(prompts), pure.k)
+        else reward([prompts[i] for i in s.prompt_index], s.responses, s.finished).reshape(len(prompts), pure.k)
     )
     if e.best_of_n and proxy_all is not None:
         best_of_n = stats.best_of_n(proxy_all, gold_all, e.best_of_n)
@@ -114,9 +114,10 @@ def evaluate(cfg: Config, rnd: str) -> dict:
             "prompt": prompts[i],
             "messages": conversations[i],
             "response": r,
+            "finished": done,
             "gold": float(g),
         }
-        for i, r, g in zip(s.prompt_index, s.responses, gold.ravel())
+        for i, r, done, g in zip(s.prompt_index, s.responses, s.finished, gold.ravel())
     ]
     if rnd == "r00":  # the SFT policy is its own reference and has no proxy RM yet
         metrics["kl"] = {"per_sequence": 0.0, "per_token": 0.0, "d": 0.0}
@@ -176,7 +177,7 @@ def _landscape(e, sample, tok, judge, reward, rnd: str) -> dict:
     texts = chat.render(tok, cells, "evaluate.landscape")
     s = sample(texts, spec.samples, _pure_sampling(e, spec.samples))
     gold = checked(judge.score([cells[i] for i in s.prompt_index], s.responses), f"evaluate@{rnd} (landscape)")
-    proxy = None if reward is None else reward([texts[i] for i in s.prompt_index], s.responses)
+    proxy = None if reward is None else reward([texts[i] for i in s.prompt_index], s.responses, s.finished)
     return landscape.grid(spec, gold, proxy, s.responses)
 
 
@@ -199,6 +200,10 @@ def _against_earlier(cfg: Config, rnd: str, gold: np.ndarray, reward) -> tuple[d
         rows = earlier["vs_previous"]
         before = {
             "gold": float(np.mean([r["gold"] for r in rows])),
-            "proxy": float(reward([r["prompt"] for r in rows], [r["response"] for r in rows]).mean()),
+            "proxy": float(
+                reward(
+                    [r["prompt"] for r in rows], [r["response"] for r in rows], [r.get("finished", True) for r in rows]
+                ).mean()
+            ),
         }
     return win, before

@@ -28,17 +28,20 @@ def label(cfg: Config, rnd: str) -> dict:
     seed = stage_seed(cfg, "label", rnd)
     paths, lab = round_paths(rnd), cfg.label
     groups = group_by_prompt(
-        read_jsonl(paths.samples, required=("prompt_id", "prompt", "messages", "response")), str(paths.samples)
+        read_jsonl(paths.samples, required=("prompt_id", "prompt", "messages", "response", "finished")),
+        str(paths.samples),
     )
     flat = [r for g in groups for r in g]
     conversations = [r["messages"] for r in flat]  # the judge reads the conversation, never the rendering
     gold = checked(score_in_workers(cfg, conversations, [r["response"] for r in flat]), str(paths.samples))
     gold = gold.reshape(len(groups), -1)
-    prompt, chosen, rejected = pairs_of(gold, lab.pairs, lab.ties)
+    finished = np.array([[r["finished"] for r in g] for g in groups])
+    prompt, chosen, rejected = pairs_of(gold, lab.pairs, lab.ties, finished if lab.unfinished == "drop" else None)
     if not len(prompt):
         raise UserError(
-            f"{paths.samples}: the judge gave every sample of each prompt the same score, so there is no "
-            "preference pair (label.ties: keep to keep tied pairs)"
+            f"{paths.samples}: no preference pair: the judge gave every finished sample of each prompt the same "
+            "score, or too few samples finished (label.ties: keep keeps tied pairs; label.unfinished: keep "
+            "pairs unfinished ones; or raise generate.max_new_tokens)"
         )
     flipped = np.random.default_rng(seed).random(len(prompt)) < lab.noise  # AlpacaFarm-style label noise
     chosen, rejected = np.where(flipped, rejected, chosen), np.where(flipped, chosen, rejected)
@@ -48,6 +51,7 @@ def label(cfg: Config, rnd: str) -> dict:
             "prompt": g[0]["prompt"],
             "messages": g[0]["messages"],
             "responses": [r["response"] for r in g],
+            "finished": [r["finished"] for r in g],
             "gold": s.tolist(),
             "pairs": [],
         }
@@ -69,6 +73,7 @@ def label(cfg: Config, rnd: str) -> dict:
     return {
         "prompts": len(groups),
         "pairs": len(prompt),
+        "unfinished": int((~finished).sum()),  # responses cut at max_new_tokens (left out of pairs with drop)
         "flipped": int(flipped.sum()),
         "gold_mean": float(gold.mean()),
     }

@@ -244,20 +244,38 @@ CASES = {
     # judge output, caught by the first step that scores with the changed judge: prepare's evaluation of r00
     "judge returns nan": (
         judge_returns("[float('nan') if i == 2 else 0.5 * i for i in range(len(responses))]"),
-        "stage prepare failed: evaluate@r00: the judge returned nan for sample 3",
+        "error: label.judge.name: project_judge:score returned nan for response 3",
     ),
     "judge returns infinity": (
         judge_returns("[float('inf')] * len(responses)"),
-        "stage prepare failed: evaluate@r00: the judge returned inf for sample 1",
+        "error: label.judge.name: project_judge:score returned inf for response 1",
+    ),
+    "judge raises": (
+        judge_returns("1 / 0"),
+        "error: label.judge.name: project_judge:score raised ZeroDivisionError: division by zero",
+    ),
+    "judge returns strings": (
+        judge_returns("['0.5'] * len(responses)"),
+        "error: label.judge.name: project_judge:score returned str '0.5' for response 1; a judge returns one number",
     ),
     "judge scores all alike": (
         judge_returns("[0.5] * len(responses)"),
-        "stage label@r01 failed: data/rounds/r01/samples.jsonl: the judge gave every sample of each prompt the same "
-        "score",
+        "stage label@r01 failed: data/rounds/r01/samples.jsonl: no preference pair: the judge gave every finished "
+        "sample of each prompt the same score",
     ),
     "judge returns too few scores": (
         judge_returns("[0.5]"),
-        "stage prepare failed: label.judge.name: project_judge:score returned 1 scores for",
+        "error: label.judge.name: project_judge:score returned 1 scores for 6 responses",
+    ),
+    # prompt sets too small for the params
+    "too few label prompts": (
+        edit("data/prompts/label.jsonl", "".join(f'{{"id": "l{i}", "prompt": "say {i} ."}}\n' for i in range(3))),
+        "error: prompts.label: data/prompts/label.jsonl has 3 prompts; a train_rm batch of 16 pairs (label.pairs: "
+        "best_worst) needs 16",
+    ),
+    "one eval prompt": (
+        edit("data/prompts/eval.jsonl", '{"id": "e", "prompt": "say nothing ."}\n'),
+        "error: prompts.eval: data/prompts/eval.jsonl has 1 prompts; evaluate's statistics needs 2",
     ),
 }
 
@@ -265,12 +283,21 @@ CASES = {
 RESCORES_R00 = {"judge scores all alike"}
 
 
-# First, so that DVC's run-cache has no generate@r02 to restore instead of running it.
-def test_a_full_disk_fails_the_step_that_writes_and_names_its_file(project, tmp_path):
-    r02 = project / "data" / "rounds" / "r02"
+# First, so that DVC's run-cache has no generate@r02 to restore instead of running it. The disk fills in
+# generate's JSONL write, or (room for the samples and labels, not the model) in train_rm's model save.
+@pytest.mark.parametrize("stage, written", [("generate", "samples.jsonl"), ("train_rm", "reward_model")])
+def test_a_full_disk_fails_the_step_that_writes_and_names_its_file(project, stage, written):
+    r01, r02 = project / "data" / "rounds" / "r01", project / "data" / "rounds" / "r02"
+    room = (
+        8
+        if stage == "generate"
+        else int(1.4 * sum((r01 / f).stat().st_size for f in ("samples.jsonl", "labels.jsonl")) / 1024)
+    )
     shutil.rmtree(r02, ignore_errors=True)
     r02.mkdir(parents=True)
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(r02)], capture_output=True).returncode:
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={room}k", "tmpfs", str(r02)], capture_output=True
+    ).returncode:
         shutil.rmtree(r02)
         pytest.skip("a full disk is simulated with a tiny tmpfs, which needs root to mount")
     saved = (project / "params.yaml").read_bytes()
@@ -284,7 +311,7 @@ def test_a_full_disk_fails_the_step_that_writes_and_names_its_file(project, tmp_
         shutil.rmtree(r02, ignore_errors=True)
     last = out.stderr.strip().splitlines()[-1]
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert last.startswith("error: stage generate@r02 failed: ") and "No space left on device" in last, last
+    assert last == f"error: stage {stage}@r02 failed: data/rounds/r02/{written}: cannot write (No space left on device)"
     assert digest(project / "data" / "rounds" / "r01") == before
 
 

@@ -44,5 +44,4 @@ def test_variant_raises_gold_over_three_rounds(project, variant):
     }
     r0, r3 = rounds["r00"]["gold"], rounds["r03"]["gold"]
     assert r3["mean"] - r0["mean"] > 3 * math.hypot(r0["sem"], r3["sem"]), (variant, r0, r3)
-    for m in rounds.values():
-        assert m["kl"]["per_sequence"] >= 0 and m["kl"]["per_token"] >= 0
+    assert rounds["r03"]["kl"]["per_sequence"] > 0.1  # the policy moved from its reference

@@ -46,11 +46,14 @@ def test_label_pairs_best_over_worst_by_gold(in_project):
     judge = make_judge(in_project)
     for row in rows:
         assert len(row["gold"]) == len(row["responses"]) == in_project.generate.k
-        for pair in row["pairs"]:  # best_worst, ties skipped, no noise: at most one pair, the best over the worst
-            chosen, rejected = judge.score([row["prompt"]] * 2, [pair["chosen"], pair["rejected"]])
-            assert chosen == max(row["gold"]) == pair["chosen_gold"] and rejected == min(row["gold"]) < chosen
+        # best_worst among the finished responses (label.unfinished: drop), ties skipped, no noise: at most one
+        # pair, the best finished one over the worst
+        gold = [g for g, done in zip(row["gold"], row["finished"]) if done]
+        for pair in row["pairs"]:
+            chosen, rejected = judge.score([row["messages"]] * 2, [pair["chosen"], pair["rejected"]])
+            assert chosen == max(gold) == pair["chosen_gold"] and rejected == min(gold) < chosen
             assert pair["margin"] == pytest.approx(chosen - rejected) and not pair["flipped"]
-        assert len(row["pairs"]) == (max(row["gold"]) > min(row["gold"]))
+        assert len(row["pairs"]) == (len(gold) >= 2 and max(gold) > min(gold))
 
 
 def held_out_pairs(cfg, policy_dir, k=4):
@@ -100,7 +103,9 @@ def test_update_policy_raises_the_proxy_reward(in_project):
 def test_evaluate_writes_metrics_with_kl_and_proxy(in_project):
     m = json.loads(round_paths("r01").metrics.read_text())
     assert m["round"] == "r01" and m["gold"]["count"] == 24 * in_project.evaluate.samples_per_prompt
-    assert m["gold"]["sem"] == pytest.approx(m["gold"]["std"] / m["gold"]["count"] ** 0.5)
+    gold = [r["gold"] for r in read_jsonl(round_paths("r01").eval_samples)]  # the scores the statistics summarise
+    assert m["gold"]["mean"] == pytest.approx(sum(gold) / len(gold))
+    assert m["gold"]["sem"] == pytest.approx(np.std(gold, ddof=1) / len(gold) ** 0.5)
     assert m["kl"]["per_sequence"] > 0  # DPO moved the policy away from its SFT reference
     assert "proxy" in m and np.isfinite(m["proxy"]["mean"])
     assert m["proxy_accuracy"]["pairs"] > 10 and m["proxy_accuracy"]["mean"] > 0.55, m[
@@ -108,13 +113,11 @@ def test_evaluate_writes_metrics_with_kl_and_proxy(in_project):
     ]  # agrees with gold
 
 
-def test_kl_is_zero_to_itself_positive_to_another_policy_and_independent_of_padding(in_project):
+def test_kl_is_positive_to_another_policy_and_independent_of_padding(in_project):
+    # (its exact value, in both directions, is checked by brute force in tests/test_reference_math.py)
     tok, sft = models.load_tokenizer(SFT.policy), models.load_policy(SFT.policy)
     prompts = ["user : describe the ocean . assistant :", "user : talk about the city now . assistant :"]
     s = sampling.generate(sft, tok, prompts, 3, in_project.generate)
-    self_kl, log_ratio, n = sampling.sequence_kl(sft, models.load_policy(SFT.policy), tok, prompts, s)
-    assert (log_ratio.abs() < 1e-5).all()
-    assert (self_kl.abs() < 1e-5).all() and (n > 0).all()
     updated = models.load_policy(round_paths("r01").policy)
     kl = sampling.sequence_kl(updated, sft, tok, prompts, s)[0]
     assert (kl > 0).all()
@@ -205,3 +208,23 @@ def test_report_to_tensorboard_leaves_a_run_per_round_and_step(tiny_project, tmp
     assert {"train/loss"} <= scalars("r01-train_rm")
     assert {"train/score", "train/kl", "train/beta", "train/clipfrac"} <= scalars("r01-update_policy")
     assert {"eval/gold/mean", "eval/proxy/mean", "eval/kl/per_sequence", "eval/finished"} <= scalars("rounds")
+
+
+def test_no_pair_holds_a_response_that_was_cut_off_and_none_is_scored_with_an_eos(in_project):
+    import torch
+
+    rows = read_jsonl(round_paths("r01").labels)
+    cut = {(r["prompt_id"], x) for r in rows for x, done in zip(r["responses"], r["finished"]) if not done}
+    assert cut  # the tiny policy leaves some answers unfinished at max_new_tokens
+    assert not any(
+        (r["prompt_id"], p[side]) in cut for r in rows for p in r["pairs"] for side in ("chosen", "rejected")
+    )
+    tok = models.load_tokenizer(round_paths("r01").reward_model)
+    rm = models.load_reward_model(round_paths("r01").reward_model).eval()
+    prompt, response = rows[0]["prompt"], rows[0]["responses"][0]
+    [finished, unfinished] = [
+        sampling.reward_scores(rm, tok, [prompt], [response], [done])[0] for done in (True, False)
+    ]
+    with torch.no_grad():
+        for text, score in ((prompt + response + tok.eos_token, finished), (prompt + response, unfinished)):
+            assert score == pytest.approx(float(rm(**tok(text, return_tensors="pt")).logits[0, 0]), abs=1e-5)

@@ -162,7 +162,8 @@ class Prompts(Section):
 
 
 class Sampling(Section):
-    """How generate samples the label prompts (and the policy update's rollouts, with update_policy.k)."""
+    """How generate samples the label prompts (and, unless update_policy.rollouts says otherwise, the policy
+    update's own prompts, update_policy.k each)."""
 
     k: int = d(8, "samples per label prompt; pairs need two", ge=2)
     temperature: float = d(1.0, "sampling temperature", gt=0)
@@ -226,6 +227,11 @@ class Label(Section):
         "best_worst", "one pair per prompt (best vs worst sample), or every pair of its samples"
     )
     ties: Literal["skip", "keep"] = d("skip", "a pair of equal scores: skipped, or kept")
+    unfinished: Literal["drop", "keep"] = d(
+        "drop",
+        "a response cut at generate.max_new_tokens: left out of the pairs (still scored), or paired like the "
+        "rest (TRL's RewardTrainer then appends an EOS to it)",
+    )
     noise: float = d(0.0, "probability of flipping a pair (AlpacaFarm; Coste et al. use 0.25)", ge=0, le=0.5)
     workers: int = d(1, "processes scoring shards of the samples at once (on GPUs: worker i on cuda:i)", gt=0)
 
@@ -291,7 +297,6 @@ class PPO(Section):
     value_clip: float = d(0.2, "value clip", gt=0)
     value_coef: float = d(0.1, "weight of the value loss", ge=0)
     whiten: bool = d(True, "whiten advantages per rollout batch")
-    missing_eos_penalty: float | None = d(None, "subtracted from the score of a response that never ended", ge=0)
     rollout_prompts: int = d(64, "prompts per rollout batch (each sampled update_policy.k times)", gt=0)
     ppo_epochs: int = d(4, "passes over each rollout batch", gt=0)
     epochs: float = d(1.0, "passes over the policy prompts", gt=0)
@@ -323,6 +328,22 @@ class RLOO(Section):
     learning_rate: float = d(1e-4, "learning rate", gt=0)
 
 
+class Rollouts(Section):
+    """How the policy update samples its own prompts; each key left null takes generate's value."""
+
+    temperature: float | None = d(
+        None, "sampling temperature; ppo and rloo compute log-probabilities and the KL at this temperature", gt=0
+    )
+    top_k: int | None = d(None, "sample among the k likeliest tokens; 0: off (ppo and rloo need it off)", ge=0)
+    top_p: float | None = d(None, "nucleus sampling mass; 1: off (ppo and rloo need it off)", gt=0, le=1)
+    max_new_tokens: int | None = d(None, "longest rollout response, in tokens", gt=0)
+
+    def of(self, generate: Sampling, k: int) -> Sampling:
+        """The rollouts' sampling: generate's, with this section's keys that are set, and k samples per prompt."""
+        given = {key: v for key, v in self.model_dump().items() if v is not None}
+        return generate.model_copy(update={**given, "k": k})
+
+
 class UpdatePolicy(Section):
     """The policy update: its method, the reward it optimises, where it starts and what it is kept close to."""
 
@@ -341,6 +362,13 @@ class UpdatePolicy(Section):
     k: int = d(4, "samples per policy prompt: dpo pairs best vs worst, rest and rloo groups, ppo rollouts", ge=1)
     batch_size: int = d(16, "examples per batch (global)", gt=0)
     max_length: int = d(128, "longest prompt + response, in tokens", gt=0)
+    rollouts: Rollouts = d(Rollouts(), "the sampling of the update's own prompts (default: generate's)")
+    unfinished: Literal["penalty", "drop", "keep"] = d(
+        "penalty",
+        "a rollout cut at max_new_tokens: scored as is less missing_eos_penalty (TRL's convention), left out "
+        "(of dpo's pairs, of ppo's and rloo's loss), or kept as it is; rest trains on finished samples only",
+    )
+    missing_eos_penalty: float = d(1.0, "unfinished: penalty: subtracted from an unfinished rollout's reward", ge=0)
     lora: Lora = d(Lora(), "LoRA adapters instead of full weights")
     cotrain: CoTrain = d(CoTrain(), "co-training with an auxiliary set")
     dpo: DPO = d(DPO(), "method: dpo")
@@ -431,10 +459,25 @@ class Config(Section):
                 raise ValueError(f"entry {i} must be '{round_name(i)}: {round_name(i - 1)}' (got '{name}: {prev}')")
         return rounds
 
+    def rollouts(self) -> Sampling:
+        """How the policy update samples: update_policy.rollouts over generate, update_policy.k per prompt."""
+        return self.update_policy.rollouts.of(self.generate, self.update_policy.k)
+
     @model_validator(mode="after")
     def _lengths_fit(self) -> Config:
-        if self.generate.max_new_tokens >= self.update_policy.max_length:
-            raise ValueError("[update_policy.max_length] must exceed generate.max_new_tokens (prompt + response)")
+        up, rollouts = self.update_policy, self.rollouts()
+        if max(self.generate.max_new_tokens, rollouts.max_new_tokens) >= up.max_length:
+            raise ValueError(
+                "[update_policy.max_length] must exceed generate.max_new_tokens and update_policy.rollouts."
+                "max_new_tokens (prompt + response)"
+            )
+        if up.method in ("ppo", "rloo") and (rollouts.top_k or rollouts.top_p < 1):
+            key = "top_k" if rollouts.top_k else "top_p"
+            raise ValueError(
+                f"[update_policy.rollouts.{key}] {up.method} scores its samples' log-probabilities under the "
+                f"tempered distribution, which top-k/top-p sampling is not: set update_policy.rollouts.{key} "
+                f"to {0 if key == 'top_k' else 1} (generate's {key} may stay for labelling)"
+            )
         n = self.runtime.num_processes
         if n > 1 and self.update_policy.method == "ppo":
             raise ValueError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -84,11 +85,10 @@ def write_text(path: str | Path, text: str) -> None:
             os.fsync(f.fileno())
         _publish(Path(tmp))
         os.replace(tmp, path)
-    except OSError as e:  # e.g. a full disk: name the file, not the scratch name
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        raise UserError(f"{path}: cannot write ({e.strerror or e})") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if reason := write_failure(e):  # e.g. a full disk: name the file, not the scratch name
+            raise UserError(f"{path}: cannot write ({reason})") from None
         raise
 
 
@@ -110,11 +110,27 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
-    except OSError as e:  # e.g. a full disk: name the folder, not the scratch name
-        raise UserError(f"{path}: cannot write ({e.strerror or e})") from None
+    except Exception as e:
+        if reason := write_failure(e):  # e.g. a full disk, whichever library was saving: name the folder
+            raise UserError(f"{path}: cannot write ({reason})") from None
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def write_failure(e: BaseException) -> str | None:
+    """The operating system's reason when `e` is a failed write, whoever raised it: an OSError (or one in
+    its chain), or a library's own error carrying one (safetensors' `No space left on device (os error 28)`)."""
+    for _ in range(8):  # a chain, not a cycle
+        if e is None:
+            return None
+        if isinstance(e, OSError):
+            return e.strerror or str(e)
+        if errno := re.search(r"\(os error (\d+)\)", str(e)):  # Rust's io::Error, as safetensors reports it
+            return os.strerror(int(errno.group(1)))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def remove_scratch(folder: str | Path) -> None:

@@ -16,19 +16,23 @@ def best_worst(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return best, worst, scores[rows, best] > scores[rows, worst]
 
 
-def pairs_of(scores: np.ndarray, how: str, ties: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pairs_of(scores: np.ndarray, how: str, ties: str, usable=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Preference pairs from a (prompts, K) score matrix: arrays of prompt, chosen and rejected indices.
     `best_worst` gives one pair per prompt, `all_pairs` every pair of samples, the higher score chosen;
-    a tie (equal scores) is skipped, or kept with `ties: keep`."""
+    a tie (equal scores) is skipped, or kept with `ties: keep`. `usable` (prompts, K), e.g. the finished
+    responses: pairs are made of those only (a prompt with fewer than two gives none)."""
     n, k = scores.shape
+    usable = np.ones_like(scores, dtype=bool) if usable is None else np.asarray(usable, dtype=bool)
     if how == "best_worst":
-        a, b = scores.argmax(1)[:, None], scores.argmin(1)[:, None]
+        a = np.where(usable, scores, -np.inf).argmax(1)[:, None]
+        b = np.where(usable, scores, np.inf).argmin(1)[:, None]
     else:
         i, j = np.triu_indices(k, 1)
         a, b = np.broadcast_to(i, (n, len(i))), np.broadcast_to(j, (n, len(j)))
     prompt = np.broadcast_to(np.arange(n)[:, None], a.shape)
     sa, sb = np.take_along_axis(scores, a, 1), np.take_along_axis(scores, b, 1)
-    keep = (sa != sb) | (ties == "keep")
+    both = np.take_along_axis(usable, a, 1) & np.take_along_axis(usable, b, 1) & (usable.sum(1) >= 2)[:, None]
+    keep = ((sa != sb) | (ties == "keep")) & both
     chosen, rejected = np.where(sa >= sb, a, b), np.where(sa >= sb, b, a)
     return prompt[keep], chosen[keep], rejected[keep]
 

@@ -57,8 +57,9 @@ class ProxyReward:
             self.rms = [average_weights(self.rms)]
         self.how, self.uwo_lambda, self.tok, self.rounds = up.reward, up.uwo_lambda, tok, names
 
-    def __call__(self, prompts: list[str], responses: list[str]) -> np.ndarray:
+    def __call__(self, prompts: list[str], responses: list[str], finished=None) -> np.ndarray:
+        """The reward of each response (`finished`: which ended, scored with their EOS; None: all)."""
         from rlhf.ml.sampling import reward_scores
 
-        scores = np.stack([reward_scores(rm, self.tok, prompts, responses) for rm in self.rms])
+        scores = np.stack([reward_scores(rm, self.tok, prompts, responses, finished) for rm in self.rms])
         return scores[0] if len(scores) == 1 else combine(scores, self.how, self.uwo_lambda)

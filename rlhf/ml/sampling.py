@@ -96,22 +96,25 @@ def response_positions(start, length):
     return start[:, None] + offset, offset < length[:, None]
 
 
-def response_logits(model, ids, attn, start, length):
-    """The logits that predict each response token, [rows, longest response, vocab], and the mask of real
-    tokens; only these positions are kept, so a long prompt costs no vocabulary-wide memory."""
+def response_logits(model, ids, attn, start, length, temperature: float = 1.0):
+    """The logits that predict each response token, [rows, longest response, vocab], divided by the sampling
+    temperature (so that they are those of the distribution sampled), and the mask of real tokens; only these
+    positions are kept, so a long prompt costs no vocabulary-wide memory."""
     pos, mask = response_positions(start, length)
     pos = pos.clamp(max=ids.shape[1] - 1).to(model.device)
     logits = model(input_ids=ids.to(model.device), attention_mask=attn.to(model.device)).logits
-    return logits.gather(1, (pos - 1)[..., None].expand(-1, -1, logits.shape[-1])).float(), mask.to(model.device), pos
+    picked = logits.gather(1, (pos - 1)[..., None].expand(-1, -1, logits.shape[-1])).float()
+    return picked / temperature, mask.to(model.device), pos
 
 
-def response_logprobs(model, ids, attn, start, length, grad: bool = True):
-    """log p of each response token, [rows, longest response] (0 beyond a row's end), and the mask."""
+def response_logprobs(model, ids, attn, start, length, grad: bool = True, temperature: float = 1.0):
+    """log p of each response token under the policy at `temperature`, [rows, longest response] (0 beyond a
+    row's end), and the mask."""
     import torch
     from trl.trainer.utils import selective_log_softmax
 
     with torch.set_grad_enabled(grad):
-        logits, mask, pos = response_logits(model, ids, attn, start, length)
+        logits, mask, pos = response_logits(model, ids, attn, start, length, temperature)
         logp = selective_log_softmax(logits, ids.to(model.device).gather(1, pos))
     return logp * mask, mask
 
@@ -146,12 +149,14 @@ def sequence_kl(policy, ref, tok, prompts: list[str], samples: Samples, batch_si
     return torch.cat(total), torch.cat(ratio), torch.cat(lengths)
 
 
-def reward_scores(rm, tok, prompts: list[str], responses: list[str], batch_size: int = 64):
-    """Proxy reward of each (prompt, response), scored in length-sorted batches (a numpy array)."""
+def reward_scores(rm, tok, prompts: list[str], responses: list[str], finished=None, batch_size: int = 64):
+    """Proxy reward of each (prompt, response), scored in length-sorted batches (a numpy array). A finished
+    response is scored with its EOS, as the RM was trained; one that was cut off (finished False) without."""
     import numpy as np
     import torch
 
-    texts = [p + r + tok.eos_token for p, r in zip(prompts, responses, strict=True)]
+    ends = [tok.eos_token if done else "" for done in (finished if finished is not None else [True] * len(prompts))]
+    texts = [p + r + e for p, r, e in zip(prompts, responses, ends, strict=True)]
     order = np.argsort([len(t) for t in texts], kind="stable")
     scores = np.empty(len(texts), dtype=np.float64)
     tok.padding_side = "right"

@@ -13,7 +13,7 @@ from pathlib import Path
 from rlhf.core.config import Config
 from rlhf.core.errors import UserError
 from rlhf.core.io import read_jsonl
-from rlhf.core.prompts import read_prompts
+from rlhf.core.prompts import messages_of, read_prompts
 from rlhf.judges import CallableJudge, PinkElephantJudge
 from rlhf.judges.reward_models import check_judge
 from rlhf.ml.chat import saved_generation_config, stop_ids
@@ -28,7 +28,6 @@ def check_inputs(cfg: Config) -> None:
     for path in ("dvc.yaml", ".dvc"):
         if not Path(path).exists():
             raise UserError(f"{path}: not found; run from the project root (a DVC repository)")
-    check_prompt_sets(cfg)
     if cfg.prepare.base:
         read_jsonl(cfg.prepare.sft, required=("prompt", "completion"), what="prepare.sft")
         check_policy(cfg.prepare.base, "prepare.base")
@@ -38,13 +37,14 @@ def check_inputs(cfg: Config) -> None:
         read_jsonl(cfg.prepare.sft, required=("prompt", "completion"), what="prepare.sft")
     else:
         check_policy(cfg.prepare.policy, "prepare.policy")
+    sets = check_prompt_sets(cfg)  # after the policy's checks: its template renders them
     if cfg.generate.backend == "vllm":
         require_vllm()
     judge = cfg.label.judge
     if judge.type == "rubric":
         PinkElephantJudge(cfg.label.world)  # reads and checks the world file (label.world)
-    elif judge.type == "python":
-        CallableJudge(judge.name)  # imports it: a typo fails now, not after prepare
+    elif judge.type == "python":  # imported and called as the steps will: a typo or a bad return fails now
+        exercise_judge(CallableJudge(judge.name), sets["label"])
     else:
         check_judge(judge)
     u = cfg.update_policy
@@ -69,9 +69,10 @@ def check_policy(path: str, key: str) -> None:
         raise UserError(f"{key}: {e}") from None
 
 
-def check_prompt_sets(cfg: Config) -> None:
-    """Each prompt set loads (file, split, column); none shares a prompt with the held-out eval set; and
-    each prompt renders through a local policy's chat template (conversations need one)."""
+def check_prompt_sets(cfg: Config) -> dict[str, list[dict]]:
+    """Each prompt set loads (file, split, column) and holds enough prompts for what the params ask; none
+    shares a prompt with the held-out eval set; each renders through a local policy's chat template
+    (conversations need one). Returns the sets."""
     import logging
 
     from rlhf.ml.chat import render
@@ -89,6 +90,38 @@ def check_prompt_sets(cfg: Config) -> None:
         tok.chat_template = cfg.prepare.chat_template or tok.chat_template
         for key, rows in sets.items():
             render(tok, [r["prompt"] for r in rows], f"prompts.{key}")
+    for key, (need, why) in needed(cfg).items():
+        if len(sets[key]) < need:
+            raise UserError(
+                f"prompts.{key}: {getattr(cfg.prompts, key).path} has {len(sets[key])} prompts; {why} needs {need}"
+            )
+    return sets
+
+
+def needed(cfg: Config) -> dict[str, tuple[int, str]]:
+    """The fewest prompts each set can have, and what needs them: one batch of pairs for the reward model,
+    one batch for the policy update, two held-out prompts for a mean and its error."""
+    import math
+
+    up, k = cfg.update_policy, cfg.update_policy.k
+    per_prompt = 1 if cfg.label.pairs == "best_worst" else cfg.generate.k * (cfg.generate.k - 1) // 2
+    policy = {"dpo": up.batch_size, "rloo": up.batch_size // k}.get(up.method, math.ceil(up.batch_size / k))
+    return {
+        "label": (
+            math.ceil(cfg.train_rm.batch_size / per_prompt),
+            f"a train_rm batch of {cfg.train_rm.batch_size} pairs (label.pairs: {cfg.label.pairs})",
+        ),
+        "policy": (policy, f"an update_policy batch ({up.method}, batch_size {up.batch_size}, k {k})"),
+        "eval": (2, "evaluate's statistics"),
+    }
+
+
+def exercise_judge(judge, label_prompts: list[dict]) -> None:
+    """A few responses to the first label prompts scored as the steps will score them, so that a judge that
+    raises, or returns strings, too few or non-finite scores, fails now in one line, not after prepare."""
+    examples = ("I am not sure .", "here is a short answer .")
+    conversations = [messages_of(r["prompt"]) for r in label_prompts[:3] for _ in examples]
+    judge.score(conversations, [e for _ in label_prompts[:3] for e in examples])
 
 
 def check_study(study: Study) -> None:

@@ -1,5 +1,6 @@
 """Iterated DPO: k samples per policy prompt, ranked by the proxy RM into best-vs-worst pairs (identical
-pairs dropped), trained with TRL's DPOTrainer against the round's reference."""
+pairs dropped; a sample cut at max_new_tokens ranked less missing_eos_penalty, or left out, as
+update_policy.unfinished says), trained with TRL's DPOTrainer against the round's reference."""
 
 from __future__ import annotations
 
@@ -8,20 +9,23 @@ from rlhf.ml.cotrain import CoTrainMixin
 
 
 def update(u) -> dict:
+    import numpy as np
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
     from rlhf.ml import models
-    from rlhf.ml.pairs import best_worst
+    from rlhf.ml.pairs import pairs_of
 
     up, k = u.cfg.update_policy, u.cfg.update_policy.k
-    s = u.sample(u.prompts, k, u.cfg.generate)
-    proxy = u.proxy([u.prompts[i] for i in s.prompt_index], s.responses)
-    best, worst, valid = best_worst(proxy.reshape(len(u.prompts), k))
+    s = u.sample(u.prompts, k, u.cfg.rollouts())
+    proxy = u.proxy([u.prompts[i] for i in s.prompt_index], s.responses, s.finished)
+    cut = ~np.array(s.finished).reshape(len(u.prompts), k)
+    scores = proxy.reshape(len(u.prompts), k) - (up.missing_eos_penalty * cut if up.unfinished == "penalty" else 0)
+    prompt, best, worst = pairs_of(scores, "best_worst", "skip", ~cut if up.unfinished == "drop" else None)
     rows = [
-        {"prompt": p, "chosen": s.responses[i * k + b], "rejected": s.responses[i * k + w]}
-        for i, (p, b, w, ok) in enumerate(zip(u.prompts, best, worst, valid))
-        if ok and s.responses[i * k + b] != s.responses[i * k + w]
+        {"prompt": u.prompts[i], "chosen": s.responses[i * k + b], "rejected": s.responses[i * k + w]}
+        for i, b, w in zip(prompt, best, worst)
+        if s.responses[i * k + b] != s.responses[i * k + w]
     ]
     if len(rows) < 2:
         raise UserError(f"{u.paths.reward_model}: the proxy RM ranks too few samples apart ({len(rows)} pairs)")
@@ -40,4 +44,9 @@ def update(u) -> dict:
         model=u.policy, ref_model=u.ref, args=args, train_dataset=Dataset.from_list(rows), processing_class=u.tok
     )
     result = trainer.train()
-    return {"pairs": len(rows), "proxy_mean_of_samples": float(proxy.mean()), "train_loss": result.training_loss}
+    return {
+        "pairs": len(rows),
+        "unfinished": int(cut.sum()),
+        "proxy_mean_of_samples": float(proxy.mean()),
+        "train_loss": result.training_loss,
+    }

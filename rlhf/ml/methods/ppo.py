@@ -1,8 +1,9 @@
 """PPO for causal LMs, the InstructGPT recipe in one readable file (TRL removed its PPOTrainer in 1.13).
 
 Each iteration samples a rollout batch, then takes `ppo_epochs` passes of minibatch steps over it:
-- score: the proxy RM at the end of each response (the EOS), less `missing_eos_penalty` for a response
-  that never ended; per-token reward r_t = -beta (log pi(y_t) - log pi_ref(y_t)), the score added at the
+- score: the proxy RM at the end of each response (with its EOS; one cut at max_new_tokens without, and
+  with `update_policy.unfinished`: penalty, less `missing_eos_penalty`, or drop, left out of the loss);
+  per-token reward r_t = -beta (log pi(y_t) - log pi_ref(y_t)), the score added at the
   last token; beta is fixed, or adapted toward `target_kl` (Ziegler et al. 2019's controller);
 - advantages by GAE(gamma, lambda) on a value model separate from the policy (initialised from the proxy
   RM; the value of each prefix is the RM head applied to that position's hidden state), whitened;
@@ -36,6 +37,7 @@ class Rollout:
     values: object
     advantages: object
     returns: object
+    temperature: float  # the rollouts': every log-prob is of the distribution they were sampled from
     stats: dict
 
 
@@ -75,27 +77,42 @@ def whiten(x, mask):
 
 
 def rollout(
-    policy, ref, value_model, tok, prompts, reward_fn, p: PPO, k: int, s: Sampling, beta: float, batch_size: int, sample
+    policy,
+    ref,
+    value_model,
+    tok,
+    prompts,
+    reward_fn,
+    p: PPO,
+    k: int,
+    s: Sampling,
+    beta: float,
+    batch_size: int,
+    sample,
+    unfinished_as: tuple[str, float] = ("penalty", 1.0),
 ) -> Rollout:
+    """One rollout batch. `unfinished_as`: update_policy.unfinished and missing_eos_penalty."""
     import torch
 
     samples = sample(prompts, k, s) if sample else sampling.generate(policy, tok, prompts, k, s)
     asked = [prompts[i] for i in samples.prompt_index]
-    score = torch.as_tensor(reward_fn(asked, samples.responses), dtype=torch.float32)
+    score = torch.as_tensor(reward_fn(asked, samples.responses, samples.finished), dtype=torch.float32)
     unfinished = ~torch.tensor(samples.finished)
-    if p.missing_eos_penalty is not None:
-        score = score - p.missing_eos_penalty * unfinished
+    if unfinished_as[0] == "penalty":
+        score = score - unfinished_as[1] * unfinished
     ids, attn, start, length = sampling.pack(tok, asked, samples.response_ids)
     chunks = {"logp": [], "ref": [], "values": []}
     for sl in _chunks(len(asked), batch_size):
         part = (ids[sl], attn[sl], start[sl], length[sl])
-        chunks["logp"].append(sampling.response_logprobs(policy, *part, grad=False)[0].cpu())
-        chunks["ref"].append(sampling.response_logprobs(ref, *part, grad=False)[0].cpu())
+        chunks["logp"].append(sampling.response_logprobs(policy, *part, False, s.temperature)[0].cpu())
+        chunks["ref"].append(sampling.response_logprobs(ref, *part, False, s.temperature)[0].cpu())
         chunks["values"].append(values_of(value_model, *part, grad=False).cpu())
     width = int(length.max())
     logp, ref_logp, values = (torch.cat([_pad(c, width) for c in chunks[key]]) for key in ("logp", "ref", "values"))
     _, mask = sampling.response_positions(start, length)
     mask = mask.float()
+    if unfinished_as[0] == "drop":  # no loss on a response that was cut off
+        mask = mask * ~unfinished[:, None]
     kl = (logp - ref_logp) * mask
     rewards = -beta * kl
     rewards[torch.arange(len(asked)), length - 1] += score
@@ -109,7 +126,7 @@ def rollout(
         "finished": float(1 - unfinished.float().mean()),
         "length": float(length.float().mean()),
     }
-    return Rollout(ids, attn, start, length, mask, logp, values, adv, returns, stats)
+    return Rollout(ids, attn, start, length, mask, logp, values, adv, returns, s.temperature, stats)
 
 
 def _chunks(n: int, size: int):
@@ -131,13 +148,13 @@ def ppo_step(policy, value_model, r: Rollout, rows, p: PPO):
     mask, old_logp, adv, ret, old_v = (
         x[rows, :width].to(policy.device) for x in (r.mask, r.logp, r.advantages, r.returns, r.values)
     )
-    logp = sampling.response_logprobs(policy, *part)[0]
+    logp = sampling.response_logprobs(policy, *part, temperature=r.temperature)[0]
     ratio = torch.exp(logp - old_logp)
     pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - p.clip, 1 + p.clip))
     v = values_of(value_model, *part).to(policy.device)
     v_clipped = old_v + (v - old_v).clamp(-p.value_clip, p.value_clip)
     vf = 0.5 * torch.max((v - ret) ** 2, (v_clipped - ret) ** 2)
-    n = mask.sum()
+    n = mask.sum().clamp(min=1)  # every row dropped (unfinished: drop): no loss
     pg_loss, vf_loss = (pg * mask).sum() / n, (vf * mask).sum() / n
     ratio = ratio.detach()
     stats = {
@@ -173,6 +190,7 @@ def train(
     aux=None,
     sample=None,
     log_stats=None,
+    unfinished_as: tuple[str, float] = ("penalty", 1.0),
 ) -> list[dict]:
     """PPO over `prompts` (p.epochs passes); returns one stats dict per iteration (rollout batch). `sample`:
     the round's Sampler of `policy` (None: transformers); `log_stats(stats, iteration)`: the training curves."""
@@ -194,7 +212,7 @@ def train(
     for it in range(iterations):
         batch = [prompts[i] for i in order[it * p.rollout_prompts : (it + 1) * p.rollout_prompts]]
         policy.eval(), value_model.eval()  # dropout off: ratio 1 at the first minibatch
-        r = rollout(policy, ref, value_model, tok, batch, reward_fn, p, k, s, beta, batch_size, sample)
+        r = rollout(policy, ref, value_model, tok, batch, reward_fn, p, k, s, beta, batch_size, sample, unfinished_as)
         steps = []
         for _ in range(p.ppo_epochs):
             for rows in torch.randperm(len(r.ids)).split(batch_size):
@@ -245,12 +263,13 @@ def update(u) -> dict:
             u.proxy,
             up.ppo,
             up.k,
-            cfg.generate,
+            cfg.rollouts(),
             up.batch_size,
             u.seed,
             u.aux,
             u.sample,
             log_stats,
+            (up.unfinished, up.missing_eos_penalty),
         )
     return {
         "iterations": len(history),

@@ -29,7 +29,7 @@ def update(u) -> dict:
     from rlhf.ml import models
 
     up, cfg = u.cfg.update_policy, u.cfg
-    s = u.sample(u.prompts, up.k, cfg.generate)
+    s = u.sample(u.prompts, up.k, cfg.rollouts())
     asked = [u.prompts[i] for i in s.prompt_index]
     q = quantiles(u.proxy(asked, s.responses))
     sft = read_jsonl(cfg.prepare.sft, required=("prompt", "completion"), what="prepare.sft") if up.rest.keep_sft else []

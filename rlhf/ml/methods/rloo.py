@@ -8,17 +8,24 @@ from rlhf.ml.cotrain import CoTrainMixin
 
 
 def update(u) -> dict:
+    import numpy as np
     from datasets import Dataset
     from trl import RLOOConfig, RLOOTrainer
     from trl.trainer.utils import add_fused_lm_head
 
     from rlhf.ml import models
+    from rlhf.ml.chat import stop_ids
 
-    up, s = u.cfg.update_policy, u.cfg.generate
+    up, s = u.cfg.update_policy, u.cfg.rollouts()
 
-    def proxy_reward(prompts, completions, **_):
-        # Scored as the RM was trained: prompt + completion + eos (TRL would pass the text without the eos).
-        return u.proxy(prompts, completions).tolist()
+    stops = set(stop_ids(u.tok, u.policy.generation_config))
+
+    def proxy_reward(prompts, completions, completion_ids, **_):
+        # Scored as the RM was trained, prompt + completion + eos, where the completion ended (TRL's text has
+        # no eos); one cut at max_completion_length without, less the penalty (update_policy.unfinished).
+        done = np.array([any(t in stops for t in ids) for ids in completion_ids])
+        scores = u.proxy(prompts, completions, done)
+        return (scores - (up.missing_eos_penalty * ~done if up.unfinished == "penalty" else 0)).tolist()
 
     args = models.train_args(
         RLOOConfig,
@@ -35,6 +42,7 @@ def update(u) -> dict:
         top_k=s.top_k,
         top_p=s.top_p,
         logging_steps=10,
+        mask_truncated_completions=up.unfinished == "drop",
         # generate.backend: vllm samples the rollouts with TRL's colocated vLLM, weights synced each step
         **(
             {"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": s.vllm_memory}
