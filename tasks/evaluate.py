@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
 from rlhf.core.config import Config, Sampling
 from rlhf.core.io import read_jsonl, write_json, write_jsonl
 from rlhf.core.paths import SFT, round_paths
-from rlhf.core.prompts import describe, messages_of, read_prompts
+from rlhf.core.prompts import describe, last_user_turn, messages_of, read_prompts
 from rlhf.evaluation import metrics as stats
 from rlhf.judges import checked, judge_files, make_judge
 
@@ -39,19 +40,31 @@ PARAMS = (
     "update_policy.eta",
     "update_policy.ref",
     "prompts.eval",
+    "prompts.label",  # the landscape marks its cells that are training prompts
+    "prompts.policy",
     "prompts.max_prompt_length",
     "prompts.too_long",
 )
 
 
 def reads(cfg: Config, rnd: str) -> list[str]:
-    """The round's policy, its reward and reference, the held-out prompts, the judge's files, the round's
-    samples (for the alarm on unfinished ones), and the earlier held-out samples the win rates compare with
-    (round 0: the SFT policy alone)."""
+    """The round's policy, its reward and reference, the held-out prompts, the training prompts (the
+    landscape's `seen`), the judge's files, the round's samples (for the alarm on unfinished ones), and the
+    earlier held-out samples the win rates compare with (round 0: the SFT policy alone).
+
+    Not the round's checkpoints (evaluate.checkpoints): scratch that update_policy writes beside its policy
+    and evaluate deletes once scored. They change only when the policy does (the same run writes both, and
+    evaluate.checkpoints is one of update_policy's params), so the policy stands for them as a dep."""
     from rlhf.ml.policy import reference_rounds
     from rlhf.ml.reward import reward_rounds
 
-    policy, inputs = str(round_paths(rnd).policy), [*cfg.prompts.eval.files(), *judge_files(cfg)]
+    policy = str(round_paths(rnd).policy)
+    inputs = [
+        *cfg.prompts.eval.files(),
+        *cfg.prompts.label.files(),
+        *cfg.prompts.policy.files(),
+        *judge_files(cfg),
+    ]
     if rnd == "r00":
         return [policy, *inputs]
     refs = dict.fromkeys([*reference_rounds(cfg, rnd), "r00"])  # with ref: init, the KL to the SFT policy too
@@ -147,10 +160,17 @@ def evaluate(cfg: Config, rnd: str) -> dict:
         generated = [r["finished"] for r in read_jsonl(paths.samples, required=("finished",))]
         metrics["alarms"] += stats.unfinished("generate", sum(generated) / len(generated), cfg.generate.max_new_tokens)
         metrics["alarms"] += stats.alarms(metrics["kl"]["sampled_log_ratio"], now, before)
+    landscape = _landscape(cfg, sample, tok, judge, reward, rnd)
+    if e.checkpoints and rnd != "r00":
+        ctx = _Scoring(cfg, rnd, tok, prompts, conversations, judge, reward, refs["kl"], sample)
+        metrics["curve"] = _curve(ctx, _final_point(e, metrics, gold, proxy))
+        metrics["alarms"] += stats.curve_alarms(metrics["curve"]) if isinstance(metrics["curve"], list) else []
+    if (e.checkpoints or e.best_of_n) and rnd != "r00":
+        metrics["fits"] = _fits(cfg, rnd, metrics, reward)
     for alarm in metrics["alarms"]:
         log.warning("evaluate %s: %s", rnd, alarm)
     write_jsonl(paths.eval_samples, samples)
-    write_json(paths.landscape, _landscape(e, sample, tok, judge, reward, rnd))
+    write_json(paths.landscape, landscape)
     write_json(paths.metrics, metrics)
     with tracking.curves(cfg, "rounds") as log_metrics:  # one run: each round a step of its curves
         log_metrics({f"eval_{k}": v for k, v in tracking.scalars(metrics).items()}, int(rnd.removeprefix("r")))
@@ -165,12 +185,13 @@ def _pure_sampling(e, k: int) -> Sampling:
     )
 
 
-def _landscape(e, sample, tok, judge, reward, rnd: str) -> dict:
-    """Gold and proxy over the evaluate.landscape grid ({"axes": {}} when it is off)."""
+def _landscape(cfg: Config, sample, tok, judge, reward, rnd: str) -> dict:
+    """Gold and proxy over the evaluate.landscape grid ({"axes": {}} when it is off), each cell marked
+    `seen` when its prompt is a label or policy prompt (the last user turn of a conversational one)."""
     from rlhf.evaluation import landscape
     from rlhf.ml import chat
 
-    spec = e.landscape
+    e, spec = cfg.evaluate, cfg.evaluate.landscape
     if not spec.axes:
         return {"axes": {}}
     cells = landscape.prompts(spec)
@@ -178,7 +199,12 @@ def _landscape(e, sample, tok, judge, reward, rnd: str) -> dict:
     s = sample(texts, spec.samples, _pure_sampling(e, spec.samples))
     gold = checked(judge.score([cells[i] for i in s.prompt_index], s.responses), f"evaluate@{rnd} (landscape)")
     proxy = None if reward is None else reward([texts[i] for i in s.prompt_index], s.responses, s.finished)
-    return landscape.grid(spec, gold, proxy, s.responses)
+    training = {
+        last_user_turn(r["prompt"]).strip()
+        for key in ("label", "policy")
+        for r in read_prompts(getattr(cfg.prompts, key), f"prompts.{key}")
+    }
+    return landscape.grid(spec, gold, proxy, s.responses, landscape.seen(cells, training))
 
 
 def _against_earlier(cfg: Config, rnd: str, gold: np.ndarray, reward) -> tuple[dict, dict | None]:
@@ -207,3 +233,99 @@ def _against_earlier(cfg: Config, rnd: str, gold: np.ndarray, reward) -> tuple[d
             ),
         }
     return win, before
+
+
+@dataclass
+class _Scoring:
+    """What scoring a checkpoint of the round needs: the held-out prompts, the judge, the proxy reward, the
+    KL reference, and the round's sampler (its engine reused, the checkpoint's weights swapped in)."""
+
+    cfg: Config
+    rnd: str
+    tok: object
+    prompts: list[str]
+    conversations: list
+    judge: object
+    reward: object
+    ref: object
+    sample: object
+
+
+def _final_point(e, metrics: dict, gold: np.ndarray, proxy: np.ndarray) -> dict:
+    """The curve's last point: the round's own numbers."""
+    return {
+        "step": e.checkpoints + 1,
+        "fraction": 1.0,
+        "gold": float(gold.mean()),
+        "proxy": float(proxy.mean()),
+        "kl": metrics["kl"]["per_sequence"],
+        "d": metrics["kl"]["d"],
+        "win_vs_sft": metrics["win_rate"]["vs_sft"]["mean"],
+    }
+
+
+def _curve(c: _Scoring, final: dict) -> list[dict] | dict:
+    """Each checkpoint of the round scored on the held-out prompts as the final policy is (its own samples:
+    gold, proxy, exact KL to the reference, win rate against SFT), then the final point; the checkpoints are
+    deleted once scored (scratch). Missing when update_policy saved them not (or evaluate already ran)."""
+    import shutil
+
+    from rlhf.ml import checkpoints, models, sampling
+
+    e, folder = c.cfg.evaluate, round_paths(c.rnd).checkpoints
+    saved = checkpoints.saved(folder)
+    if len(saved) != e.checkpoints:
+        return stats.missing(
+            f"{len(saved)} of {e.checkpoints} checkpoints under {folder}: evaluate deletes them once scored; "
+            f"re-run update_policy (dvc repro -f -s update_policy@{c.rnd}) for the curve"
+        )
+    sft = _gold_of(round_paths("r00").eval_samples, len(c.prompts))
+    final_model, points = c.sample.model, []
+    try:
+        for path, meta in saved:
+            policy = models.load_policy(path, models.device(c.cfg))
+            c.sample.model = policy  # the round's sampler on this checkpoint's weights (vLLM: loaded in place)
+            s = c.sample(c.prompts, e.samples_per_prompt, _pure_sampling(e, e.samples_per_prompt))
+            asked = [c.conversations[i] for i in s.prompt_index]
+            gold = checked(c.judge.score(asked, s.responses), f"evaluate@{c.rnd} (checkpoint {meta['index']})")
+            proxy = c.reward([c.prompts[i] for i in s.prompt_index], s.responses, s.finished)
+            kl = float(sampling.sequence_kl(policy, c.ref, c.tok, c.prompts, s)[0].double().mean())
+            win = stats.win_rate(gold.reshape(len(c.prompts), -1), sft) if sft is not None else {"mean": None}
+            point = {"step": meta["index"], "fraction": meta["fraction"], "train_step": meta["step"]}
+            points.append(
+                point | {"gold": float(gold.mean()), "proxy": float(np.mean(proxy)), "kl": kl, "d": math.sqrt(kl)}
+            )
+            points[-1]["win_vs_sft"] = win["mean"]
+    finally:
+        c.sample.model = final_model
+    shutil.rmtree(folder)
+    return [*points, final]
+
+
+def _fits(cfg: Config, rnd: str, metrics: dict, reward) -> dict:
+    """Gao et al.'s forms fitted to the round's curve and best-of-n (rlhf/evaluation/fits.py), the gains
+    measured from the reference's own held-out scores where the reference is one round evaluated before."""
+    from rlhf.evaluation import fits
+    from rlhf.ml.policy import reference_rounds
+
+    curve = metrics.get("curve") if isinstance(metrics.get("curve"), list) else []
+    refs, baseline = reference_rounds(cfg, rnd), {}
+    path = round_paths(refs[0]).eval_samples
+    if len(refs) == 1 and refs[0] in (cfg.rounds[rnd], "r00") and path.is_file():
+        rows = read_jsonl(path, required=("prompt", "response", "gold"))
+        responses, finished = [r["response"] for r in rows], [r.get("finished", True) for r in rows]
+        baseline = {
+            "gold": float(np.mean([r["gold"] for r in rows])),
+            "proxy": float(np.mean(reward([r["prompt"] for r in rows], responses, finished))),
+        }
+    out = fits.round_fits(curve, metrics.get("best_of_n"), baseline)
+    out["baseline"] = {"round": refs[0], **baseline} if baseline else stats.missing("no single evaluated reference")
+    return out
+
+
+def _gold_of(path, n_prompts: int) -> np.ndarray | None:
+    """An earlier round's held-out gold scores as a (prompts, samples) matrix, or None without them."""
+    if not path.is_file():
+        return None
+    gold = np.array([r["gold"] for r in read_jsonl(path, required=("gold",))])
+    return gold.reshape(n_prompts, -1) if gold.size % n_prompts == 0 else np.empty((0, 0))

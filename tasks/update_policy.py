@@ -22,6 +22,7 @@ PARAMS = (
     "prompts.policy",
     "prompts.max_prompt_length",
     "prompts.too_long",
+    "evaluate.checkpoints",  # how many intermediate policies the update saves (scratch, for evaluate's curve)
 )
 
 
@@ -62,10 +63,12 @@ class Update:
     sample: object  # rlhf.ml.sampler.Sampler of `policy`: (prompts, k, sampling) -> Samples, on generate.backend
     aux: object  # rlhf.ml.cotrain.Aux, or None without co-training
     scratch: str  # a temporary folder for trainer output
+    checkpoints: object = None  # rlhf.ml.checkpoints.Checkpoints: intermediate policies (evaluate.checkpoints)
 
 
 def update_policy(cfg: Config, rnd: str) -> dict:
     from rlhf.ml import chat, models, policy
+    from rlhf.ml.checkpoints import Checkpoints
     from rlhf.ml.cotrain import Aux
     from rlhf.ml.methods import METHODS
     from rlhf.ml.reward import ProxyReward
@@ -92,7 +95,8 @@ def update_policy(cfg: Config, rnd: str) -> dict:
     )
     with tempfile.TemporaryDirectory() as scratch:
         sample = Sampler(cfg, tok, start, seed, model)
-        u = Update(cfg, rnd, paths, seed, dev, tok, model, ref, proxy, prompts, sample, aux, scratch)
+        ckpts = Checkpoints(cfg.evaluate.checkpoints, paths.checkpoints, model, tok)
+        u = Update(cfg, rnd, paths, seed, dev, tok, model, ref, proxy, prompts, sample, aux, scratch, ckpts)
         summary = METHODS[up.method](u)
     models.save(model, tok, paths.policy)
     summary = {"method": up.method, "trainable_parameters": _trainable(model), **summary}

@@ -46,8 +46,8 @@ def test_best_of_n_analytic_kl_and_selection():
     proxy = np.array([[0.1, 0.9, 0.5, 2.0], [1.0, 0.0, 3.0, 0.5]])
     gold = np.array([[0.0, 1.0, 0.2, 0.3], [0.7, 0.6, 0.1, 0.9]])
     got = metrics.best_of_n(proxy, gold, [1, 2, 4])
-    assert got["1"]["gold"] == pytest.approx(0.35) and got["1"]["kl"] == 0
-    assert got["2"] == {"gold": pytest.approx(0.85), "proxy": pytest.approx(0.95), "kl": metrics.best_of_n_kl(2)}
+    assert got["1"]["gold"] == pytest.approx(0.35) and got["1"]["kl_bound"] == 0
+    assert got["2"] == {"gold": pytest.approx(0.85), "proxy": pytest.approx(0.95), "kl_bound": metrics.best_of_n_kl(2)}
     assert got["4"]["gold"] == pytest.approx((0.3 + 0.1) / 2)  # the proxy's best can be gold's worse
 
 

@@ -168,6 +168,6 @@ def test_evaluate_reports_what_it_cannot_compute_as_missing_with_the_reason(rm_p
     m = evaluate(cfg, "r01")
     assert m["proxy_accuracy"]["mean"] is None and "no two samples" in m["proxy_accuracy"]["missing"]
     assert m["gold"]["count"] == 24 and np.isfinite(m["gold"]["mean"])  # the round still finished
-    assert set(m["best_of_n"]) == {"1"} and m["best_of_n"]["1"]["kl"] == 0  # one sample each: no choice to make
+    assert set(m["best_of_n"]) == {"1"} and m["best_of_n"]["1"]["kl_bound"] == 0  # one sample each: no choice to make
     assert json.loads(round_paths("r01").metrics.read_text())["proxy_accuracy"] == m["proxy_accuracy"]
     assert 0 <= m["win_rate"]["vs_sft"]["mean"] <= 1

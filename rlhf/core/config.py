@@ -416,9 +416,16 @@ class Evaluate(Section):
 
     samples_per_prompt: int = d(4, "samples per held-out prompt", gt=0)
     best_of_n: list[Annotated[int, Field(gt=0)]] = d(
-        [], "e.g. [1, 2, 4, 8]: gold and proxy of the proxy's best of n samples, at KL log n - (n-1)/n"
+        [], "e.g. [1, 2, 4, 8]: gold and proxy of the proxy's best of n samples, at the KL bound log n - (n-1)/n"
     )
     landscape: Landscape = d(Landscape(), "the reward landscape grid")
+    checkpoints: int = d(
+        0,
+        "N > 0: the policy update saves N evenly spaced intermediate policies (scratch, under the round's "
+        "checkpoints/) and evaluate scores each as the final one, writing metrics.json's `curve` and `fits` "
+        "(gold and proxy against d = sqrt(KL)); 0: off",
+        ge=0,
+    )
     max_new_tokens: int = d(48, "longest response, in tokens", gt=0)
     batch_size: int = d(64, "sequences generated at once", gt=0)
 

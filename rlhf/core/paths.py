@@ -47,6 +47,13 @@ class RoundPaths:
         return self.root / "landscape.json"
 
     @property
+    def checkpoints(self) -> Path:  # update_policy (evaluate.checkpoints): scratch, no DVC output (see .dvcignore)
+        return self.root / "checkpoints"
+
+    def checkpoint(self, i: int) -> Path:  # the i-th intermediate policy, 1-based
+        return self.checkpoints / f"ckpt-{i}"
+
+    @property
     def base(self) -> Path:  # prepare only: the pre-trained base LM (r00)
         return self.root / "base"
 

@@ -20,8 +20,17 @@ def prompts(spec: Landscape) -> list[str]:
     return [spec.template.format(**{a: x, b: y}) for x, y in itertools.product(values_a, values_b)]
 
 
-def grid(spec: Landscape, gold: np.ndarray, proxy: np.ndarray | None, responses: list[str]) -> dict:
-    """The landscape.json of a round from per-sample scores in `prompts` order, `spec.samples` per cell."""
+def seen(cells: list[str], training: set[str]) -> list[bool]:
+    """Which cell prompts are also training prompts (label or policy sets, their last user turn): there the
+    proxy RM or the update saw the very prompt, so its score says less about generalisation."""
+    return [c.strip() in training for c in cells]
+
+
+def grid(
+    spec: Landscape, gold: np.ndarray, proxy: np.ndarray | None, responses: list[str], seen: list[bool] | None = None
+) -> dict:
+    """The landscape.json of a round from per-sample scores in `prompts` order, `spec.samples` per cell;
+    `seen`: per cell (in `prompts` order), whether it is a training prompt."""
     shape = tuple(len(v) for v in spec.axes.values())
 
     def cells(scores):
@@ -34,6 +43,7 @@ def grid(spec: Landscape, gold: np.ndarray, proxy: np.ndarray | None, responses:
         "gold": cells(gold),
         "proxy": cells(proxy),
         "responses": np.array(responses, dtype=object)[:: spec.samples].reshape(shape).tolist(),
+        "seen": np.zeros(shape, bool).tolist() if seen is None else np.array(seen, bool).reshape(shape).tolist(),
     }
 
 
@@ -45,6 +55,7 @@ def disagreements(land: dict, n: int = 5) -> list[dict]:
     z = [(x - x.mean()) / (x.std() or 1.0) for x in (gold, proxy)]
     gap = z[1] - z[0]  # > 0: the proxy likes the cell more than gold does
     (a, values_a), (b, values_b) = land["axes"].items()
+    was_seen = np.array(land.get("seen") or np.zeros(gold.shape, bool), bool)  # older files lack it
     out = []
     for flat in np.argsort(-np.abs(gap), axis=None, kind="stable")[:n]:
         i, j = np.unravel_index(flat, gap.shape)
@@ -56,6 +67,24 @@ def disagreements(land: dict, n: int = 5) -> list[dict]:
                 "proxy": float(proxy[i, j]),
                 "gap": float(gap[i, j]),
                 "response": land["responses"][i][j],
+                "seen": bool(was_seen[i, j]),
             }
         )
+    return out
+
+
+def seen_means(land: dict) -> dict:
+    """Mean gold and proxy over the cells that are training prompts and over the rest: {"seen": {"cells":
+    n, "gold": .., "proxy": ..}, "unseen": {...}} (a group without cells has None means)."""
+    gold = np.array(land["gold"])
+    proxy = np.array(land["proxy"]) if land.get("proxy") else None
+    mask = np.array(land.get("seen") or np.zeros(gold.shape, bool), bool)
+    out = {}
+    for name, m in (("seen", mask), ("unseen", ~mask)):
+        n = int(m.sum())
+        out[name] = {
+            "cells": n,
+            "gold": float(gold[m].mean()) if n else None,
+            "proxy": float(proxy[m].mean()) if n and proxy is not None else None,
+        }
     return out

@@ -72,12 +72,14 @@ def standardised_mmd(x: np.ndarray, y: np.ndarray) -> float | dict:
 
 
 def best_of_n_kl(n: int) -> float:
-    """The analytic KL of best-of-n sampling to the sampling policy: log n - (n - 1) / n."""
+    """The analytic log n - (n - 1) / n: an upper bound on the KL of best-of-n sampling to the policy it
+    samples from (the round's policy, not the reference), tight only when the n samples never repeat."""
     return math.log(n) - (n - 1) / n
 
 
 def best_of_n(proxy: np.ndarray, gold: np.ndarray, ns: list[int]) -> dict:
-    """For each n: gold and proxy of the sample the proxy ranks best among each prompt's first n."""
+    """For each n: gold and proxy of the sample the proxy ranks best among each prompt's first n, and
+    `kl_bound`, best_of_n_kl(n): a bound on the KL to the round's policy, not a measured KL."""
     out = {}
     for n in ns:
         pick = proxy[:, :n].argmax(1)
@@ -85,7 +87,7 @@ def best_of_n(proxy: np.ndarray, gold: np.ndarray, ns: list[int]) -> dict:
         out[str(n)] = {
             "gold": float(gold[rows, pick].mean()),
             "proxy": float(proxy[rows, pick].mean()),
-            "kl": best_of_n_kl(n),
+            "kl_bound": best_of_n_kl(n),
         }
     return out
 
@@ -116,4 +118,20 @@ def alarms(kl_sampled: dict, now: dict, before: dict | None) -> list[str]:
             f"over-optimisation: gold fell ({before['gold']:.3f} -> {now['gold']:.3f}) while the proxy "
             f"rose ({before['proxy']:.3f} -> {now['proxy']:.3f})"
         )
+    return out
+
+
+def curve_alarms(curve: list[dict]) -> list[str]:
+    """Over-optimisation inside a round: the proxy rising while gold falls between consecutive points of the
+    round's curve (evaluate.checkpoints), one alarm per stretch, naming the checkpoint it started at."""
+    out, running = [], False
+    for a, b in zip(curve, curve[1:]):
+        diverging = b["gold"] < a["gold"] and b["proxy"] > a["proxy"]
+        if diverging and not running:
+            out.append(
+                f"over-optimisation inside the round from checkpoint {a['step']} ({a['fraction']:.0%} of the update, d "
+                f"{a['d']:.3f}): gold fell ({a['gold']:.3f} -> {b['gold']:.3f}) while the proxy rose "
+                f"({a['proxy']:.3f} -> {b['proxy']:.3f})"
+            )
+        running = diverging
     return out

@@ -69,12 +69,12 @@ def figures(rows: list[dict]) -> dict[str, bytes]:
         for r in bon:
             ns = sorted(r["best_of_n"], key=int)
             ax.plot(
-                [r["best_of_n"][n]["kl"] for n in ns],
+                [r["best_of_n"][n].get("kl_bound", r["best_of_n"][n].get("kl")) for n in ns],
                 [r["best_of_n"][n]["gold"] for n in ns],
                 marker="o",
                 label=r["round"],
             )
-        ax.set_xlabel("KL of best-of-n (log n − (n−1)/n)")
+        ax.set_xlabel("KL bound of best-of-n to the round's policy (log n − (n−1)/n)")
         ax.set_ylabel("gold of the proxy's best of n")
         ax.legend(fontsize=8)
         out["Best-of-n: gold against KL"] = png(fig)

@@ -145,11 +145,14 @@ def load_reward_model(path: str | Path, dev: str = "cpu", num_labels: int | None
     return model.to(dev)
 
 
-def save(model, tok, out: str | Path) -> None:
-    """Save weights (safetensors; a PeftModel saves its adapter only) and tokenizer into `out` atomically."""
+def save(model, tok, out: str | Path, meta: dict | None = None) -> None:
+    """Save weights (safetensors; a PeftModel saves its adapter only) and tokenizer into `out` atomically;
+    `meta`: file name -> JSON-able content written beside them."""
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+        for name, content in (meta or {}).items():
+            (tmp / name).write_text(json.dumps(content, indent=1))
 
 
 def build_tokenizer(texts: list[str]):

@@ -14,6 +14,7 @@ def update(u) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     from rlhf.ml import models
+    from rlhf.ml.checkpoints import callbacks
     from rlhf.ml.pairs import pairs_of
 
     up, k = u.cfg.update_policy, u.cfg.update_policy.k
@@ -41,7 +42,12 @@ def update(u) -> dict:
         max_length=up.max_length,
     )
     trainer = type("CoTrainDPO", (CoTrainMixin, DPOTrainer), {"aux": u.aux, "sequences_per_example": 2})(
-        model=u.policy, ref_model=u.ref, args=args, train_dataset=Dataset.from_list(rows), processing_class=u.tok
+        model=u.policy,
+        ref_model=u.ref,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=u.tok,
+        callbacks=callbacks(u.checkpoints),
     )
     result = trainer.train()
     return {

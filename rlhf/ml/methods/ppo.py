@@ -191,9 +191,11 @@ def train(
     sample=None,
     log_stats=None,
     unfinished_as: tuple[str, float] = ("penalty", 1.0),
+    checkpoints=None,
 ) -> list[dict]:
     """PPO over `prompts` (p.epochs passes); returns one stats dict per iteration (rollout batch). `sample`:
-    the round's Sampler of `policy` (None: transformers); `log_stats(stats, iteration)`: the training curves."""
+    the round's Sampler of `policy` (None: transformers); `log_stats(stats, iteration)`: the training curves;
+    `checkpoints`: rlhf.ml.checkpoints.Checkpoints, saving intermediate policies by iteration."""
     import random
 
     import torch
@@ -209,6 +211,7 @@ def train(
     order = [i for _ in range(math.ceil(p.epochs) + 1) for i in rng.sample(range(len(prompts)), len(prompts))]
     iterations = max(1, math.ceil(p.epochs * len(prompts) / p.rollout_prompts))
     beta, history = p.kl_coef, []
+    after_iteration = checkpoints.loop(iterations) if checkpoints is not None else lambda it: None
     for it in range(iterations):
         batch = [prompts[i] for i in order[it * p.rollout_prompts : (it + 1) * p.rollout_prompts]]
         policy.eval(), value_model.eval()  # dropout off: ratio 1 at the first minibatch
@@ -242,6 +245,7 @@ def train(
             stats["clipfrac"],
         )
         beta = adapt_beta(beta, r.stats["kl"], p, len(r.ids))
+        after_iteration(it + 1)
     return history
 
 
@@ -270,6 +274,7 @@ def update(u) -> dict:
             u.sample,
             log_stats,
             (up.unfinished, up.missing_eos_penalty),
+            u.checkpoints,
         )
     return {
         "iterations": len(history),

@@ -27,13 +27,14 @@ def update(u) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from rlhf.ml import models
+    from rlhf.ml.checkpoints import callbacks
 
     up, cfg = u.cfg.update_policy, u.cfg
     s = u.sample(u.prompts, up.k, cfg.rollouts())
     asked = [u.prompts[i] for i in s.prompt_index]
     q = quantiles(u.proxy(asked, s.responses))
     sft = read_jsonl(cfg.prepare.sft, required=("prompt", "completion"), what="prepare.sft") if up.rest.keep_sft else []
-    rng, steps = random.Random(u.seed), []
+    rng, steps, improve = random.Random(u.seed), [], len(up.rest.thresholds)
     for n, threshold in enumerate(up.rest.thresholds, 1):
         rows = [
             {"prompt": p, "completion": r}
@@ -64,7 +65,14 @@ def update(u) -> dict:
             completion_only_loss=True,
         )
         loss = (
-            SFTTrainer(model=u.policy, args=args, train_dataset=Dataset.from_list(rows), processing_class=u.tok)
+            SFTTrainer(
+                model=u.policy,
+                args=args,
+                train_dataset=Dataset.from_list(rows),
+                processing_class=u.tok,
+                # the checkpoints are spread over the improve steps: this one covers progress ((n-1)/K, n/K]
+                callbacks=callbacks(u.checkpoints, (n - 1) / improve, n / improve),
+            )
             .train()
             .training_loss
         )

@@ -15,6 +15,7 @@ def update(u) -> dict:
 
     from rlhf.ml import models
     from rlhf.ml.chat import stop_ids
+    from rlhf.ml.checkpoints import callbacks
 
     up, s = u.cfg.update_policy, u.cfg.rollouts()
 
@@ -56,6 +57,7 @@ def update(u) -> dict:
         args=args,
         processing_class=u.tok,
         train_dataset=Dataset.from_list([{"prompt": p} for p in u.prompts]),
+        callbacks=callbacks(u.checkpoints),
     )
     if trainer.beta:  # TRL would reload the policy's own checkpoint as the reference: use the round's
         add_fused_lm_head(u.ref, temperature=trainer.temperature)  # as TRL prepares its own reference

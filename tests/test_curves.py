@@ -1,0 +1,129 @@
+"""Over-optimisation as curves (evaluate.checkpoints): checkpoints inside a round, Gao et al.'s fits, the alarm
+on the curve, and the landscape's training-prompt cells."""
+
+import math
+import shutil
+
+import numpy as np
+import pytest
+
+from rlhf.core.paths import round_paths
+from rlhf.evaluation import fits, landscape, metrics
+from rlhf.ml import checkpoints
+from tests.test_update_policy import config
+
+# --- pure pieces ------------------------------------------------------------------------------------
+
+
+def test_checkpoint_plan_spreads_n_points_evenly_and_over_slices():
+    assert checkpoints.fractions(3) == [0.25, 0.5, 0.75]
+    assert checkpoints.plan(3, 8) == {2: [1], 4: [2], 6: [3]}
+    assert checkpoints.plan(2, 2) == {1: [1, 2]}  # fewer steps than checkpoints: two on one step, both saved
+    # ReST-like: two improve steps of 10 steps each; 3 checkpoints at 1/4, 1/2, 3/4 of the whole update
+    assert checkpoints.plan(3, 10, 0.0, 0.5) == {5: [1], 10: [2]}
+    assert checkpoints.plan(3, 10, 0.5, 1.0) == {5: [3]}
+
+
+@pytest.mark.parametrize(("alpha", "beta"), [(1.0, 0.5), (0.4, 0.2), (2.0, 1.5)])
+def test_rl_fit_recovers_known_alpha_beta_and_the_peak(alpha, beta):
+    d = np.linspace(0.2, 6.0, 12)
+    y = 0.3 + d * (alpha - beta * np.log(d))  # the reference scores 0.3
+    f = fits.fit("rl", d, y, baseline=0.3)
+    assert f["alpha"] == pytest.approx(alpha) and f["beta"] == pytest.approx(beta) and f["r2"] == pytest.approx(1)
+    peak = math.exp(alpha / beta - 1)
+    assert f["d_peak"] == pytest.approx(peak)
+    assert f["value_peak"] == pytest.approx(0.3 + peak * (alpha - beta * math.log(peak)))
+    assert ("outside" in f.get("note", "")) == (not 0.2 <= peak <= 6.0)
+    assert fits.value("rl", f, d) == pytest.approx(y)
+
+
+def test_best_of_n_fit_recovers_known_alpha_beta_from_kl_bounds():
+    alpha, beta = 0.8, 0.3
+    ns = [1, 2, 4, 8, 16, 32]
+    d = np.sqrt([metrics.best_of_n_kl(n) for n in ns])
+    bon = {str(n): {"gold": 0.5 + x * (alpha - beta * x), "proxy": 0.1 + x, "kl_bound": x * x} for n, x in zip(ns, d)}
+    got = fits.round_fits([], bon, {})
+    g = got["bon_gold"]
+    assert g["alpha"] == pytest.approx(alpha) and g["beta"] == pytest.approx(beta)
+    assert g["d_peak"] == pytest.approx(alpha / (2 * beta)) and g["baseline"] == pytest.approx(0.5)  # n = 1's gold
+    assert got["bon_proxy"]["d_peak"] is None and "no peak" in got["bon_proxy"]["note"]  # proxy rises linearly
+
+
+def test_fit_of_noise_says_it_is_poor_and_too_few_points_are_missing():
+    rng = np.random.default_rng(0)
+    d = np.linspace(0.5, 3, 10)
+    assert "poor fit" in fits.fit("rl", d, rng.normal(size=10))["note"]
+    assert fits.fit("rl", [0.0, 1.0], [0.0, 1.0])["alpha"] is None  # one point with d > 0
+    assert "R²" in fits.describe("rl_gold", fits.fit("rl", d, d * (1 - 0.5 * np.log(d))))
+
+
+def test_curve_alarm_names_the_checkpoint_where_proxy_rises_while_gold_falls():
+    def pt(step, gold, proxy):
+        return {"step": step, "fraction": step / 4, "gold": gold, "proxy": proxy, "d": 0.1 * step}
+
+    curve = [pt(1, 0.5, 0.1), pt(2, 0.6, 0.2), pt(3, 0.55, 0.4), pt(4, 0.5, 0.6)]
+    (alarm,) = metrics.curve_alarms(curve)
+    assert "from checkpoint 2" in alarm and "0.600 -> 0.550" in alarm
+    assert metrics.curve_alarms(curve[:2]) == []  # both rising: no alarm
+    assert metrics.alarms({"mean": 0.1, "sem": 0.01}, {"gold": 1, "proxy": 1}, None) == []  # the old ones stand
+
+
+def test_landscape_marks_cells_that_are_training_prompts():
+    from rlhf.core.config import Landscape
+
+    spec = Landscape(
+        axes={"opener": ["tell me about", "describe"], "topic": ["ocean", "moon"]},
+        template="{opener} the {topic} please .",
+        samples=1,
+    )
+    cells = landscape.prompts(spec)
+    seen = landscape.seen(cells, {"describe the moon please .", "something else"})
+    land = landscape.grid(spec, np.array([0.1, 0.2, 0.3, 0.9]), np.array([0.0, 1.0, 0.0, 1.0]), ["r"] * 4, seen)
+    assert land["seen"] == [[False, False], [False, True]]
+    marked = {(c["opener"], c["topic"]): c["seen"] for c in landscape.disagreements(land, n=4)}
+    assert marked[("describe", "moon")] and not marked[("describe", "ocean")]
+    means = landscape.seen_means(land)
+    assert means["seen"] == {"cells": 1, "gold": pytest.approx(0.9), "proxy": pytest.approx(1.0)}
+    assert means["unseen"]["cells"] == 3 and means["unseen"]["gold"] == pytest.approx(0.2)
+
+
+# --- a round with checkpoints, through the step functions -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def curve_project(tiny_project, tmp_path_factory):
+    dest = tmp_path_factory.mktemp("curves") / "project"
+    shutil.copytree(tiny_project, dest)
+    return dest
+
+
+@pytest.mark.parametrize("method", ["dpo", "ppo"])
+def test_round_with_two_checkpoints_has_a_three_point_curve(curve_project, monkeypatch, method):
+    from tasks.evaluate import evaluate
+    from tasks.update_policy import update_policy
+
+    monkeypatch.chdir(curve_project)
+    cfg = config(
+        {
+            "evaluate": {"checkpoints": 2, "best_of_n": [1, 2]},
+            "update_policy": {"method": method, "ppo": {"rollout_prompts": 16, "epochs": 1.0}},
+        }
+    )
+    update_policy(cfg, "r01")
+    folder = round_paths("r01").checkpoints
+    saved = checkpoints.saved(folder)
+    assert [m["index"] for _, m in saved] == [1, 2] and all((p / "model.safetensors").is_file() for p, _ in saved)
+    m = evaluate(cfg, "r01")
+    curve = m["curve"]
+    assert len(curve) == 3 and [p["step"] for p in curve] == [1, 2, 3]
+    assert 0 < curve[0]["fraction"] < curve[1]["fraction"] < curve[2]["fraction"] == 1
+    last = curve[-1]
+    assert last["gold"] == m["gold"]["mean"] and last["proxy"] == m["proxy"]["mean"]
+    assert last["kl"] == m["kl"]["per_sequence"] > 0 and last["d"] == m["kl"]["d"]
+    assert all(p["kl"] >= 0 and p["d"] == pytest.approx(math.sqrt(p["kl"])) for p in curve)
+    assert all(0 <= p["win_vs_sft"] <= 1 for p in curve)
+    assert {"rl_gold", "rl_proxy", "bon_gold", "bon_proxy"} <= set(m["fits"])
+    assert m["fits"]["baseline"]["round"] == "r00"
+    assert not folder.exists()  # scratch: deleted once scored
+    again = evaluate(cfg, "r01")  # evaluate alone again: the checkpoints are gone, and it says so
+    assert again["curve"]["mean"] is None and "update_policy" in again["curve"]["missing"]
