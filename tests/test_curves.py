@@ -127,3 +127,39 @@ def test_round_with_two_checkpoints_has_a_three_point_curve(curve_project, monke
     assert not folder.exists()  # scratch: deleted once scored
     again = evaluate(cfg, "r01")  # evaluate alone again: the checkpoints are gone, and it says so
     assert again["curve"]["mean"] is None and "update_policy" in again["curve"]["missing"]
+
+
+def test_report_draws_the_curves_with_their_fits_and_marks_training_prompt_cells(tmp_path):
+    import json
+
+    from rlhf.core.config import Landscape
+    from rlhf.evaluation.report import round_markdown, write_report
+
+    def round_metrics(rnd, alpha):
+        d = np.array([0.3, 0.6, 1.0])
+        curve = [
+            {"step": i + 1, "fraction": (i + 1) / 3, "gold": 0.4 + x * (alpha - 0.5 * math.log(x)), "proxy": 0.2 + x}
+            | {"kl": x * x, "d": x}
+            for i, x in enumerate(d)
+        ]
+        m = {"round": rnd, "gold": {"mean": curve[-1]["gold"], "sem": 0.01, "count": 8, "best": 1.0}, "length": 5}
+        m |= {"kl": {"per_sequence": 1.0, "per_token": 0.1, "d": 1.0}, "proxy": {"mean": 1.2}, "curve": curve}
+        m["fits"] = fits.round_fits(curve, None, {"gold": 0.4, "proxy": 0.2})
+        return m
+
+    spec = Landscape(
+        axes={"opener": ["describe", "explain"], "topic": ["moon", "sun"]}, template="{opener} the {topic} .", samples=1
+    )
+    seen = landscape.seen(landscape.prompts(spec), {"explain the sun ."})
+    land = landscape.grid(spec, np.array([0.1, 0.5, 0.3, 0.9]), np.array([1.0, 0.0, 0.5, 1.0]), ["a"] * 4, seen)
+    for rnd, alpha in (("r01", 0.3), ("r02", 0.6)):
+        folder = round_paths(rnd, tmp_path).root
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps(round_metrics(rnd, alpha)))
+        (folder / "landscape.json").write_text(json.dumps(land))
+    page = write_report(["r01", "r02"], tmp_path / "reports", tmp_path).read_text()
+    assert "Gold and proxy against d inside each round" in page
+    assert "<b>r02</b>: RL, gold: α 0.600, β 0.500" in page  # the fits, per round
+    assert "sun (training prompt)" in page and "training prompts: 1 cells, mean gold 0.900" in page
+    assert "unseen prompts: 3 cells" in page
+    assert "- fit RL, proxy: " in round_markdown(round_metrics("r01", 0.3), [])

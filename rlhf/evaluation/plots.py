@@ -63,6 +63,10 @@ def figures(rows: list[dict]) -> dict[str, bytes]:
     ax.legend(loc="lower right", fontsize=8)
     out["RM accuracy and win rates (gold, ties count half)"] = png(fig)
 
+    curved = [r for r in rows if isinstance(r.get("curve"), list)]
+    if curved:
+        out["Gold and proxy against d inside each round (checkpoints, fitted RL form)"] = curves(curved)
+
     bon = [r for r in rows if r.get("best_of_n")]
     if bon:
         fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -106,4 +110,29 @@ def landscape(land: dict, rnd: str, marked: list[dict]) -> bytes:
         for cell in marked:
             i, j = rows.index(cell[a]), cols.index(cell[b])
             ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", lw=2))
+    return png(fig)
+
+
+def curves(rows: list[dict]) -> bytes:
+    """Gold (left) and proxy (right) against d = √KL at every checkpoint of every round, one colour per
+    round, with the round's fitted RL form d(α − β log d) drawn over its measured d."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from rlhf.evaluation import fits
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    colours = plt.get_cmap("tab10")
+    for k, r in enumerate(rows):
+        d = [p["d"] for p in r["curve"]]
+        for ax, key in zip(axes, ("gold", "proxy")):
+            ax.plot(d, [p[key] for p in r["curve"]], "o", color=colours(k % 10), label=r["round"])
+            f = lookup(r, "fits", f"rl_{key}")
+            if f and f.get("alpha") is not None and max(d) > 0:
+                grid = np.linspace(min(x for x in d if x > 0) / 2, max(d) * 1.1, 60)
+                ax.plot(grid, fits.value("rl", f, grid), "-", color=colours(k % 10), lw=1)
+    for ax, key in zip(axes, ("gold score", "proxy reward (that round's RM)")):
+        ax.set_xlabel("d = √KL(checkpoint ‖ reference)")
+        ax.set_ylabel(key)
+    axes[0].legend(fontsize=8)
     return png(fig)

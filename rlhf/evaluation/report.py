@@ -78,12 +78,27 @@ def round_markdown(metrics: dict, samples: list[dict], n_samples: int = 3) -> st
         lines.append(
             f"- win rate {name.replace('_', ' ')}: {num(w['mean'])}" + (f" ({w['missing']})" if "missing" in w else "")
         )
+    lines += [f"- fit {line}" for line in fit_lines(metrics)]
     lines += [f"- **alarm**: {a}" for a in metrics.get("alarms", [])]
     lines += ["", "| prompt | response | gold |", "|---|---|---|"]
     lines += [
         f"| {r['prompt']} | {r['response'].strip() or '(empty)'} | {r['gold']:.3f} |" for r in samples[:n_samples]
     ]
     return "\n".join(lines)
+
+
+def fit_lines(metrics: dict) -> list[str]:
+    """One line per fitted form of a round (metrics["fits"]: rlhf/evaluation/fits.py)."""
+    from rlhf.evaluation.fits import describe
+
+    names = {
+        "rl_gold": "RL, gold",
+        "rl_proxy": "RL, proxy",
+        "bon_gold": "best-of-n, gold",
+        "bon_proxy": "best-of-n, proxy",
+    }
+    found = metrics.get("fits") or {}
+    return [describe(name, found[key]) for key, name in names.items() if key in found]
 
 
 CSV_COLUMNS = {
@@ -125,6 +140,13 @@ def write_report(rounds: list[str], out: str | Path = "reports", project: str | 
         parts.append(
             f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' "
             f"src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
+        )
+    fitted = [f"<li><b>{r['round']}</b>: {html.escape(line)}</li>" for r in rows for line in fit_lines(r)]
+    if fitted:
+        parts.append(
+            "<h2>Fits (Gao et al.: RL d(α − β log d), best-of-n d(α − β d), gain over the reference)</h2><ul>"
+            + "".join(fitted)
+            + "</ul>"
         )
     parts.append(_landscape_section([r["round"] for r in rows], project, out))
     notes = [f"<li><b>{r['round']}</b>: {html.escape(a)}</li>" for r in rows for a in r.get("alarms", [])]
@@ -175,7 +197,8 @@ def _landscape_section(rounds: list[str], project: str | Path, out: Path) -> str
     (out / "landscape.png").write_bytes(png)
     a, b = land["axes"]
     rows = "".join(
-        f"<tr><td>{html.escape(c[a])}</td><td>{html.escape(c[b])}</td><td>{c['gold']:.3f}</td>"
+        f"<tr><td>{html.escape(c[a])}</td><td>{html.escape(c[b])}{' (training prompt)' if c['seen'] else ''}</td>"
+        f"<td>{c['gold']:.3f}</td>"
         f"<td>{c['proxy']:.3f}</td><td>{c['gap']:+.2f}</td><td>{html.escape(c['response'].strip())}</td></tr>"
         for c in worst
     )
@@ -184,8 +207,21 @@ def _landscape_section(rounds: list[str], project: str | Path, out: Path) -> str
         f"{land['samples']} samples per cell. Outlined: where gold and proxy disagree most (gap = "
         "standardised proxy − standardised gold; &gt; 0: the proxy overrates the cell).</p>"
         f"<img alt='reward landscape' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
+        f"<p>{_seen_line(landscape.seen_means(land))}</p>"
         f"<table><tr><th>{html.escape(a)}</th><th>{html.escape(b)}</th><th>gold</th><th>proxy</th><th>gap</th>"
         f"<th>a sample</th></tr>{rows}</table>"
+    )
+
+
+def _seen_line(means: dict) -> str:
+    """Mean gold and proxy over the cells that are training prompts and over the rest."""
+
+    def num(x):
+        return "-" if x is None else f"{x:.3f}"
+
+    return "; ".join(
+        f"{label}: {m['cells']} cells, mean gold {num(m['gold'])}, proxy {num(m['proxy'])}"
+        for label, m in (("training prompts", means["seen"]), ("unseen prompts", means["unseen"]))
     )
 
 
