@@ -163,3 +163,25 @@ def test_report_draws_the_curves_with_their_fits_and_marks_training_prompt_cells
     assert "sun (training prompt)" in page and "training prompts: 1 cells, mean gold 0.900" in page
     assert "unseen prompts: 3 cells" in page
     assert "- fit RL, proxy: " in round_markdown(round_metrics("r01", 0.3), [])
+
+
+@pytest.mark.parametrize("method", ["rest", "rloo"])
+def test_trl_methods_save_evenly_spread_checkpoints_lora_as_adapters(curve_project, monkeypatch, method):
+    from tasks.update_policy import update_policy
+
+    monkeypatch.chdir(curve_project)
+    lora = {"rank": 4, "target_modules": ["q_proj", "v_proj"]} if method == "rest" else {}
+    cfg = config(
+        {
+            "evaluate": {"checkpoints": 3},
+            "update_policy": {"method": method, "lora": lora, "rest": {"thresholds": [0.0, 0.5]}},
+        }
+    )
+    update_policy(cfg, "r01")
+    saved = checkpoints.saved(round_paths("r01").checkpoints)
+    assert [m["index"] for _, m in saved] == [1, 2, 3]
+    assert all(0 < m["fraction"] < 1 for _, m in saved) and saved[0][1]["fraction"] < saved[2][1]["fraction"]
+    weights = "adapter_model.safetensors" if lora else "model.safetensors"
+    assert all((p / weights).is_file() for p, _ in saved)
+    if method == "rest":  # 1/4 and 1/2 in the first improve step, 3/4 in the second
+        assert saved[1][1]["fraction"] <= 0.5 < saved[2][1]["fraction"]
