@@ -106,7 +106,7 @@ def test_round_with_two_checkpoints_has_a_three_point_curve(curve_project, monke
     cfg = config(
         {
             "evaluate": {"checkpoints": 2, "best_of_n": [1, 2]},
-            "update_policy": {"method": method, "ppo": {"rollout_prompts": 16, "epochs": 1.0}},
+            "update_policy": {"method": method, "ppo": {"rollout_prompts": 8, "epochs": 0.5, "ppo_epochs": 1}},
         }
     )
     update_policy(cfg, "r01")
