@@ -67,5 +67,12 @@ def test_each_round_writes_its_landscape_scored_by_gold_and_proxy(in_project):
         assert list(land["axes"]) == list(spec.axes) and len(land["gold"]) == len(spec.axes["opener"])
         assert all(0 <= g <= 1 for row in land["gold"] for g in row)
         assert (land["proxy"] is not None) == has_proxy
+    # cells whose prompt is a label or policy prompt are marked seen (the shipped sets share a few)
+    from rlhf.core.prompts import read_prompts
+    from rlhf.evaluation import landscape
+
+    training = {r["prompt"] for key in ("label", "policy") for r in read_prompts(getattr(in_project.prompts, key))}
+    seen = json.loads(round_paths("r01").landscape.read_text())["seen"]
+    assert [c in training for c in landscape.prompts(spec)] == [x for row in seen for x in row] and any(training)
     # gold differs across cells: the grid is a landscape, not one number repeated
     assert np.std(json.loads(round_paths("r01").landscape.read_text())["gold"]) > 0
