@@ -73,6 +73,7 @@ def test_each_round_writes_its_landscape_scored_by_gold_and_proxy(in_project):
 
     training = {r["prompt"] for key in ("label", "policy") for r in read_prompts(getattr(in_project.prompts, key))}
     seen = json.loads(round_paths("r01").landscape.read_text())["seen"]
-    assert [c in training for c in landscape.prompts(spec)] == [x for row in seen for x in row] and any(training)
+    assert [c in training for c in landscape.prompts(spec)] == [x for row in seen for x in row]
+    assert any(x for row in seen for x in row)
     # gold differs across cells: the grid is a landscape, not one number repeated
     assert np.std(json.loads(round_paths("r01").landscape.read_text())["gold"]) > 0
