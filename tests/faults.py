@@ -19,7 +19,8 @@ QUICK = deep_update(
     TINY,
     {
         "runtime": {"threads": 1},
-        "label": {"judge": {"type": "python", "name": "project_judge:score", "best": 1.0}},
+        # the quick policy rarely ends within 8 tokens: its cut-off answers are paired too
+        "label": {"judge": {"type": "python", "name": "project_judge:score", "best": 1.0}, "unfinished": "keep"},
         "prepare": {
             "sft": "data/sft_small.jsonl",
             "sft_epochs": 1.0,

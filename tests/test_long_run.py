@@ -16,6 +16,7 @@ LONG = deep_update(
         "rounds": {f"r{i:02d}": f"r{i - 1:02d}" for i in range(1, ROUNDS + 1)},
         "prepare": {"tiny": {"hidden_size": 32, "layers": 1, "heads": 2, "intermediate_size": 64}, "sft_epochs": 1.0},
         "generate": {"k": 2, "max_new_tokens": 16},
+        "label": {"unfinished": "keep"},  # 16 tokens cut many answers short: pair them too
         "train_rm": {"epochs": 1.0},
         "update_policy": {"k": 2, "dpo": {"epochs": 1.0}},
         "evaluate": {"samples_per_prompt": 2, "max_new_tokens": 16, "landscape": {"axes": {}}},

@@ -59,6 +59,7 @@ def project(tmp_path_factory):
                     "prompt": p["prompt"],
                     "messages": [{"role": "user", "content": p["prompt"]}],
                     "response": sft[(K * i + j) % len(sft)]["completion"],
+                    "finished": True,
                 }
                 for i, p in enumerate(prompts)
                 for j in range(K)

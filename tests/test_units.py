@@ -49,6 +49,7 @@ def test_label_noise_flips_the_configured_fraction_seeded(tmp_path, monkeypatch)
             "prompt": f"user : describe the {topics[i % 2]} . assistant :",
             "messages": [{"role": "user", "content": f"describe the {topics[i % 2]} ."}],
             "response": " " + " ".join(["the water is blue ."] * int(n)),
+            "finished": True,
         }
         for i in range(300)
         for n in rng.integers(0, 5, 4)
