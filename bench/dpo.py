@@ -4,9 +4,9 @@ The step samples update_policy.k responses per policy prompt, has the round's pr
 worst of each, and trains the policy on those pairs with TRL's DPOTrainer. The bare side does the same with
 nothing of the project's: it loads the models with from_pretrained, samples with `model.generate`, scores with
 a batched forward of the RM, calls DPOTrainer directly on the pairs (the same DPOConfig values) and saves the
-policy. Both use the step's seed, so they draw the same samples and train on the same pairs (checked by the
-training loss). Target: the step takes at most 1.05x the bare time. The table splits the bare side into its
-parts, which shows where a round's update spends its time.
+policy. Both use the step's seed, so they draw the same samples and train on the same pairs (checked: the
+training losses must be equal, else the benchmark stops). Target: the step takes at most 1.05x the bare
+time. The table splits the bare side into its parts, which shows where a round's update spends its time.
 Takes about 6 minutes on 2 CPU cores (the first run also builds round 1's proxy RM, a few minutes more).
 """
 
@@ -43,13 +43,15 @@ def main() -> None:
                 parts.setdefault(part, []).append(secs)
 
         times = interleaved({"bare transformers + TRL": bare, "update_policy step": step}, args.repeats)
+    if abs(loss["step"] - loss["bare"]) > 1e-6 * max(1.0, abs(loss["bare"])):
+        raise SystemExit(f"dpo: the two sides trained on different pairs (loss {loss['step']} vs {loss['bare']})")
     ratio = med(times["update_policy step"]) / med(times["bare transformers + TRL"])
     rows = [[k, med(v), min(v)] for k, v in times.items()]
     rows += [[f"  bare: {k}", med(v[1:]), min(v[1:])] for k, v in parts.items()]  # v[0]: the warm-up
     up = cfg.update_policy
     text = (
         f"dpo: {up.k} samples per policy prompt, {up.dpo.epochs:g} epochs, batch {up.batch_size}; training loss "
-        f"step {loss['step']:.6f}, bare {loss['bare']:.6f} (equal: the same pairs)\n"
+        f"step {loss['step']:.6f}, bare {loss['bare']:.6f} (equal, checked: the same pairs)\n"
         + table(["side", "median s", "min s"], rows)
         + f"\nstep / bare time: {verdict(ratio, TARGET, higher_is_better=False)}"
     )
@@ -105,7 +107,7 @@ def _bare(cfg, rnd: str, rm_dir, loss: dict) -> dict[str, float]:
     lap("load models")
     tok.padding_side = "left"
     texts = [p for p in prompts for _ in range(up.k)]
-    responses = []
+    responses, finished = [], []
     policy.eval()
     for start in range(0, len(texts), s.batch_size):
         batch = tok(texts[start : start + s.batch_size], return_tensors="pt", padding=True)
@@ -122,14 +124,18 @@ def _bare(cfg, rnd: str, rm_dir, loss: dict) -> dict[str, float]:
             )
         new = seqs[:, batch["input_ids"].shape[1] :]
         responses += [" " + r if r else r for r in tok.batch_decode(new, skip_special_tokens=True)]
+        finished += [tok.eos_token_id in ids for ids in new.tolist()]
     lap("model.generate")
     tok.padding_side = "right"
     scores = []
-    scored = [p + r + tok.eos_token for p, r in zip(texts, responses)]
+    # a finished response is scored with its eos; one cut off without, less the penalty (update_policy.unfinished)
+    scored = [p + r + (tok.eos_token if done else "") for p, r, done in zip(texts, responses, finished)]
     for start in range(0, len(scored), 64):
         with torch.no_grad():
             scores.append(rm(**tok(scored[start : start + 64], return_tensors="pt", padding=True)).logits[:, 0])
-    scores = torch.cat(scores).numpy().reshape(len(prompts), up.k)
+    cut = ~torch.tensor(finished)
+    penalty = up.missing_eos_penalty * cut if up.unfinished == "penalty" else torch.zeros(len(cut))
+    scores = (torch.cat(scores) - penalty).numpy().reshape(len(prompts), up.k)
     lap("RM forward")
     rows = [
         {"prompt": p, "chosen": responses[i * up.k + b], "rejected": responses[i * up.k + w]}

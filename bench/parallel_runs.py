@@ -2,10 +2,11 @@
 libraries' default) or sleeping (OMP_WAIT_POLICY=PASSIVE, which `rlhf study run` sets when `parallel` > 1).
 
 Each side runs `rlhf generate r01` as its own process in two copies of the embedded default's project at
-once, as a study with `parallel: 2` runs two seeds; the same step alone is timed for scale. The samples are
-checked identical on every side: the wait policy changes how threads wait, not what they compute.
-Target: sleeping makes the pair at least 2x faster. Takes about 10 minutes on 2 CPU cores, most of it the
-spinning pair (the first run also builds round 0, a few more).
+once, as a study with `parallel: 2` runs two seeds, or the two one after the other, which is what running
+them side by side has to beat. The samples are checked identical on every side: the wait policy changes how
+threads wait, not what they compute. Target: the sleeping pair at once is no slower than the two one after
+the other (ratio >= 1); spinning / sleeping shows what OMP_WAIT_POLICY=PASSIVE saves when runs share cores.
+Takes about 12 minutes on 2 CPU cores, most of it the spinning pair (the first run also builds round 0).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 
 from _common import BIN, from_round0, parser, report, table, verdict
 
-TARGET = 2.0
+TARGET = 1.0
 SAMPLES = "data/rounds/r01/samples.jsonl"
 
 
@@ -60,16 +61,21 @@ def main() -> None:
         "two at once, sleeping (PASSIVE)": ([first, second], passive),
     }
     results = {name: steps(*side) for name, side in sides.items()}
+    after = [steps([folder], {}) for folder in (first, second)]  # the same two runs, one after the other
+    results["two one after the other (default)"] = (sum(t for t, _ in after), set().union(*(s for _, s in after)))
     same = len(set().union(*(s for _, s in results.values()))) == 1
     took = {name: t for name, (t, _) in results.items()}
-    ratio = took["two at once, spinning (default)"] / took["two at once, sleeping (PASSIVE)"]
+    ratio = took["two one after the other (default)"] / took["two at once, sleeping (PASSIVE)"]
+    spin = took["two at once, spinning (default)"] / took["two at once, sleeping (PASSIVE)"]
     text = (
         "parallel runs: `rlhf generate r01` of the embedded default (each step its own process), "
         f"identical samples on every side: {same}\n"
         + table(["side", "wall s"], [[k, v] for k, v in took.items()])
-        + f"\nspinning / sleeping, two at once: {verdict(ratio, TARGET, higher_is_better=True)}"
+        + f"\nspinning / sleeping, two at once: {spin:.2f}x"
+        + f"\none after the other / sleeping pair at once: {verdict(ratio, TARGET, higher_is_better=True)}"
     )
-    report("parallel_runs", args.out, text, {"seconds": took, "same_samples": same, "ratio": ratio, "target": TARGET})
+    summary = {"seconds": took, "same_samples": same, "ratio": ratio, "spinning_ratio": spin, "target": TARGET}
+    report("parallel_runs", args.out, text, summary)
 
 
 if __name__ == "__main__":
