@@ -1,7 +1,7 @@
 """Write the shipped data of the offline default from data/world.json (deterministic).
 
     python data/make_data.py        # rewrites data/prompts/*.jsonl, data/sft.jsonl, data/pretrain.txt,
-                                    # data/cotrain.jsonl
+                                    # data/cotrain.jsonl, data/heldout.jsonl
 
 Prompts are every (opener, topic, closer) combination, shuffled and split into disjoint sets:
 `eval` (held out from everything), `label` (the label step's prompts) and `policy` (the policy
@@ -84,6 +84,31 @@ def main() -> None:
             )
         )
     (HERE / "cotrain.jsonl").write_text("\n".join(aux) + "\n")
+    trained = set(lines) | {r["prompt"] + r["completion"] for r in map(json.loads, sft + aux)}
+    heldout(world, train_prompts, trained)
+
+
+def heldout(world: dict, train_prompts: list[dict], trained: set[str], n: int = 24) -> None:
+    """data/heldout.jsonl (evaluate.heldout): general text the policy's NLL is measured on, n rows drawn as the
+    pre-training text is (`text`, every token scored) and n as the co-training set is (`prompt`/`completion`,
+    the completion scored), none equal to a row any step trains on. Drawn from the same sources by a generator
+    of its own rather than cut out of pretrain.txt or cotrain.jsonl, so the files above, and so what the
+    default run trains on and its numbers, stay as they were."""
+    rng = random.Random(2468)
+    rows = []
+    for source in ("pretrain", "cotrain"):
+        kept = 0
+        while kept < n:
+            p = rng.choice(train_prompts)
+            reply = " " + answer(rng, world, p["topic"])
+            if p["prompt"] + reply in trained:
+                continue
+            text = (
+                {"text": p["prompt"] + reply} if source == "pretrain" else {"prompt": p["prompt"], "completion": reply}
+            )
+            rows.append(json.dumps({"id": f"heldout-{source}-{kept:02d}", "source": source, **text}))
+            kept += 1
+    (HERE / "heldout.jsonl").write_text("\n".join(rows) + "\n")
 
 
 if __name__ == "__main__":

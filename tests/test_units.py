@@ -137,6 +137,7 @@ def test_shipped_data_is_what_make_data_writes(tmp_path):
         "sft.jsonl",
         "pretrain.txt",
         "cotrain.jsonl",
+        "heldout.jsonl",
         "prompts/eval.jsonl",
         "prompts/label.jsonl",
         "prompts/policy.jsonl",
