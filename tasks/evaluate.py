@@ -22,6 +22,7 @@ from rlhf.core.config import Config, Sampling
 from rlhf.core.io import read_jsonl, write_json, write_jsonl
 from rlhf.core.paths import SFT, round_paths
 from rlhf.core.prompts import describe, last_user_turn, messages_of, read_prompts
+from rlhf.evaluation import forgetting
 from rlhf.evaluation import metrics as stats
 from rlhf.judges import checked, judge_files, make_judge
 
@@ -64,6 +65,7 @@ def reads(cfg: Config, rnd: str) -> list[str]:
         *cfg.prompts.label.files(),
         *cfg.prompts.policy.files(),
         *judge_files(cfg),
+        *forgetting.reads(cfg),
     ]
     if rnd == "r00":
         return [policy, *inputs]
@@ -167,6 +169,9 @@ def evaluate(cfg: Config, rnd: str) -> dict:
         metrics["alarms"] += stats.curve_alarms(metrics["curve"]) if isinstance(metrics["curve"], list) else []
     if (e.checkpoints or e.best_of_n) and rnd != "r00":
         metrics["fits"] = _fits(cfg, rnd, metrics, reward)
+    sft = policy if rnd == "r00" else refs.get("kl_sft", refs["kl"])  # the KL's references hold the SFT policy
+    pure = _pure_sampling(e, e.samples_per_prompt)
+    metrics |= forgetting.measure(cfg, rnd, tok, policy, sft, sample, judge, pure, seed)
     for alarm in metrics["alarms"]:
         log.warning("evaluate %s: %s", rnd, alarm)
     write_jsonl(paths.eval_samples, samples)

@@ -54,7 +54,14 @@ def make_project(dest: Path, params: dict | None = None, subset: bool = True) ->
     for name in ("rlhf", "tasks", "flows"):
         shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
     (dest / "data" / "prompts").mkdir(parents=True)
-    for name in ("world.json", "sft.jsonl", "pretrain.txt", "cotrain.jsonl"):
+    for name in (
+        "world.json",
+        "sft.jsonl",
+        "pretrain.txt",
+        "cotrain.jsonl",
+        "heldout.jsonl",
+        "conversation_checks.jsonl",
+    ):
         shutil.copy(ROOT / "data" / name, dest / "data" / name)
     for split, n in SUBSET.items():
         lines = (ROOT / "data" / "prompts" / f"{split}.jsonl").read_text().splitlines(keepends=True)

@@ -428,6 +428,24 @@ class Evaluate(Section):
     )
     max_new_tokens: int = d(48, "longest response, in tokens", gt=0)
     batch_size: int = d(64, "sequences generated at once", gt=0)
+    heldout: str | None = d(
+        "data/heldout.jsonl",
+        "general text no step trains on (JSONL rows: a `text`, every token scored, or a `prompt` and "
+        "`completion`, the completion and eos scored; an optional `source` is reported apart): the round's "
+        "and the SFT policy's mean token NLL and perplexity on it, metrics.json's `forgetting`; null: off",
+    )
+    conversation_checks: str | None = d(
+        "data/conversation_checks.jsonl",
+        "prompts outside the RLHF task (a prompt set: `id` and `prompt` rows, or a dataset as prompts.* take), "
+        "answered samples_per_prompt times, scored by the `conversational` rubric (the answer ends, is not "
+        "empty, is no degenerate repetition) and the gold judge: metrics.json's `conversation`; null: off",
+    )
+    lm_eval: list[str] = d(
+        [],
+        "lm-evaluation-harness tasks run on the round's policy, each a task name or a task YAML file of your "
+        "own (`pip install 'iterated-rlhf[lm-eval]'`), their metrics in metrics.json's `lm_eval`; []: off",
+    )
+    lm_eval_limit: int | None = d(None, "examples per lm_eval task; null: all", gt=0)
 
 
 class Storage(Section):
@@ -513,6 +531,8 @@ INPUT_FILES = (
     "prompts.label",
     "prompts.policy",
     "update_policy.cotrain.data",
+    "evaluate.heldout",
+    "evaluate.conversation_checks",
 )
 
 

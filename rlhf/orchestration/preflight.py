@@ -54,6 +54,25 @@ def check_inputs(cfg: Config) -> None:
         read_jsonl(cfg.prepare.sft, required=("prompt", "completion"), what="prepare.sft")
     if cfg.storage.push:
         remote_for_push(cfg.storage.remote)  # a run that would push to no remote stops before it starts
+    check_forgetting(cfg)
+
+
+def check_forgetting(cfg: Config) -> None:
+    """evaluate's held-out text and conversation checks load; lm_eval is installed and its task files exist."""
+    from rlhf.core.config import PromptSet
+    from rlhf.evaluation import harness
+    from rlhf.ml.nll import read_heldout
+
+    e = cfg.evaluate
+    if e.heldout:
+        read_heldout(e.heldout)
+    if e.conversation_checks:
+        read_prompts(PromptSet(path=e.conversation_checks), "evaluate.conversation_checks")
+    if e.lm_eval:
+        harness.require()
+    for task in e.lm_eval:
+        if task.endswith((".yaml", ".yml")) and not harness.is_file(task):
+            raise UserError(f"evaluate.lm_eval: {task}: no such task file")
 
 
 def check_policy(path: str, key: str) -> None:

@@ -1,0 +1,73 @@
+"""A causal LM's negative log-likelihood of fixed text, batched: what the policy forgets (`evaluate.heldout`).
+
+A row is either plain text, every token of which is scored given the ones before it (the first has nothing
+to be predicted from, unless the tokenizer adds a BOS), or a prompt and a completion, only the completion
+scored, as co-training's loss scores it (rlhf/ml/cotrain.py). Either way the eos that ends it is scored too.
+"""
+
+from __future__ import annotations
+
+from rlhf.core.errors import UserError
+from rlhf.core.io import read_jsonl
+
+# Rows per forward pass: a batch's logits are rows x tokens x vocabulary floats (a 128k vocabulary and 512
+# tokens: 256 MB a row), so a real model's batch stays small; the tiny model's whole set is a few batches.
+BATCH = 8
+
+
+def read_heldout(path: str, what: str = "evaluate.heldout") -> list[dict]:
+    """The rows of a held-out text file as {"id", "source", "context", "text"}: a `text` row has an empty
+    context; a `prompt`/`completion` row, its prompt. A row with neither is one line naming it."""
+    rows = []
+    for n, r in enumerate(read_jsonl(path, what=what), 1):
+        if isinstance(r.get("text"), str) and r["text"].strip():
+            context, text = "", r["text"]
+        elif isinstance(r.get("prompt"), str) and isinstance(r.get("completion"), str) and r["completion"].strip():
+            context, text = r["prompt"], r["completion"]
+        else:
+            raise UserError(
+                f"{path}:{n}: needs a non-empty string `text`, or string `prompt` and `completion` ({what})"
+            )
+        rows.append(
+            {"id": r.get("id", str(n)), "source": str(r.get("source", "all")), "context": context, "text": text}
+        )
+    return rows
+
+
+def encode(tok, contexts: list[str], texts: list[str], max_length: int) -> tuple[list[list[int]], list[int]]:
+    """Each row's ids (context + text + eos, cut to max_length) and where its scored tokens start: after the
+    context, and never at position 0 (nothing predicts the first token)."""
+    eos = tok.eos_token_id
+    heads = tok(contexts)["input_ids"]
+    whole = tok([c + t for c, t in zip(contexts, texts, strict=True)])["input_ids"]
+    ids = [(w if w and w[-1] == eos else [*w, eos])[:max_length] for w in whole]
+    return ids, [max(len(h), 1) for h in heads]
+
+
+def token_nll(model, tok, contexts: list[str], texts: list[str], max_length: int, batch_size: int = BATCH):
+    """Per row, the summed NLL (nats) of its scored tokens and how many were scored (numpy arrays), from one
+    forward pass per batch of right-padded rows (padding and context carry no loss)."""
+    import numpy as np
+    import torch
+
+    ids, starts = encode(tok, contexts, texts, max_length)
+    total, count = np.zeros(len(ids)), np.zeros(len(ids), dtype=np.int64)
+    order = np.argsort([len(x) for x in ids], kind="stable")  # similar lengths together: less padding
+    model.eval()
+    for b in range(0, len(order), batch_size):
+        rows = order[b : b + batch_size]
+        width = max(len(ids[i]) for i in rows)
+        batch = torch.tensor([ids[i] + [tok.pad_token_id] * (width - len(ids[i])) for i in rows])
+        pos = torch.arange(width)
+        length = torch.tensor([len(ids[i]) for i in rows])
+        start = torch.tensor([starts[i] for i in rows])
+        attn = (pos < length[:, None]).long()
+        target = batch.masked_fill((pos < start[:, None]) | (attn == 0), -100)  # only the scored tokens
+        with torch.no_grad():
+            logits = model(input_ids=batch.to(model.device), attention_mask=attn.to(model.device)).logits.float()
+        loss = torch.nn.functional.cross_entropy(  # position t predicts token t + 1
+            logits[:, :-1].transpose(1, 2), target[:, 1:].to(model.device), reduction="none", ignore_index=-100
+        )
+        total[rows] = loss.sum(1).double().cpu().numpy()
+        count[rows] = (target[:, 1:] != -100).sum(1).numpy()
+    return total, count
