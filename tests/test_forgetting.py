@@ -165,6 +165,113 @@ def test_lm_eval_runs_a_task_defined_on_local_data_on_the_policy_in_memory(tiny_
         harness.run([str(task), "no_such_task"], model, tok, limit=None, seed=0)
 
 
+# --- the reports, from hand-made metrics ---------------------------------------------------------------
+
+
+def round_metrics(rnd: str, nll_: float, alpha: float = 0.5, outside: bool = False) -> dict:
+    d = [0.3, 0.6, 1.0]
+    curve = [
+        {"step": i + 1, "fraction": (i + 1) / 3, "gold": 0.4 + x * (alpha - 0.5 * math.log(x)), "proxy": 0.2 + x}
+        | {"kl": x * x, "d": x}
+        for i, x in enumerate(d)
+    ]
+    fit = {"alpha": alpha, "beta": 0.5, "d_peak": math.exp(alpha / 0.5 - 1), "value_peak": 0.4 + alpha, "r2": 0.9}
+    fit["baseline"] = 0.4
+    if outside:
+        fit["note"] = "the peak (d = 3) lies outside the measured d [0.3, 1]"
+    sources = {s: {"nll": nll_, "sft_nll": 1.0, "delta_nll": nll_ - 1.0, "ppl": math.exp(nll_)} for s in ("a", "b")}
+    return {
+        "round": rnd,
+        "gold": {"mean": curve[-1]["gold"], "sem": 0.01, "count": 8, "best": 1.0},
+        "length": 5,
+        "kl": {"per_sequence": 1.0, "per_token": 0.1, "d": 1.0},
+        "proxy": {"mean": 1.2},
+        "curve": curve,
+        "fits": {"rl_gold": fit},
+        "forgetting": {"nll": nll_, "ppl": math.exp(nll_), "sft_nll": 1.0, "sft_ppl": math.e}
+        | {"delta_nll": nll_ - 1.0, "tokens": 100, "rows": 4, "sources": sources},
+        "conversation": {"checks": 2, "samples": 4, "conversational": 0.75, "ended": 1.0, "repetition": 0.1}
+        | {
+            "non_empty": 1.0,
+            "gold": 0.5,
+            "examples": [{"id": "c1", "response": " hi .", "conversational": True, "gold": 0.5}],
+        },
+        "lm_eval": {"tiny": {"acc": 0.5, "acc_stderr": 0.1}},
+    }
+
+
+def test_round_report_shows_the_forgetting_numbers_per_round(tmp_path):
+    from rlhf.evaluation.report import round_markdown, write_report
+
+    for rnd, value in (("r00", 1.0), ("r01", 1.25)):
+        folder = round_paths(rnd, tmp_path).root
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps(round_metrics(rnd, value)))
+    page = write_report(["r00", "r01"], tmp_path / "reports", tmp_path).read_text()
+    assert "What the policy forgets" in page and "Held-out text NLL per round" in page
+    assert "<td>r01</td><td>1.250</td><td>3.49</td><td>1.000</td><td>+0.250</td><td>+0.250</td>" in page
+    assert "<th>tiny acc</th>" in page and "<th>tiny acc_stderr</th>" not in page
+    assert "hi .<br><i>conversational, gold 0.50" in page
+    csv = (tmp_path / "reports" / "rounds.csv").read_text().splitlines()
+    assert csv[0].endswith(",nll,delta_nll,conversational") and csv[2].endswith(",1.25,0.25,0.75")
+    summary = round_markdown(round_metrics("r01", 1.25), [])
+    assert "- held-out text NLL 1.250 (ppl 3.49), SFT 1.000, Δ +0.250; a Δ +0.250" in summary
+    assert "- conversation checks: 75% conversational" in summary and "- lm_eval tiny: acc 0.500" in summary
+
+
+def test_study_report_has_peak_and_nll_columns_peaks_by_round_and_curves_per_configuration(tmp_path):
+    import csv
+
+    import matplotlib.image
+
+    from rlhf.studies.grid import Run, Study, StudySpec
+    from rlhf.studies.report import write_report
+
+    spec = StudySpec(axes={"update_policy.cotrain.ratio": [0, 1]}, seeds=[0, 1], rounds=2)
+    runs = []
+    for ratio in (0, 1):
+        for seed in (0, 1):
+            folder = tmp_path / "s" / f"ratio={ratio},seed={seed}"
+            for k, rnd in enumerate(("r00", "r01", "r02")):
+                path = round_paths(rnd, folder).metrics
+                path.parent.mkdir(parents=True)
+                m = round_metrics(rnd, 1.0 + 0.1 * k * (2 - ratio) + 0.02 * seed, alpha=0.5 + 0.1 * k + 0.1 * ratio)
+                m = m if k else {key: m[key] for key in ("round", "gold", "length", "kl", "forgetting")}
+                if k == 2 and ratio == 1 and seed == 1:
+                    m = round_metrics(rnd, m["forgetting"]["nll"], alpha=0.5 + 0.1 * k + 0.1 * ratio, outside=True)
+                path.write_text(json.dumps(m))
+            params = {"rounds": {"r01": "r00", "r02": "r01"}}
+            runs.append(
+                Run(
+                    f"ratio={ratio},seed={seed}",
+                    f"ratio={ratio}",
+                    {"update_policy.cotrain.ratio": ratio},
+                    seed,
+                    params,
+                    folder,
+                )
+            )
+    report = write_report(Study(tmp_path / "s.yaml", spec, runs)).read_text()
+    rows = {
+        line.split(" | ")[1]: line.strip("| ").split(" | ")
+        for line in report.splitlines()
+        if line.startswith("| 1 ") or line.startswith("| 2 ")
+    }
+    head = next(line for line in report.splitlines() if line.startswith("| rank"))
+    assert head.endswith("| RM acc | peak d | peak gold | NLL (Δ SFT) | conv. |")
+    # ratio 1: alpha 0.8 in r02, so peak d exp(0.8 / 0.5 - 1) = 1.822, one seed's beyond its measured d
+    assert rows["1"][-4:] == [f"{math.exp(0.6):.3f}†", "1.200", "1.210 (+0.210)", "75%"]
+    assert rows["0"][-4:] == [f"{math.exp(0.4):.3f}", "1.100", "1.410 (+0.410)", "75%"]
+    assert "| ratio=0 | 1.000 at d 1.22 | 1.100 at d 1.49 |" in report  # peaks by round: the across-round trend
+    assert "![gold against d at every checkpoint" in report
+    pixels = matplotlib.image.imread(str(tmp_path / "s" / "report" / "curves.png"))
+    assert pixels.shape[0] > 200 and pixels.std() > 0
+    with open(tmp_path / "s" / "report" / "runs.csv") as f:
+        table = list(csv.DictReader(f))
+    assert float(table[0]["peak_d"]) == pytest.approx(math.exp(0.4))
+    assert float(table[3]["delta_nll"]) == pytest.approx(0.22) and float(table[3]["nll"]) == pytest.approx(1.22)
+
+
 # --- a round of the tiny project ------------------------------------------------------------------------
 
 

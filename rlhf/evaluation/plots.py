@@ -63,6 +63,10 @@ def figures(rows: list[dict]) -> dict[str, bytes]:
     ax.legend(loc="lower right", fontsize=8)
     out["RM accuracy and win rates (gold, ties count half)"] = png(fig)
 
+    nll = [r for r in rows if lookup(r, "forgetting", "nll") is not None]
+    if nll:
+        out["Held-out text NLL per round (what the policy forgets; dashed: the SFT policy)"] = forgetting(nll)
+
     curved = [r for r in rows if isinstance(r.get("curve"), list)]
     if curved:
         out["Gold and proxy against d inside each round (checkpoints, fitted RL form)"] = curves(curved)
@@ -117,22 +121,53 @@ def curves(rows: list[dict]) -> bytes:
     """Gold (left) and proxy (right) against d = √KL at every checkpoint of every round, one colour per
     round, with the round's fitted RL form d(α − β log d) drawn over its measured d."""
     import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key in zip(axes, ("gold", "proxy")):
+        curve_panel(ax, rows, key)
+    axes[1].set_ylabel("proxy reward (that round's RM)")
+    axes[0].legend(fontsize=8)
+    return png(fig)
+
+
+def curve_panel(ax, rows: list[dict], key: str, rounds: list[str] | None = None) -> None:
+    """`key` ("gold" or "proxy") against d at each row's curve points, with its fitted RL form; rows are rounds'
+    metrics (several may share a round: a study's seeds), coloured by their place in `rounds` (default: the
+    rows' own rounds in order), each round labelled once."""
+    import matplotlib.pyplot as plt
     import numpy as np
 
     from rlhf.evaluation import fits
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    rounds = rounds or list(dict.fromkeys(r["round"] for r in rows))
+    colours, labelled = plt.get_cmap("tab10"), set()
+    for r in rows:
+        d, colour = [p["d"] for p in r["curve"]], colours(rounds.index(r["round"]) % 10)
+        label = None if r["round"] in labelled else r["round"]
+        labelled.add(r["round"])
+        ax.plot(d, [p[key] for p in r["curve"]], "o", color=colour, label=label, ms=4)
+        f = lookup(r, "fits", f"rl_{key}")
+        if f and f.get("alpha") is not None and max(d) > 0:
+            grid = np.linspace(min(x for x in d if x > 0) / 2, max(d) * 1.1, 60)
+            ax.plot(grid, fits.value("rl", f, grid), "-", color=colour, lw=1)
+    ax.set_xlabel("d = √KL(checkpoint ‖ reference)")
+    ax.set_ylabel(f"{key} score")
+
+
+def forgetting(rows: list[dict]) -> bytes:
+    """The policy's mean token NLL on the held-out text per round, overall and per source, each beside the
+    SFT policy's on the same tokens (dashed)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    rounds = [r["round"] for r in rows]
+    sources = sorted({s for r in rows for s in r["forgetting"].get("sources", {})})
     colours = plt.get_cmap("tab10")
-    for k, r in enumerate(rows):
-        d = [p["d"] for p in r["curve"]]
-        for ax, key in zip(axes, ("gold", "proxy")):
-            ax.plot(d, [p[key] for p in r["curve"]], "o", color=colours(k % 10), label=r["round"])
-            f = lookup(r, "fits", f"rl_{key}")
-            if f and f.get("alpha") is not None and max(d) > 0:
-                grid = np.linspace(min(x for x in d if x > 0) / 2, max(d) * 1.1, 60)
-                ax.plot(grid, fits.value("rl", f, grid), "-", color=colours(k % 10), lw=1)
-    for ax, key in zip(axes, ("gold score", "proxy reward (that round's RM)")):
-        ax.set_xlabel("d = √KL(checkpoint ‖ reference)")
-        ax.set_ylabel(key)
-    axes[0].legend(fontsize=8)
+    for k, (label, keys) in enumerate([("all", ()), *((s, ("sources", s)) for s in sources)]):
+        nll = [lookup(r, "forgetting", *keys, "nll") for r in rows]
+        ax.plot(rounds, nll, marker="o", color=colours(k), label=label)
+        ax.plot(rounds, [lookup(r, "forgetting", *keys, "sft_nll") for r in rows], ls="--", color=colours(k), lw=0.8)
+    ax.set_xlabel("round")
+    ax.set_ylabel("mean token NLL (nats)")
+    ax.legend(fontsize=8)
     return png(fig)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from rlhf.core.paths import round_paths
+from rlhf.evaluation import forgetting, harness
 from rlhf.evaluation.metrics import number
 
 COLUMNS = ("round", "gold", "±sem", "best", "proxy", "RM acc", "KL/seq", "KL/token", "length")
@@ -79,6 +80,7 @@ def round_markdown(metrics: dict, samples: list[dict], n_samples: int = 3) -> st
             f"- win rate {name.replace('_', ' ')}: {num(w['mean'])}" + (f" ({w['missing']})" if "missing" in w else "")
         )
     lines += [f"- fit {line}" for line in fit_lines(metrics)]
+    lines += [f"- {line}" for line in forgetting.lines(metrics)]
     lines += [f"- **alarm**: {a}" for a in metrics.get("alarms", [])]
     lines += ["", "| prompt | response | gold |", "|---|---|---|"]
     lines += [
@@ -112,6 +114,9 @@ CSV_COLUMNS = {
     "win_vs_sft": ("win_rate", "vs_sft", "mean"),
     "mmd": ("mmd",),
     "length": ("length",),
+    "nll": ("forgetting", "nll"),
+    "delta_nll": ("forgetting", "delta_nll"),
+    "conversational": ("conversation", "conversational"),
 }
 
 
@@ -149,6 +154,7 @@ def write_report(rounds: list[str], out: str | Path = "reports", project: str | 
             + "</ul>"
         )
     parts.append(_landscape_section([r["round"] for r in rows], project, out))
+    parts.append(_forgetting_section(rows))
     notes = [f"<li><b>{r['round']}</b>: {html.escape(a)}</li>" for r in rows for a in r.get("alarms", [])]
     notes += [
         f"<li><b>{r['round']}</b>: {r['too_long']['prompts']} held-out prompts over prompts.max_prompt_length "
@@ -211,6 +217,77 @@ def _landscape_section(rounds: list[str], project: str | Path, out: Path) -> str
         f"<table><tr><th>{html.escape(a)}</th><th>{html.escape(b)}</th><th>gold</th><th>proxy</th><th>gap</th>"
         f"<th>a sample</th></tr>{rows}</table>"
     )
+
+
+def _forgetting_section(rows: list[dict]) -> str:
+    """What the policy forgets, per round (rlhf/evaluation/forgetting.py): held-out text NLL against the SFT
+    policy's, the conversation checks and lm_eval's scores; then the first answer to a few checks per round."""
+    rows = [r for r in rows if r.get("forgetting") or r.get("conversation") or r.get("lm_eval")]
+    if not rows:
+        return ""
+    return (
+        "<h2>What the policy forgets</h2><p>Mean token NLL (nats) on held-out general text no step trains on "
+        "(<code>evaluate.heldout</code>) against the SFT policy's on the same tokens (Δ &gt; 0: the policy fits "
+        "it worse than SFT did); the conversation checks (<code>evaluate.conversation_checks</code>): the share "
+        "of answers that end, are not empty and do not repeat themselves (seq-rep-4 ≤ 0.5), and their gold.</p>"
+        + _html_table(*forgetting_table(rows))
+        + _check_answers(rows)
+    )
+
+
+def forgetting_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """The header and one row of cells per round: NLL, perplexity, the SFT policy's NLL, Δ (overall and per
+    source), the conversation checks, and each lm_eval task's metrics."""
+
+    def num(x, f=".3f"):
+        return "–" if x is None else format(x, f)
+
+    sources = sorted({s for r in rows for s in (r.get("forgetting") or {}).get("sources", {})})
+    tasks = sorted({(t, m) for r in rows for t, ms in (r.get("lm_eval") or {}).items() for m in harness.scores(ms)})
+    head = ["round", "NLL", "ppl", "SFT NLL", "Δ NLL", *(f"Δ NLL {s}" for s in sources)]
+    head += ["conversational", "ended", "seq-rep-4", "checks gold", *(f"{t} {m}" for t, m in tasks)]
+    cells = []
+    for r in rows:
+        f, c = r.get("forgetting") or {}, r.get("conversation") or {}
+        cells.append(
+            [r["round"], num(f.get("nll")), num(f.get("ppl"), ".2f"), num(f.get("sft_nll"))]
+            + [
+                num(number(f, "delta_nll"), "+.3f"),
+                *(num(number(f, "sources", s, "delta_nll"), "+.3f") for s in sources),
+            ]
+            + [num(c.get("conversational"), ".0%"), num(c.get("ended"), ".0%"), num(c.get("repetition"), ".2f")]
+            + [num(c.get("gold")), *(num(number(r, "lm_eval", t, m)) for t, m in tasks)]
+        )
+    return head, cells
+
+
+def _html_table(head: list[str], cells: list[list[str]]) -> str:
+    import html
+
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in row) + "</tr>" for row in cells)
+    return "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>" + rows + "</table>"
+
+
+def _check_answers(rows: list[dict], n_checks: int = 6) -> str:
+    """The first answer to the first few conversation checks, one column per round (as one would check by hand)."""
+    import html
+
+    examples = {r["round"]: {e["id"]: e for e in (r.get("conversation") or {}).get("examples", [])} for r in rows}
+    ids = list(dict.fromkeys(i for ex in examples.values() for i in ex))[:n_checks]
+    if not ids:
+        return ""
+
+    def cell(e: dict | None) -> str:
+        if e is None:
+            return "<td>–</td>"
+        verdict = f"{'' if e['conversational'] else 'not '}conversational, gold {e['gold']:.2f}"
+        return f"<td>{html.escape(e['response'].strip() or '(empty)')}<br><i>{verdict}</i></td>"
+
+    head = "".join(f"<th>{html.escape(rnd)}</th>" for rnd in examples)
+    body = "".join(
+        f"<tr><td>{html.escape(i)}</td>" + "".join(cell(ex.get(i)) for ex in examples.values()) + "</tr>" for i in ids
+    )
+    return f"<h3>Conversation checks: the first answer per round</h3><table><tr><th>check</th>{head}</tr>{body}</table>"
 
 
 def _seen_line(means: dict) -> str:

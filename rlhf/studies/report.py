@@ -1,5 +1,7 @@
-"""A study's report: the final round of each configuration ranked by gold (mean and sd over seeds), gold
-against d = sqrt(KL) per configuration, and each run's final row (studies/<name>/report/)."""
+"""A study's report: the final round of each configuration ranked by gold (mean and sd over seeds), with where
+gold peaks inside a round (Gao et al.'s RL fit, evaluate.checkpoints) and what the policy forgets (held-out
+NLL, conversation checks); gold against d = sqrt(KL) per configuration, the curves inside every round per
+configuration, and each run's final row (studies/<name>/report/)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,22 @@ from rlhf.core.io import write_text
 from rlhf.evaluation.metrics import lookup, number
 from rlhf.evaluation.report import metrics_rows
 from rlhf.studies.grid import Study, label_of, short_names
+
+# A column of the ranked table (and of runs.csv) -> where a round's metrics.json holds it; the table shows the
+# mean over the seeds that finished.
+SUMMARY = {
+    "gold": ("gold", "mean"),
+    "proxy": ("proxy", "mean"),
+    "kl": ("kl", "per_sequence"),
+    "d": ("kl", "d"),
+    "rm_accuracy": ("proxy_accuracy", "mean"),
+    "peak_d": ("fits", "rl_gold", "d_peak"),
+    "peak_gold": ("fits", "rl_gold", "value_peak"),
+    "nll": ("forgetting", "nll"),
+    "sft_nll": ("forgetting", "sft_nll"),
+    "delta_nll": ("forgetting", "delta_nll"),
+    "conversational": ("conversation", "conversational"),
+}
 
 
 def axis_names(study: Study) -> list[str]:
@@ -25,29 +43,50 @@ def final_rows(study: Study) -> list[dict]:
         finals = [m for r in runs for m in metrics_rows([study.rounds[-1]], r.folder)]
         row: dict[str, Any] = {names[k]: label_of(v) for k, v in runs[0].values.items()}
         row["seeds"] = f"{len(finals)}/{len(runs)}"
-        for name, keys in (("gold", ("gold", "mean")), ("proxy", ("proxy", "mean")), ("kl", ("kl", "per_sequence")),
-                           ("d", ("kl", "d")), ("rm_accuracy", ("proxy_accuracy", "mean"))):
+        for name, keys in SUMMARY.items():
             xs = [x for m in finals if (x := number(m, *keys)) is not None]
             row[name] = statistics.fmean(xs) if xs else None
             if name == "gold":
                 row["gold_sd"] = statistics.stdev(xs) if len(xs) > 1 else None
+        # a seed's fitted peak beyond the d its checkpoints measured is an extrapolation: the table marks it
+        row["peak_outside"] = any("outside" in (lookup(m, "fits", "rl_gold", "note") or "") for m in finals)
         rows.append({"configuration": config, **row})
     rows.sort(key=lambda r: -r["gold"] if r["gold"] is not None else float("inf"))
     return [{"rank": i if r["gold"] is not None else None, **r} for i, r in enumerate(rows, 1)]
 
 
 def markdown_table(rows: list[dict], axes: list[str]) -> str:
-    def num(x):
-        return "–" if x is None else f"{x:.3f}"
+    def num(x, f=".3f"):
+        return "–" if x is None else format(x, f)
 
-    head = ["rank", *axes, "seeds", "gold ± sd", "proxy", "KL", "RM acc"]
+    head = ["rank", *axes, "seeds", "gold ± sd", "proxy", "KL", "RM acc", "peak d", "peak gold", "NLL (Δ SFT)",
+            "conv."]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         gold = "–" if r["gold"] is None else f"**{r['gold']:.3f}** ± {num(r['gold_sd'])}"
+        peak = num(r.get("peak_d")) + ("†" if r.get("peak_outside") and r.get("peak_d") is not None else "")
+        nll = "–" if r.get("nll") is None else f"{r['nll']:.3f} ({num(r.get('delta_nll'), '+.3f')})"
         cells = [str(r["rank"] or "–"), *(str(r[a]) for a in axes), r["seeds"], gold, num(r["proxy"]), num(r["kl"]),
-                 num(r["rm_accuracy"])]
+                 num(r["rm_accuracy"]), peak, num(r.get("peak_gold")), nll, num(r.get("conversational"), ".0%")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def peaks_by_round(study: Study) -> str:
+    """Where gold peaks inside each round, per configuration (the mean over seeds of the RL fit's peak gold and
+    its d): the across-round trend Wolf et al. compare iterations by. '' when no round has a fit."""
+    rounds, cells = study.rounds[1:], {}
+    for config, runs in study.configs.items():
+        cells[config] = []
+        for rnd in rounds:
+            ms = [m for r in runs for m in metrics_rows([rnd], r.folder)]
+            d = [x for m in ms if (x := number(m, *SUMMARY["peak_d"])) is not None]
+            g = [x for m in ms if (x := number(m, *SUMMARY["peak_gold"])) is not None]
+            cells[config].append(f"{statistics.fmean(g):.3f} at d {statistics.fmean(d):.2f}" if d and g else "–")
+    if all(c == "–" for row in cells.values() for c in row):
+        return ""
+    lines = ["| configuration | " + " | ".join(rounds) + " |", "|" + "---|" * (len(rounds) + 1)]
+    return "\n".join([*lines, *(f"| {config} | " + " | ".join(row) + " |" for config, row in cells.items())])
 
 
 def gold_vs_d_png(study: Study) -> bytes:
@@ -76,9 +115,38 @@ def gold_vs_d_png(study: Study) -> bytes:
     return png(fig)
 
 
+def curves_png(study: Study) -> bytes | None:
+    """Gold against d at every checkpoint of every round, one panel per configuration, one colour per round,
+    every seed's points with its fitted RL curve (evaluate.checkpoints); None when no run has curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rlhf.evaluation.plots import curve_panel, png
+
+    rows = {
+        config: [m for r in runs for m in metrics_rows(study.rounds[1:], r.folder) if isinstance(m.get("curve"), list)]
+        for config, runs in study.configs.items()
+    }
+    if not any(rows.values()):
+        return None
+    cols = min(3, len(rows))
+    n = -(-len(rows) // cols)
+    fig, axes = plt.subplots(n, cols, figsize=(4.2 * cols, 3.4 * n), squeeze=False, sharey=True)
+    for ax, (config, ms) in zip(axes.flat, rows.items()):
+        curve_panel(ax, ms, "gold", study.rounds[1:])
+        ax.set_title(config, fontsize=9)
+    for ax in list(axes.flat)[len(rows):]:
+        ax.set_visible(False)
+    axes[0][0].legend(fontsize=7)
+    return png(fig)
+
+
 def write_report(study: Study) -> Path:
-    """studies/<name>/report/: report.md (the ranked final-round table and the plot), gold_vs_d.png, and
-    runs.csv (each run's final round). Offline: nothing to fetch."""
+    """studies/<name>/report/: report.md (the ranked final-round table, the peaks per round and the plots),
+    gold_vs_d.png, curves.png (with evaluate.checkpoints), and runs.csv (each run's final round). Offline:
+    nothing to fetch."""
     import csv
 
     out = study.folder / "report"
@@ -86,19 +154,28 @@ def write_report(study: Study) -> Path:
     rows = final_rows(study)
     (out / "gold_vs_d.png").write_bytes(gold_vs_d_png(study))
     sft = [m["gold"]["mean"] for r in study.runs for m in metrics_rows(["r00"], r.folder)]
-    text = [f"# Study {study.folder.name}", "", f"{study.describe()}. Final round {study.rounds[-1]}; gold is the judge's "
-            "mean score on held-out prompts (± the sd over seeds), proxy the final RM's, KL per sequence to the "
-            "reference, RM acc the proxy's pairwise agreement with gold. Ranked by gold.", "",
+    text = [f"# Study {study.folder.name}", "",
+            f"{study.describe()}. Final round {study.rounds[-1]}; gold is the judge's mean score on held-out prompts "
+            "(± the sd over seeds), proxy the final RM's, KL per sequence to the reference, RM acc the proxy's "
+            "pairwise agreement with gold; peak d and peak gold where Gao et al.'s RL "
+            "form fitted to the round's checkpoints puts gold's peak (evaluate.checkpoints; † beyond the measured d "
+            "in a seed); NLL the mean token NLL on held-out general text (Δ: less the SFT policy's, > 0: forgotten), "
+            "conv. the share of conversation-check answers that stay conversational. Ranked by gold.", "",
             markdown_table(rows, axis_names(study)), ""]
     if sft:
         text += [f"The SFT policy (r00) scores gold {statistics.fmean(sft):.3f} (mean over {len(sft)} runs).", ""]
+    if peaks := peaks_by_round(study):
+        text += ["Where gold peaks inside each round (peak gold at d, mean over seeds):", "", peaks, ""]
     text += ["![gold against d = √KL, one line per configuration](gold_vs_d.png)", ""]
+    (out / "curves.png").unlink(missing_ok=True)  # an earlier report's, when no run has curves any more
+    if (curves := curves_png(study)) is not None:
+        (out / "curves.png").write_bytes(curves)
+        text += ["![gold against d at every checkpoint of every round, one panel per configuration](curves.png)", ""]
     write_text(out / "report.md", "\n".join(text))
     with open(out / "runs.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["run", "configuration", "seed", "gold", "proxy", "kl", "d", "rm_accuracy"])
+        w.writerow(["run", "configuration", "seed", *SUMMARY])
         for r in study.runs:
             for m in metrics_rows([study.rounds[-1]], r.folder):
-                w.writerow([r.id, r.config, r.seed, *(lookup(m, *k) for k in (("gold", "mean"), ("proxy", "mean"),
-                            ("kl", "per_sequence"), ("kl", "d"), ("proxy_accuracy", "mean")))])
+                w.writerow([r.id, r.config, r.seed, *(lookup(m, *k) for k in SUMMARY.values())])
     return out / "report.md"
