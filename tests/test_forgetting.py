@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from rlhf.core.config import TinyModel
+from rlhf.core.config import Config, TinyModel
 from rlhf.core.errors import UserError
 from rlhf.core.paths import SFT, round_paths
 from rlhf.evaluation import forgetting, harness
@@ -118,7 +118,6 @@ def test_lm_eval_not_installed_is_one_line_naming_the_key(monkeypatch):
 
 
 def test_preflight_reads_the_heldout_text_and_checks_and_names_a_missing_task_file(tmp_path):
-    from rlhf.core.config import Config
     from rlhf.orchestration.preflight import check_forgetting
 
     def cfg(**evaluate):
@@ -161,8 +160,19 @@ def test_lm_eval_runs_a_task_defined_on_local_data_on_the_policy_in_memory(tiny_
     ]
     assert set(out) == {"tiny_local"} and out["tiny_local"]["acc"] == pytest.approx(np.mean(right))
     assert "acc_stderr" in out["tiny_local"]
+    cfg = Config.model_validate(
+        {"rounds": {"r01": "r00"}, "evaluate": {"heldout": None, "conversation_checks": None, "lm_eval": [str(task)]}}
+    )
+    assert forgetting.measure(cfg, "r01", tok, model, model, None, None, None, seed=0) == {"lm_eval": out}
+
+
+@pytest.mark.slow
+def test_an_unknown_lm_eval_task_is_one_line_naming_the_key(tiny_lm):
+    """Slow only for lm_eval's indexing of its own thousands of task files (several seconds)."""
+    pytest.importorskip("lm_eval")
+    model, tok = tiny_lm
     with pytest.raises(UserError, match=r"^evaluate.lm_eval: .*no_such_task"):
-        harness.run([str(task), "no_such_task"], model, tok, limit=None, seed=0)
+        harness.run(["no_such_task"], model, tok, limit=None, seed=0)
 
 
 # --- the reports, from hand-made metrics ---------------------------------------------------------------
