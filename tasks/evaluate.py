@@ -7,22 +7,23 @@ ref) sums, over each sampled response, the exact KL of the two next-token distri
 position: an unbiased estimate of the sequence KL that is never negative; d = sqrt(KL) is the distance
 Gao et al. plot gold against. The reference is the one the update regularised toward
 (`update_policy.ref`); with `ref: init` the KL to the SFT policy is added. Win rates compare gold scores
-with the previous round's and the SFT policy's samples of the same prompts (ties count half).
+with the previous round's and the SFT policy's samples of the same prompts (ties count half). The curve
+inside the round and its fits (evaluate.checkpoints) are rlhf/evaluation/curves.py's; what the policy forgets
+(held-out text NLL, conversation checks, lm_eval) is rlhf/evaluation/forgetting.py's.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 
 import numpy as np
 
-from rlhf.core.config import Config, Sampling
+from rlhf.core.config import Config
 from rlhf.core.io import read_jsonl, write_json, write_jsonl
 from rlhf.core.paths import SFT, round_paths
 from rlhf.core.prompts import describe, last_user_turn, messages_of, read_prompts
-from rlhf.evaluation import forgetting
+from rlhf.evaluation import curves, forgetting
 from rlhf.evaluation import metrics as stats
 from rlhf.judges import checked, judge_files, make_judge
 
@@ -93,7 +94,7 @@ def evaluate(cfg: Config, rnd: str) -> dict:
     )
     policy = models.load_policy(paths.policy, dev)
     sample = Sampler(cfg, tok, paths.policy, seed, policy)
-    pure = _pure_sampling(e, k=max([e.samples_per_prompt, *e.best_of_n]))
+    pure = curves.pure_sampling(e, k=max([e.samples_per_prompt, *e.best_of_n]))
     s = sample(prompts, pure.k, pure)
     judge = make_judge(cfg)
     conversations = [messages_of(r["prompt"]) for r in rows]  # what the judge reads
@@ -164,13 +165,13 @@ def evaluate(cfg: Config, rnd: str) -> dict:
         metrics["alarms"] += stats.alarms(metrics["kl"]["sampled_log_ratio"], now, before)
     landscape = _landscape(cfg, sample, tok, judge, reward, rnd)
     if e.checkpoints and rnd != "r00":
-        ctx = _Scoring(cfg, rnd, tok, prompts, conversations, judge, reward, refs["kl"], sample)
-        metrics["curve"] = _curve(ctx, _final_point(e, metrics, gold, proxy))
+        ctx = curves.Scoring(cfg, rnd, tok, prompts, conversations, judge, reward, refs["kl"], sample)
+        metrics["curve"] = curves.curve(ctx, curves.final_point(e, metrics, gold, proxy))
         metrics["alarms"] += stats.curve_alarms(metrics["curve"]) if isinstance(metrics["curve"], list) else []
     if (e.checkpoints or e.best_of_n) and rnd != "r00":
-        metrics["fits"] = _fits(cfg, rnd, metrics, reward)
+        metrics["fits"] = curves.round_fits(cfg, rnd, metrics, reward)
     sft = policy if rnd == "r00" else refs.get("kl_sft", refs["kl"])  # the KL's references hold the SFT policy
-    pure = _pure_sampling(e, e.samples_per_prompt)
+    pure = curves.pure_sampling(e, e.samples_per_prompt)
     metrics |= forgetting.measure(cfg, rnd, tok, policy, sft, sample, judge, pure, seed)
     for alarm in metrics["alarms"]:
         log.warning("evaluate %s: %s", rnd, alarm)
@@ -180,14 +181,6 @@ def evaluate(cfg: Config, rnd: str) -> dict:
     with tracking.curves(cfg, "rounds") as log_metrics:  # one run: each round a step of its curves
         log_metrics({f"eval_{k}": v for k, v in tracking.scalars(metrics).items()}, int(rnd.removeprefix("r")))
     return metrics
-
-
-def _pure_sampling(e, k: int) -> Sampling:
-    """Sampling from the policy itself: temperature 1, no top-k or top-p. Built without Sampling's checks,
-    which are generate's (k >= 2 for pairs): evaluate may draw one sample per prompt or per cell."""
-    return Sampling.model_construct(
-        k=k, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size
-    )
 
 
 def _landscape(cfg: Config, sample, tok, judge, reward, rnd: str) -> dict:
@@ -201,7 +194,7 @@ def _landscape(cfg: Config, sample, tok, judge, reward, rnd: str) -> dict:
         return {"axes": {}}
     cells = landscape.prompts(spec)
     texts = chat.render(tok, cells, "evaluate.landscape")
-    s = sample(texts, spec.samples, _pure_sampling(e, spec.samples))
+    s = sample(texts, spec.samples, curves.pure_sampling(e, spec.samples))
     gold = checked(judge.score([cells[i] for i in s.prompt_index], s.responses), f"evaluate@{rnd} (landscape)")
     proxy = None if reward is None else reward([texts[i] for i in s.prompt_index], s.responses, s.finished)
     training = {
@@ -238,99 +231,3 @@ def _against_earlier(cfg: Config, rnd: str, gold: np.ndarray, reward) -> tuple[d
             ),
         }
     return win, before
-
-
-@dataclass
-class _Scoring:
-    """What scoring a checkpoint of the round needs: the held-out prompts, the judge, the proxy reward, the
-    KL reference, and the round's sampler (its engine reused, the checkpoint's weights swapped in)."""
-
-    cfg: Config
-    rnd: str
-    tok: object
-    prompts: list[str]
-    conversations: list
-    judge: object
-    reward: object
-    ref: object
-    sample: object
-
-
-def _final_point(e, metrics: dict, gold: np.ndarray, proxy: np.ndarray) -> dict:
-    """The curve's last point: the round's own numbers."""
-    return {
-        "step": e.checkpoints + 1,
-        "fraction": 1.0,
-        "gold": float(gold.mean()),
-        "proxy": float(proxy.mean()),
-        "kl": metrics["kl"]["per_sequence"],
-        "d": metrics["kl"]["d"],
-        "win_vs_sft": metrics["win_rate"]["vs_sft"]["mean"],
-    }
-
-
-def _curve(c: _Scoring, final: dict) -> list[dict] | dict:
-    """Each checkpoint of the round scored on the held-out prompts as the final policy is (its own samples:
-    gold, proxy, exact KL to the reference, win rate against SFT), then the final point; the checkpoints are
-    deleted once scored (scratch). Missing when update_policy saved them not (or evaluate already ran)."""
-    import shutil
-
-    from rlhf.ml import checkpoints, models, sampling
-
-    e, folder = c.cfg.evaluate, round_paths(c.rnd).checkpoints
-    saved = checkpoints.saved(folder)
-    if len(saved) != e.checkpoints:
-        return stats.missing(
-            f"{len(saved)} of {e.checkpoints} checkpoints under {folder}: evaluate deletes them once scored; "
-            f"re-run update_policy (dvc repro -f -s update_policy@{c.rnd}) for the curve"
-        )
-    sft = _gold_of(round_paths("r00").eval_samples, len(c.prompts))
-    final_model, points = c.sample.model, []
-    try:
-        for path, meta in saved:
-            policy = models.load_policy(path, models.device(c.cfg))
-            c.sample.model = policy  # the round's sampler on this checkpoint's weights (vLLM: loaded in place)
-            s = c.sample(c.prompts, e.samples_per_prompt, _pure_sampling(e, e.samples_per_prompt))
-            asked = [c.conversations[i] for i in s.prompt_index]
-            gold = checked(c.judge.score(asked, s.responses), f"evaluate@{c.rnd} (checkpoint {meta['index']})")
-            proxy = c.reward([c.prompts[i] for i in s.prompt_index], s.responses, s.finished)
-            kl = float(sampling.sequence_kl(policy, c.ref, c.tok, c.prompts, s)[0].double().mean())
-            win = stats.win_rate(gold.reshape(len(c.prompts), -1), sft) if sft is not None else {"mean": None}
-            point = {"step": meta["index"], "fraction": meta["fraction"], "train_step": meta["step"]}
-            points.append(
-                point | {"gold": float(gold.mean()), "proxy": float(np.mean(proxy)), "kl": kl, "d": math.sqrt(kl)}
-            )
-            points[-1]["win_vs_sft"] = win["mean"]
-    finally:
-        c.sample.model = final_model
-    shutil.rmtree(folder)
-    return [*points, final]
-
-
-def _fits(cfg: Config, rnd: str, metrics: dict, reward) -> dict:
-    """Gao et al.'s forms fitted to the round's curve and best-of-n (rlhf/evaluation/fits.py), the gains
-    measured from the reference's own held-out scores where the reference is one round evaluated before."""
-    from rlhf.evaluation import fits
-    from rlhf.ml.policy import reference_rounds
-
-    curve = metrics.get("curve") if isinstance(metrics.get("curve"), list) else []
-    refs, baseline = reference_rounds(cfg, rnd), {}
-    path = round_paths(refs[0]).eval_samples
-    if len(refs) == 1 and refs[0] in (cfg.rounds[rnd], "r00") and path.is_file():
-        rows = read_jsonl(path, required=("prompt", "response", "gold"))
-        responses, finished = [r["response"] for r in rows], [r.get("finished", True) for r in rows]
-        baseline = {
-            "gold": float(np.mean([r["gold"] for r in rows])),
-            "proxy": float(np.mean(reward([r["prompt"] for r in rows], responses, finished))),
-        }
-    out = fits.round_fits(curve, metrics.get("best_of_n"), baseline)
-    out["baseline"] = {"round": refs[0], **baseline} if baseline else stats.missing("no single evaluated reference")
-    return out
-
-
-def _gold_of(path, n_prompts: int) -> np.ndarray | None:
-    """An earlier round's held-out gold scores as a (prompts, samples) matrix, or None without them."""
-    if not path.is_file():
-        return None
-    gold = np.array([r["gold"] for r in read_jsonl(path, required=("gold",))])
-    return gold.reshape(n_prompts, -1) if gold.size % n_prompts == 0 else np.empty((0, 0))

@@ -455,6 +455,11 @@ class Storage(Section):
         False, "`dvc push` each round's outputs as soon as the round completes (an unreachable remote fails the run)"
     )
     remote: str | None = d(None, "a DVC remote's name; null: the project's default remote")
+    pull: bool = d(
+        False,
+        "restore a stage from the default remote's run-cache when any run, on any machine, already computed it "
+        "(`dvc repro --pull`), rather than compute it again; a study on a work pool sets it with push",
+    )
 
 
 class Config(Section):

@@ -54,6 +54,8 @@ def check_inputs(cfg: Config) -> None:
         read_jsonl(cfg.prepare.sft, required=("prompt", "completion"), what="prepare.sft")
     if cfg.storage.push:
         remote_for_push(cfg.storage.remote)  # a run that would push to no remote stops before it starts
+    if cfg.storage.pull:
+        remote_for_push(None, "storage.pull")  # `dvc repro --pull` reads the default remote
     check_forgetting(cfg)
 
 
