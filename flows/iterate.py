@@ -64,12 +64,15 @@ def stage_env() -> dict[str, str]:
 
 
 @task(task_run_name="{rnd}-{step}")
-def stage(step: str, rnd: str, force: bool = False) -> bool:
-    """Run one step as its DVC stage; returns False when DVC found it up to date and skipped it."""
+def stage(step: str, rnd: str, force: bool = False, pull: bool = False) -> bool:
+    """Run one step as its DVC stage; returns False when DVC found it up to date and skipped it. `pull`
+    (storage.pull): a stage the remote's run-cache holds is downloaded, not computed."""
     log = get_run_logger()
     name = target(step, rnd)
     # dvc dies with this process (rlhf/core/processes.py): a killed run leaves no stage behind to race the next one
-    cmd = dying_with_parent("dvc", "repro", "--single-item", name, *(["--force"] if force else []))
+    cmd = dying_with_parent(
+        "dvc", "repro", "--single-item", name, *(["--force"] if force else []), *(["--pull"] if pull else [])
+    )
     env = stage_env()
     # A session of its own: Ctrl-C reaches this process alone, which stops the stage's whole group on the way out
     # and then reports the interruption (rlhf/orchestration/interrupts.py).
@@ -164,7 +167,7 @@ def _iterate(force: bool, more: int) -> list[dict]:
         print(f"continuing from {round_name(last_completed())}: {', '.join(todo)}")
     with preloaded(stage_env()):  # the steps' processes start with their libraries imported
         for step, rnd in [("prepare", "r00"), *((s, r) for r in todo for s in ROUND_STEPS)]:
-            state = stage(step, rnd, force, return_state=True)
+            state = stage(step, rnd, force, cfg.storage.pull, return_state=True)
             if state.is_failed():
                 return state  # the flow run fails with the stage's message; later stages do not run
             if step in ("prepare", "evaluate"):

@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import time
+from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
@@ -25,7 +26,8 @@ from rlhf.core.errors import StageFailed
 from rlhf.core.io import remove_scratch
 from rlhf.core.processes import dying_with_parent, relay
 from rlhf.orchestration.preflight import check_study
-from rlhf.studies.grid import Study, load_study, prepare_workspace, run_status, study_lock, write_state
+from rlhf.orchestration.storage import configure_remote
+from rlhf.studies.grid import Run, Study, load_study, prepare_workspace, run_status, study_lock, write_state
 from rlhf.studies.report import axis_names, final_rows, markdown_table, write_report
 
 # `rlhf run` as a process that dies with this one, taking its stages with it (rlhf/core/processes.py).
@@ -40,21 +42,22 @@ class StudyFailed(StageFailed):
 @task(task_run_name="{run_id}", cache_policy=NO_CACHE)
 def run_one(study_path: str, run_id: str, api_url: str) -> str:
     """Run one configuration x seed to its last round; returns its final line, or fails with its error."""
-    log = get_run_logger()
     study = load_study(study_path)
     run = next(r for r in study.runs if r.id == run_id)
-    prepare_workspace(study, run)
+    prepare_workspace(run, study.cache)
+    return run_in_workspace(run, run_env(study.spec.parallel, api_url))
+
+
+def run_in_workspace(run: Run, env: dict[str, str], on_line=None) -> str:
+    """`rlhf run` in the run's workspace, its lines logged (and kept in run.log, and passed to `on_line`); the
+    run's state written when it ends. Its final line, or a Failed state with the run's one-line error."""
+    log = get_run_logger()
     started = time.time()
     write_state(run, "running", started=started)
     with (
         open(run.folder / "run.log", "a") as record,
         subprocess.Popen(
-            RUN,
-            cwd=run.folder,
-            env=run_env(study.spec.parallel, api_url),
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
+            RUN, cwd=run.folder, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         ) as proc,
     ):
 
@@ -63,12 +66,16 @@ def run_one(study_path: str, run_id: str, api_url: str) -> str:
                 record.write(line)
                 yield _CHILD_PREFIX.sub("", line)
 
-        # the run's lines, for a console where several interleave
-        tail = relay(lines(), lambda line: log.info(f"[{run_id}] {line}"), keep=1)
+        def show(line: str) -> None:
+            log.info(f"[{run.id}] {line}")  # the run's lines, for a console where several interleave
+            if on_line:
+                on_line(line)
+
+        tail = relay(lines(), show, keep=1)
     if proc.returncode != 0:
         message = (tail[-1] if tail else "").removeprefix("error: ") or f"rlhf run exited with status {proc.returncode}"
         write_state(run, "failed", message, started)
-        return Failed(message=f"{run_id}: {message}", data=StudyFailed(f"{run_id}: {message}"))
+        return Failed(message=f"{run.id}: {message}", data=StudyFailed(f"{run.id}: {message}"))
     write_state(run, "done", started=started)
     return f"done in {time.time() - started:.0f} s"
 
@@ -85,19 +92,29 @@ def run_env(parallel: int, api_url: str) -> dict[str, str]:
 
 
 @flow(name="rlhf-study", flow_run_name="{path}", log_prints=True)
-def study(path: str) -> list[dict]:
-    """Run every configuration x seed of the study file at `path` that has not finished, then report."""
+def study(path: str, pool: str | None = None) -> list[dict]:
+    """Run every configuration x seed of the study file at `path` that has not finished, then report. On a work
+    pool (`pool`, or the study's `pool:`): each run a flow run there (rlhf/orchestration/pool.py)."""
     from prefect.client.orchestration import get_client
 
     s = load_study(path)
     check_study(s)
     with study_lock(s):
-        remove_scratch(s.folder)  # a workspace whose creation was killed half-way
-        todo = [r for r in s.runs if run_status(s, r, active=False)[0] != "done"]
-        print(f"{s.describe()}: {len(s.runs) - len(todo)} done, {len(todo)} to run")
-        with get_client(sync_client=True) as client:  # the runs report to this flow's Prefect server
-            api_url = str(client.api_url).rstrip("/")
-        failed = _run_bounded(s, [r.id for r in todo], api_url)
+        if pool or s.spec.pool:
+            from rlhf.orchestration import pool as pools
+
+            where = pools.resolve(s, pool, deploying=True)
+            print(s.describe().replace(" at a time", " at a time on the pool"))
+            log = get_run_logger()
+            failed, todo = pools.run_all(s, where, say=log.info), s.runs
+            log.info(f"records of {pools.mirror(s, where)} runs pulled from {where.remote}")
+        else:
+            remove_scratch(s.folder)  # a workspace whose creation was killed half-way
+            todo = [r for r in s.runs if run_status(s, r, active=False)[0] != "done"]
+            print(f"{s.describe()}: {len(s.runs) - len(todo)} done, {len(todo)} to run")
+            with get_client(sync_client=True) as client:  # the runs report to this flow's Prefect server
+                api_url = str(client.api_url).rstrip("/")
+            failed = _run_bounded(s, [r.id for r in todo], api_url)
     rows = final_rows(s)
     create_table_artifact(
         key=_artifact_key(s), table=rows, description=f"Study {s.folder.name}: final round, ranked by gold"
@@ -107,6 +124,29 @@ def study(path: str) -> list[dict]:
         message = f"{len(failed)} of {len(todo)} runs failed, first {failed[0]} (see `rlhf study status {path}`)"
         return Failed(message=message, data=StudyFailed(message))
     return rows
+
+
+@flow(name="rlhf-study-run", flow_run_name="{run_id}", log_prints=True)
+def study_run(study: str, run_id: str, params: dict, remote: str, endpoint_url: str | None = None) -> str:
+    """One run of a study on a work pool's worker (rlhf/orchestration/pool.py). The deployment's pull step put
+    the project's code in the working directory: the run's workspace is made from it and `params`; every stage
+    any run already pushed is restored from `remote` rather than computed; each round is pushed as it completes,
+    and the run's record (params, dvc.lock) kept beside the remote, where the study's report finds it."""
+    from rlhf.orchestration import pool
+
+    run = Run(run_id, "", {}, params["runtime"]["seed"], params, Path("studies", study, run_id))
+    prepare_workspace(run, cache=None)
+    configure_remote(remote, endpoint_url, cwd=run.folder)
+
+    def record(line: str) -> None:
+        if re.match(r"r\d\d pushed: ", line):
+            pool.save_record(run, study, remote, endpoint_url)
+
+    # PYTHONPATH: the run's steps import the code that was cloned, which its stages list as their deps
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    result = run_in_workspace(run, env, on_line=record)
+    pool.save_record(run, study, remote, endpoint_url)
+    return result
 
 
 def _run_bounded(s: Study, run_ids: list[str], api_url: str) -> list[str]:

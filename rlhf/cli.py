@@ -151,6 +151,13 @@ def parser() -> argparse.ArgumentParser:
     ):
         ap = actions.add_parser(action, help=text, description=text[0].upper() + text[1:] + ".")
         ap.add_argument("study", metavar="STUDY", help="a study file, e.g. studies/wolf-mini.yaml")
+        if action in ("run", "status", "report"):
+            ap.add_argument(
+                "--pool",
+                metavar="NAME",
+                help="the runs are flow runs on this Prefect work pool, their rounds on the S3 remote (default: "
+                "the study's `pool:`; docs/studies.md, Across machines)",
+            )
         if action == "serve":
             _schedule_args(ap, "study")
     for step in STEPS:
@@ -401,6 +408,8 @@ def _study(args) -> int:
     from rlhf.studies import grid, report
 
     s = grid.load_study(args.study)  # the whole grid is validated before anything runs or is created
+    if args.action in ("run", "status", "report") and (args.pool or s.spec.pool):
+        return _study_on_pool(args, s)
     if args.action == "status":
         print(grid.status_table(s))
         return 0
@@ -430,14 +439,37 @@ def _study(args) -> int:
     return 0
 
 
-def _lasting_api():
-    """A schedule needs a server that outlives this process: PREFECT_API_URL, or this project's `rlhf server`."""
+def _study_on_pool(args, s) -> int:
+    """A study on a work pool: the code the workers clone must be pushed before `run`; the runs' states are on
+    the server (`status`), their rounds on the remote (`report`)."""
+    from rlhf.orchestration import pool
+    from rlhf.orchestration.preflight import check_study
+    from rlhf.studies import grid, report
+
+    where = pool.resolve(s, args.pool, deploying=args.action == "run")
+    if args.action == "report":
+        print(f"records of {pool.mirror(s, where)} runs pulled from {where.remote}")
+        print(f"{report.markdown_table(report.final_rows(s), report.axis_names(s))}\nreport: {report.write_report(s)}")
+        return 0
+    if args.action == "run":
+        check_study(s)
+    with _lasting_api("for the workers: start one where they reach it (`rlhf server --host 0.0.0.0`) and set"):
+        if args.action == "status":
+            print(grid.status_table(s, pool.status_rows(s, where)))
+            return 0
+        from flows.study import study as study_flow
+
+        study_flow(args.study, args.pool)
+    return 0
+
+
+def _lasting_api(missing: str = "to serve on: start one with `rlhf server` (in another terminal), or set"):
+    """A server that outlives this process (a schedule's, a work pool's): PREFECT_API_URL, or this project's
+    `rlhf server`."""
     from rlhf.orchestration.server import prefect_api, project_server
 
     if not (os.environ.get("PREFECT_API_URL") or project_server()):
-        raise UserError(
-            "no Prefect server to serve on: start one with `rlhf server` (in another terminal), or set PREFECT_API_URL"
-        )
+        raise UserError(f"no Prefect server {missing} PREFECT_API_URL")
     return prefect_api()
 
 

@@ -28,9 +28,9 @@ MiB = 2**20
 # ---- DVC's remote -------------------------------------------------------------------------------------
 
 
-def dvc(*args: str) -> str:
-    """Run a dvc command in the project; its output, or a UserError with DVC's first error line."""
-    out = subprocess.run(dying_with_parent("dvc", *args), capture_output=True, text=True)
+def dvc(*args: str, cwd: str | Path | None = None) -> str:
+    """Run a dvc command in the project (or in `cwd`); its output, or a UserError with DVC's first error line."""
+    out = subprocess.run(dying_with_parent("dvc", *args), capture_output=True, text=True, cwd=cwd)
     if out.returncode:
         raise UserError(f"dvc {args[0]} failed: {error_line(out.stderr.splitlines())}")
     return out.stdout
@@ -42,26 +42,39 @@ def remotes() -> dict[str, tuple[str, bool]]:
     return {r[0]: (r[1], "(default)" in r) for r in rows}
 
 
-def configure_remote(url: str, endpoint_url: str | None = None, name: str = "s3", check: bool = True) -> str:
-    """Make `url` the project's default DVC remote, `name` (replacing one of that name). Only the URL and
-    the endpoint are written, to .dvc/config: credentials stay in the environment or boto3's chain."""
+def default_remote() -> tuple[str, str | None] | None:
+    """The project's default DVC remote: (URL, its endpointurl or None), or None when it has none."""
+    name = next((n for n, (_, is_default) in remotes().items() if is_default), None)
+    if name is None:
+        return None
+    endpoint = subprocess.run(
+        dying_with_parent("dvc", "config", f"remote.{name}.endpointurl"), capture_output=True, text=True
+    ).stdout.strip()
+    return remotes()[name][0], endpoint or None
+
+
+def configure_remote(
+    url: str, endpoint_url: str | None = None, name: str = "s3", check: bool = True, cwd: str | Path | None = None
+) -> str:
+    """Make `url` the project's (or `cwd`'s) default DVC remote, `name` (replacing one of that name). Only the URL
+    and the endpoint are written, to .dvc/config: credentials stay in the environment or boto3's chain."""
     split_s3(url)
     if check:
         check_bucket(url, endpoint_url)
-    dvc("remote", "add", "--default", "--force", name, url)
+    dvc("remote", "add", "--default", "--force", name, url, cwd=cwd)
     if endpoint_url:
-        dvc("remote", "modify", name, "endpointurl", endpoint_url)
+        dvc("remote", "modify", name, "endpointurl", endpoint_url, cwd=cwd)
     return f"DVC remote {name!r}: {url}" + (f" at {endpoint_url}" if endpoint_url else "") + " (the default)"
 
 
-def remote_for_push(name: str | None) -> str:
-    """The remote `storage.push` pushes to: `name`, or the default one; one line when there is none."""
+def remote_for_push(name: str | None, key: str = "storage.push") -> str:
+    """The remote `storage.push` pushes to: `name`, or the default one; one line naming `key` when there is none."""
     have = remotes()
     if name is None:
         default = [n for n, (_, is_default) in have.items() if is_default]
         if not default:
             raise UserError(
-                "storage.push: the project has no default DVC remote; add one with "
+                f"{key}: the project has no default DVC remote; add one with "
                 "`rlhf remote s3://bucket/prefix`, or name one in storage.remote"
             )
         return default[0]
@@ -71,11 +84,12 @@ def remote_for_push(name: str | None) -> str:
 
 
 def push_round(rnd: str, remote: str | None = None) -> str:
-    """`dvc push` the outputs of round `rnd`'s stages; DVC's summary, or one line naming the remote."""
+    """`dvc push` the outputs of round `rnd`'s stages, and the run-cache (what `storage.pull` restores a stage
+    from on another machine); DVC's summary, or one line naming the remote."""
     targets = ["prepare"] if rnd == "r00" else [f"{step}@{rnd}" for step in ROUND_STEPS]
     name = remote_for_push(remote)
     try:
-        out = dvc("push", "--remote", name, *targets)
+        out = dvc("push", "--run-cache", "--remote", name, *targets)
     except UserError as e:
         url = remotes()[name][0]
         raise UserError(f"dvc push of {rnd} to remote {name!r} ({url}) failed: {_dvc_problem(e)}") from None

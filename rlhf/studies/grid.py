@@ -21,10 +21,11 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -41,6 +42,18 @@ STATE = "study-run.json"  # a run's state, beside its params.yaml
 RESERVED = {"rounds": "set the study's `rounds:`", "runtime.seed": "list the seeds under `seeds:`"}
 
 
+class PoolSpec(BaseModel):
+    """A study file's `pool:`: its runs as flow runs on a Prefect work pool (docs/studies.md, "Across machines")."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str | None = None  # the work pool (`rlhf study run --pool NAME` overrides it)
+    remote: str | None = None  # s3://bucket/prefix every worker shares; default: the project's default DVC remote
+    endpoint_url: str | None = None  # an S3-compatible store's endpoint; default: that remote's endpointurl
+    source: str | None = None  # where workers get the code: a git URL (default: origin) or a shared folder
+    commit: str | None = None  # the commit a git source is cloned at; default: HEAD (which must be on origin)
+
+
 class StudySpec(BaseModel):
     """A study file. `set` has the shape of params.yaml; `axes` maps dotted params keys to lists of values."""
 
@@ -52,6 +65,7 @@ class StudySpec(BaseModel):
     seeds: list[int] = Field([0], min_length=1)
     rounds: int | None = Field(None, gt=0)  # None: the base's rounds
     parallel: int = Field(1, gt=0)  # runs at once
+    pool: PoolSpec | None = None  # None: the runs run on this machine
 
 
 @dataclass
@@ -204,13 +218,14 @@ def params_text(run: Run) -> str:
     return yaml.safe_dump(run.params, sort_keys=False)
 
 
-def prepare_workspace(study: Study, run: Run, root: Path = Path(".")) -> None:
-    """Create the run's DVC project (once), then bring its params, dvc.yaml and data files up to date."""
+def prepare_workspace(run: Run, cache: Path | None, root: Path = Path(".")) -> None:
+    """Create the run's DVC project (once), then bring its params, dvc.yaml and data files up to date. `cache`:
+    the DVC cache the study's runs share on this machine; None: the workspace's own (a worker's)."""
     ws = run.folder
     if not (ws / ".dvc").is_dir():
         with atomic_dir(ws) as tmp:
-            for args in (["init", "--no-scm", "-q"], ["config", "core.analytics", "false"],
-                         ["cache", "dir", os.path.relpath(study.cache, ws)]):
+            share = [["cache", "dir", os.path.relpath(cache, ws)]] if cache else []
+            for args in (["init", "--no-scm", "-q"], ["config", "core.analytics", "false"], *share):
                 out = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=tmp, capture_output=True, text=True)
                 if out.returncode:
                     raise UserError(f"{ws}: dvc {args[0]} failed: {(out.stderr.strip() or 'no output').splitlines()[-1]}")
@@ -294,11 +309,16 @@ def is_active(study: Study) -> bool:
         return True
 
 
-def status_table(study: Study) -> str:
-    active = is_active(study) if study.folder.is_dir() else False
-    rows = [(r.id, *run_status(study, r, active), f"{rounds_done(study, r)}/{len(study.rounds) - 1}") for r in study.runs]
+def status_table(study: Study, rows: list[tuple[str, str, str, str]] | None = None) -> str:
+    """Each run's (id, state, rounds done, note): from the runs' folders here, or the `rows` a pool's server gave."""
+    if rows is None:
+        active = is_active(study) if study.folder.is_dir() else False
+        rows = []
+        for r in study.runs:
+            state, note = run_status(study, r, active)
+            rows.append((r.id, state, f"{rounds_done(study, r)}/{len(study.rounds) - 1}", note))
     counts = {s: sum(row[1] == s for row in rows) for s in dict.fromkeys(row[1] for row in rows)}
     width = max(len(r.id) for r in study.runs)
-    lines = [f"{r.ljust(width)}  {s:<12} {n:>6}  {note}".rstrip() for r, s, note, n in rows]
+    lines = [f"{r.ljust(width)}  {s:<12} {n:>6}  {note}".rstrip() for r, s, n, note in rows]
     head = f"{'run'.ljust(width)}  {'state':<12} {'rounds':>6}  note"
     return "\n".join([study.describe(), ", ".join(f"{n} {s}" for s, n in counts.items()), "", head, *lines])

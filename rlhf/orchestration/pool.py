@@ -1,0 +1,324 @@
+"""A study across machines: each run a flow run of the deployment `rlhf-study-run/<study>` on a Prefect work
+pool, the rounds shared through the S3 remote.
+
+Whoever runs `rlhf study run --pool NAME` deploys flows/study.py's `study_run` from the project's code (a git
+URL at a commit, or a folder every worker sees), submits every run the server does not already hold as done
+or in flight, and follows them: a run whose heartbeats stop (its worker died) is marked Crashed and
+submitted again, and resumes from what the remote holds. A worker needs the project's environment, the
+remote's credentials and PREFECT_API_URL, nothing else: `study_run` makes the run's workspace from the code,
+restores every stage any run already pushed (`storage.pull`: DVC's run-cache on the remote), pushes each
+round as it completes (`storage.push`), and keeps the run's record (params.yaml, dvc.yaml, dvc.lock) beside
+the remote under `studies/<study>/<run-id>/`. Status comes from the server, the report from those records
+and the metrics DVC pulls for them, so both work from any checkout of the project with the remote.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import subprocess
+import time
+from dataclasses import dataclass
+from datetime import UTC
+from pathlib import Path
+
+from rlhf.core.errors import UserError
+from rlhf.core.paths import round_paths
+from rlhf.core.s3 import client, s3_errors, split_s3
+from rlhf.evaluation.metrics import lookup
+from rlhf.orchestration.storage import configure_remote, default_remote, dvc
+from rlhf.studies.grid import PoolSpec, Run, Study
+
+FLOW = "rlhf-study-run"  # the deployed flow (flows/study.py); a study's deployment is FLOW/<study name>
+ENTRYPOINT = "flows/study.py:study_run"
+HEARTBEAT = 30  # seconds between a flow run's heartbeats (Prefect's shortest); three missed: its worker is gone
+RECORD = ("params.yaml", "dvc.yaml", "dvc.lock")  # what the report needs of a run: its metrics' hashes
+RESUBMITS = 3  # times one `rlhf study run` submits a run again after its worker died
+IN_FLIGHT = ("SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING")
+
+
+@dataclass(frozen=True)
+class Pool:
+    name: str  # the work pool
+    remote: str  # s3://bucket/prefix: the DVC remote; runs' records under <remote>/studies/
+    endpoint_url: str | None
+    source: str  # a git URL, or a folder every worker sees
+    commit: str | None  # for a git source
+
+
+def resolve(study: Study, name: str | None = None, deploying: bool = False) -> Pool:
+    """The study's pool from `pool:` and `--pool`, its defaults taken from the project (its default DVC remote,
+    its git origin and HEAD); one line naming what is missing. `deploying`: the code the workers will clone
+    must be committed and pushed."""
+    spec = study.spec.pool or PoolSpec()
+    where = f"{study.path}: pool"
+    name = name or spec.name
+    if not name:
+        raise UserError(f"{where}: name: no work pool named (give `pool: {{name: NAME}}` or --pool NAME)")
+    remote, endpoint = spec.remote, spec.endpoint_url
+    if remote is None:
+        if (found := default_remote()) is None:
+            raise UserError(f"{where}: remote: none named and the project has no default DVC remote (`rlhf remote`)")
+        remote, endpoint = found[0], endpoint or found[1]
+    split_s3(remote)
+    source, commit = spec.source, spec.commit
+    if source is None:
+        source = _git("remote", "get-url", "origin", what=f"{where}: source: the project has no git remote origin")
+    if deploying and not shared_folder(source) and commit is None:
+        commit = _git("rev-parse", "HEAD", what=f"{where}: commit: the project has no commit")
+        if _git("status", "--porcelain", "--untracked-files=no", "--", "rlhf", "tasks", "flows", what=""):
+            raise UserError(f"{where}: the code has uncommitted changes; workers clone {commit[:12]}: commit and push")
+        if not _git("branch", "-r", "--contains", commit, what=""):
+            raise UserError(f"{where}: commit {commit[:12]} is not on any remote branch: `git push` it for the workers")
+    return Pool(name, remote.rstrip("/"), endpoint, source, commit)
+
+
+def shared_folder(source: str) -> bool:
+    """A source that is a checkout of the project on a shared filesystem, not a repository to clone."""
+    return Path(source, "flows", "study.py").is_file()
+
+
+def _git(*args: str, what: str) -> str:
+    out = subprocess.run(["git", *args], capture_output=True, text=True)
+    if out.returncode and what:
+        raise UserError(what)
+    return out.stdout.strip()
+
+
+def run_params(run: Run) -> dict:
+    """A run's params on a worker: every stage restored from the remote when any run computed it, and each
+    round pushed as it completes (the storage section is no stage's param: no hash changes)."""
+    return {**run.params, "storage": {"push": True, "pull": True, "remote": None}}
+
+
+def record_uri(remote: str, study: str, run_id: str) -> str:
+    return f"{remote}/studies/{study}/{run_id}"
+
+
+# ---- the server: deployment, submissions, states ------------------------------------------------------
+
+
+def deploy(study: Study, pool: Pool) -> str:
+    """Create (or update) the study's deployment on the pool; its name. At most `parallel` of its runs at once."""
+    from prefect import flow
+    from prefect.exceptions import ObjectNotFound
+    from prefect.runner.storage import GitRepository
+
+    with _server() as c:
+        try:
+            c.read_work_pool(pool.name)
+        except ObjectNotFound:
+            raise UserError(
+                f"pool: no work pool {pool.name!r} on the Prefect server at {c.api_url}: create it with "
+                f"`prefect work-pool create {pool.name} --type process`"
+            ) from None
+    source = pool.source if shared_folder(pool.source) else GitRepository(url=pool.source, commit_sha=pool.commit)
+    deployable = flow.from_source(source=source, entrypoint=ENTRYPOINT)
+    with contextlib.redirect_stdout(io.StringIO()):  # its table of deployments: the caller says it in one line
+        deployable.deploy(
+            name=study.folder.name,
+            work_pool_name=pool.name,
+            concurrency_limit=study.spec.parallel,
+            job_variables={"env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT)}},
+            build=False,
+            push=False,
+            print_next_steps=False,
+        )
+    return f"{FLOW}/{study.folder.name}"
+
+
+def _server():
+    from prefect.client.orchestration import get_client
+
+    return get_client(sync_client=True)
+
+
+def latest(study: Study) -> dict[str, object]:
+    """run-id -> the newest flow run of the study's deployment with the run's params (not found: absent)."""
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowFilter, FlowFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    wanted = {r.id: run_params(r) for r in study.runs}
+    with _server() as c:
+        runs = c.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[FLOW])),
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[study.folder.name])),
+            sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+        )
+    out: dict[str, object] = {}
+    for fr in runs:  # newest first
+        if fr.name in wanted and fr.name not in out and fr.parameters.get("params") == wanted[fr.name]:
+            out[fr.name] = fr
+    return out
+
+
+def submit(study: Study, pool: Pool, run: Run) -> None:
+    from prefect.deployments import run_deployment
+
+    run_deployment(
+        f"{FLOW}/{study.folder.name}",
+        parameters={
+            "study": study.folder.name,
+            "run_id": run.id,
+            "params": run_params(run),
+            "remote": pool.remote,
+            "endpoint_url": pool.endpoint_url,
+        },
+        flow_run_name=run.id,
+        timeout=0,
+        as_subflow=False,
+        tags=[f"study:{study.folder.name}"],
+    )
+
+
+def dead(fr) -> str | None:
+    """Why a running flow run is dead, when it sent no heartbeat in three periods: its worker (or machine) is
+    gone. It is marked Crashed on the server, with that message, so that every reader agrees."""
+    from datetime import datetime, timedelta
+
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
+    from prefect.states import Crashed
+
+    if fr.state.type.name != "RUNNING":
+        return False
+    since = datetime.now(UTC) - timedelta(seconds=3 * HEARTBEAT)
+    if fr.start_time and fr.start_time > since:
+        return False
+    with _server() as c:
+        beats = c.read_events(
+            EventFilter(
+                event=EventNameFilter(name=["prefect.flow-run.heartbeat"]),
+                resource=EventResourceFilter(id=[f"prefect.flow-run.{fr.id}"]),
+                occurred=EventOccurredFilter(since=since),
+            ),
+            limit=1,
+        )
+        if beats.events:
+            return None
+        message = f"no heartbeat for {3 * HEARTBEAT} s: its worker stopped"
+        c.set_flow_run_state(fr.id, Crashed(message=message))  # orchestrated: its concurrency slot is freed
+    return message
+
+
+def run_all(study: Study, pool: Pool, say, poll: float = 5.0) -> list[str]:
+    """Deploy, submit what the server holds neither as done nor in flight, follow the runs to their ends
+    (submitting again one whose worker died), and return the failures' messages in grid order."""
+    say(f"deployment {deploy(study, pool)} on work pool {pool.name!r}; rounds shared through {pool.remote}")
+    submitted: dict[str, int] = {}
+    ended: dict[str, str] = {}  # run-id -> "" (done) or its failure's message
+    while True:
+        runs = latest(study)
+        waiting = 0
+        for run in study.runs:
+            fr = runs.get(run.id)
+            state, message = (fr.state.type.name, fr.state.message) if fr else (None, None)
+            if state == "RUNNING" and (why := dead(fr)):
+                state, message = "CRASHED", why
+            if state in IN_FLIGHT:
+                waiting += 1
+            elif state == "COMPLETED":
+                _end(run.id, "", ended, study, say)
+            elif state is None and _prepare_pending(study, pool, run, submitted, ended):
+                waiting += 1
+            elif (state in (None, "CRASHED", "CANCELLED") or run.id not in submitted) and (
+                submitted.get(run.id, 0) <= RESUBMITS  # a run that failed before this command: once more
+            ):
+                if fr is not None:
+                    say(f"{run.id}: {state.lower()} ({message or 'no message'}); submitted again")
+                submit(study, pool, run)
+                submitted[run.id] = submitted.get(run.id, 0) + 1
+                waiting += 1
+            else:
+                _end(run.id, f"{run.id}: {message or state.lower()}", ended, study, say)
+        if not waiting:
+            return [ended[r.id] for r in study.runs if ended.get(r.id)]
+        time.sleep(poll)
+
+
+def _prepare_pending(study: Study, pool: Pool, run: Run, submitted: dict, ended: dict) -> bool:
+    """Whether a run with the same `prepare` (its params and seed) is on its way but has not pushed it yet: the
+    run waits for it, then restores prepare from the remote rather than compute it a second time."""
+    from tasks import prepare
+
+    def key(r: Run) -> str:
+        return json.dumps([lookup(r.params, *k.split(".")) for k in prepare.PARAMS], sort_keys=True)
+
+    first = next((o for o in study.runs if o.id in submitted and o.id not in ended and key(o) == key(run)), None)
+    if first is None or first.id == run.id:
+        return False
+    lock = _read(f"{record_uri(pool.remote, study.folder.name, first.id)}/dvc.lock", pool.endpoint_url)
+    return not (lock and "\n  prepare:" in lock)
+
+
+def _end(run_id: str, failure: str, ended: dict, study: Study, say) -> None:
+    if run_id not in ended:
+        ended[run_id] = failure
+        say(f"[{len(ended)}/{len(study.runs)}] {failure or f'{run_id}: done'}")
+
+
+def status_rows(study: Study, pool: Pool) -> list[tuple[str, str, str, str]]:
+    """(run-id, state, rounds done, note) from the server's flow runs and the runs' records on the remote."""
+    runs = latest(study)
+    rows = []
+    for run in study.runs:
+        fr = runs.get(run.id)
+        state = {None: "not started", "COMPLETED": "done", "PENDING": "scheduled"}.get(
+            fr and fr.state.type.name, fr and fr.state.type.name.lower()
+        )
+        note = (fr.state.message or "") if fr and state in ("failed", "crashed", "cancelled") else ""
+        lock = _read(record_uri(pool.remote, study.folder.name, run.id) + "/dvc.lock", pool.endpoint_url)
+        done = len(set(re.findall(r"^  evaluate@(r\d\d):", lock or "", re.M)))
+        rows.append((run.id, state, f"{done}/{len(study.rounds) - 1}", note))
+    return rows
+
+
+# ---- records on the remote ----------------------------------------------------------------------------
+
+
+def save_record(run: Run, study: str, pool_remote: str, endpoint_url: str | None) -> None:
+    """The run's params.yaml, dvc.yaml and dvc.lock beside the remote, where any checkout finds its metrics."""
+    uri = record_uri(pool_remote, study, run.id)
+    bucket, key = split_s3(uri)
+    s3 = client(endpoint_url)
+    with s3_errors(uri, s3):
+        for name in RECORD:
+            if (run.folder / name).is_file():
+                s3.upload_file(str(run.folder / name), bucket, f"{key}/{name}")
+
+
+def _read(uri: str, endpoint_url: str | None) -> str | None:
+    bucket, key = split_s3(uri)
+    s3 = client(endpoint_url)
+    try:
+        with s3_errors(uri, s3):
+            return s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+    except UserError as e:
+        if "no such object" in str(e):
+            return None
+        raise
+
+
+def mirror(study: Study, pool: Pool) -> int:
+    """Each run's record and every round's metrics.json, pulled from the remote into the run's folder here
+    (a DVC project of its own, as a local study's), so the study's report reads them as it reads a local run's.
+    Returns how many runs have a record."""
+    have = 0
+    for run in study.runs:
+        texts = {
+            n: _read(f"{record_uri(pool.remote, study.folder.name, run.id)}/{n}", pool.endpoint_url) for n in RECORD
+        }
+        if not texts["dvc.lock"]:
+            continue
+        have += 1
+        run.folder.mkdir(parents=True, exist_ok=True)
+        if not (run.folder / ".dvc").is_dir():
+            dvc("init", "--no-scm", "-q", cwd=run.folder)
+            dvc("config", "core.analytics", "false", cwd=run.folder)
+        for name, text in texts.items():
+            (run.folder / name).write_text(text)
+        configure_remote(pool.remote, pool.endpoint_url, check=False, cwd=run.folder)
+        rounds = sorted(set(re.findall(r"^  evaluate@(r\d\d):", texts["dvc.lock"], re.M)))
+        dvc("pull", "-q", *(str(round_paths(r).metrics) for r in ["r00", *rounds]), cwd=run.folder)
+    return have

@@ -1,0 +1,240 @@
+"""A study across machines, on loopback: a real Prefect server (`rlhf server`), a process work pool with two
+workers started from two folders of their own, and an S3 API server (moto) as the shared DVC remote.
+
+`rlhf study run --pool` submits the four runs; the workers clone the project's commit, each runs at least one
+run, and `prepare` is computed once per seed in the whole study. One worker is killed (its whole process tree,
+as a machine dies) in the middle of a run: the study notices the missing heartbeats, submits the run again,
+and it finishes on the other worker, restoring the rounds it had pushed. Status and report, from a fresh clone
+that never saw a worker's disk, agree with the same study run on this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+
+from rlhf.core.errors import UserError
+from rlhf.core.processes import free_port
+from tests.conftest import BIN, TINY, make_project
+from tests.test_storage import client, env, start_moto
+from tests.test_study import STUDY, rlhf, write_study
+
+SPEC = {**STUDY, "seeds": [0, 1], "rounds": 2, "parallel": 2}
+RUNS = ["beta=0.1,seed=0", "beta=0.1,seed=1", "beta=0.5,seed=0", "beta=0.5,seed=1"]
+
+
+def git(*args, cwd):
+    return subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True, capture_output=True, text=True
+    ).stdout
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a worker and everything under it, as when its machine dies."""
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in tree:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory):
+    proc, url = start_moto(tmp_path_factory.mktemp("moto"))
+    client(url).create_bucket(Bucket="lab")
+    yield url
+    proc.kill()
+
+
+def test_a_pool_study_names_what_the_workers_would_miss_before_anything_starts(tmp_path, monkeypatch, capsys):
+    """No remote, no origin, uncommitted or unpushed code, no server the workers reach: each one line."""
+    from rlhf.cli import main
+    from rlhf.orchestration.pool import resolve
+    from rlhf.studies.grid import load_study
+
+    project = make_project(tmp_path / "p", TINY)
+    shutil.copy(project / "data" / "sft.jsonl", project / "data" / "sft_small.jsonl")
+    monkeypatch.chdir(project)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    study = write_study(project, "lab", {**STUDY, "pool": {"name": "lab-pool"}})
+
+    def error(remote=None):
+        spec = {**STUDY, "pool": {"name": "lab-pool", **({"remote": remote} if remote else {})}}
+        with pytest.raises(UserError) as e:
+            resolve(load_study(write_study(project, "lab", spec)), deploying=True)
+        return str(e.value)
+
+    assert error() == f"{study}: pool: remote: none named and the project has no default DVC remote (`rlhf remote`)"
+    assert error("s3://lab/rlhf") == f"{study}: pool: source: the project has no git remote origin"
+    git("init", "-q", "-b", "main", cwd=project)
+    git("remote", "add", "origin", str(tmp_path / "origin.git"), cwd=project)
+    git("init", "-q", "--bare", str(tmp_path / "origin.git"), cwd=tmp_path)
+    git("add", "rlhf", "tasks", "flows", cwd=project)
+    git("commit", "-qm", "code", cwd=project)
+    head = git("rev-parse", "HEAD", cwd=project)[:12]
+    assert (
+        error("s3://lab/rlhf")
+        == f"{study}: pool: commit {head} is not on any remote branch: `git push` it for the workers"
+    )
+    git("push", "-q", "origin", "main", cwd=project)
+    (project / "tasks" / "label.py").write_text((project / "tasks" / "label.py").read_text() + "\n")
+    assert (
+        error("s3://lab/rlhf")
+        == f"{study}: pool: the code has uncommitted changes; workers clone {head}: commit and push"
+    )
+    git("checkout", "tasks/label.py", cwd=project)
+    assert resolve(load_study(study), deploying=True).commit.startswith(head)
+    with pytest.raises(SystemExit) as e:
+        main(["study", "run", study])
+    assert e.value.code == 2  # no server the workers could reach: one line, before anything is deployed
+    assert capsys.readouterr().err == (
+        "error: no Prefect server for the workers: start one where they reach it (`rlhf server --host 0.0.0.0`) "
+        "and set PREFECT_API_URL\n"
+    )
+
+
+@pytest.mark.slow
+def test_a_study_on_two_workers_survives_one_dying_and_reports_as_a_local_one(project, moto, tmp_path):
+    e = env(tmp_path)
+    # The project as a lab keeps it: a git repository with an origin the workers clone, and an S3 remote.
+    origin = tmp_path / "origin.git"
+    git("init", "-q", "--bare", "-b", "main", str(origin), cwd=tmp_path)
+    study = write_study(project, "pool", {**SPEC, "pool": {"name": "lab-pool"}})
+    write_study(project, "here", SPEC)
+    (project / ".gitignore").write_text("studies/*/\ndata/rounds/\n.prefect/\n/dvc.lock\n")
+    git("init", "-q", "-b", "main", cwd=project)
+    git("remote", "add", "origin", str(origin), cwd=project)
+    out = subprocess.run(
+        [BIN / "rlhf", "remote", "s3://lab/rlhf", "--endpoint-url", moto],
+        cwd=project,
+        env=e,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    git("add", "-A", cwd=project)
+    git("commit", "-qm", "the project", cwd=project)
+    git("push", "-q", "origin", "main", cwd=project)
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    procs = []
+    try:
+        server = subprocess.Popen(
+            [BIN / "rlhf", "server", "--port", str(free_port())],
+            cwd=project,
+            stdout=(logs / "server.log").open("w"),
+            stderr=subprocess.STDOUT,
+            env=e,
+        )
+        procs.append(server)
+        record = project / ".prefect" / "server.json"
+        deadline = time.monotonic() + 120
+        while not record.exists():
+            assert server.poll() is None and time.monotonic() < deadline, (logs / "server.log").read_text()
+            time.sleep(0.5)
+        e["PREFECT_API_URL"] = json.loads(record.read_text())["api_url"]
+        subprocess.run(
+            [BIN / "prefect", "work-pool", "create", "lab-pool", "--type", "process"],
+            env=e,
+            check=True,
+            capture_output=True,
+        )
+        workers = {}
+        for name in ("w1", "w2"):  # each in a folder of its own, as on two machines; one run at a time each
+            (tmp_path / name).mkdir()
+            workers[name] = subprocess.Popen(
+                [BIN / "prefect", "worker", "start", "--pool", "lab-pool", "--limit", "1", "--name", name],
+                cwd=tmp_path / name,
+                stdout=(logs / f"{name}.log").open("w"),
+                stderr=subprocess.STDOUT,
+                env={**e, "PREFECT_WORKER_QUERY_SECONDS": "2", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"},
+                start_new_session=True,
+            )
+            procs.append(workers[name])
+        runner = subprocess.Popen(
+            [BIN / "rlhf", "study", "run", study],
+            cwd=project,
+            env=e,
+            stdout=(logs / "study.log").open("w"),
+            stderr=subprocess.STDOUT,
+        )
+        procs.append(runner)
+
+        # Kill w1 once a run of its own has pushed round 1 and is into round 2.
+        deadline = time.monotonic() + 900
+        while not (victim := _pushed_r01(logs / "w1.log")):
+            assert runner.poll() is None and time.monotonic() < deadline, _tail(logs)
+            time.sleep(1)
+        kill_tree(workers["w1"])
+        runner.wait(timeout=1500)
+        study_log = (logs / "study.log").read_text()
+        assert runner.returncode == 0, _tail(logs)
+        _same_study_here_and_from_a_clone(project, tmp_path, study, e, origin)
+    finally:
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+    w1, w2 = ((logs / f"{n}.log").read_text() for n in ("w1", "w2"))
+    for name, text in (("w1", w1), ("w2", w2)):
+        assert "submitting flow run" in text, f"{name} ran no run"
+    assert f"{victim}: crashed (no heartbeat" in study_log and "submitted again" in study_log
+    # The run finished on w2 after the rounds it had pushed were restored, not recomputed.
+    resumed = [line for line in w2.splitlines() if f"Flow run '{victim}'" in line]
+    assert any("Stage 'evaluate@r01' is cached" in line for line in resumed), "\n".join(resumed[-40:])
+    assert any("Running stage 'generate@r02'" in line for line in resumed)
+    # prepare ran once per seed in the whole study, every other run restored it from the remote
+    assert (w1 + w2).count("Running stage 'prepare'") == 2
+
+
+def _same_study_here_and_from_a_clone(project, tmp_path, study, e, origin) -> None:
+    """The same study on this machine, then status and report from a clone that never saw a worker's disk."""
+    out = rlhf("study", "run", "studies/here.yaml", cwd=project, env=e)
+    assert out.returncode == 0, out.stderr[-3000:]
+    here = _table(out.stdout + out.stderr)  # the flow logs its table
+    elsewhere = tmp_path / "elsewhere"
+    git("clone", "-q", str(origin), str(elsewhere), cwd=tmp_path)
+    shutil.copy(project / study, elsewhere / study)
+    status = rlhf("study", "status", study, cwd=elsewhere, env=e)
+    assert status.returncode == 0, status.stderr
+    assert "4 done" in status.stdout and all(re.search(rf"{re.escape(r)}\s+done\s+2/2", status.stdout) for r in RUNS)
+    report = rlhf("study", "report", study, cwd=elsewhere, env=e)
+    assert report.returncode == 0, report.stderr
+    assert _table(report.stdout) == here
+    assert (elsewhere / "studies/pool/report/report.md").is_file()
+
+
+def _pushed_r01(log) -> str | None:
+    """The run on this worker whose round 1 is pushed, or None."""
+    m = re.search(r"Flow run '([^']+)' - .*r01 pushed: ", log.read_text() if log.exists() else "")
+    return m and m[1]
+
+
+def _table(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| rank")]
+
+
+def _tail(logs) -> str:
+    return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(logs.iterdir()))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    project = make_project(tmp_path_factory.mktemp("pool") / "project", TINY)
+    sft = (project / "data" / "sft.jsonl").read_text().splitlines(keepends=True)
+    (project / "data" / "sft_small.jsonl").write_text("".join(sft[:600]))  # STUDY's cheaper prepare
+    return project
