@@ -59,6 +59,7 @@ def prepare(cfg: Config) -> dict:
         models.save(policy, tok, SFT.policy)
     if not is_main():  # a rank of a several-process launch: evaluation is inference, rank 0's alone
         return {}
+    models.load_whole()  # alone: ZeRO-3 would partition each model evaluate loads over ranks that have left
     return evaluate(cfg, "r00")
 
 
@@ -82,14 +83,20 @@ def _build_tiny(cfg: Config, seed: int) -> None:
         for m in messages_of(r["prompt"])
     ]
     answers = [" ".join(m["content"] for m in messages_of(r[k])) for r in sft for k in ("prompt", "completion")]
+    if models.launched_with() == "FSDP" and p.tiny.pretrain_epochs and p.sft_epochs:
+        raise UserError(
+            "prepare.tiny.pretrain_epochs: under FSDP (runtime.accelerate_config) SFT cannot shard again the model "
+            "pre-training sharded: set it to 0, use DeepSpeed, or make round 0 without the config"
+        )
     tok = models.build_tokenizer(text + prompts + answers)
     model = models.build_tiny_lm(tok, p.tiny)
 
     if p.tiny.pretrain_epochs > 0:
         data = Dataset.from_dict({"text": [t for t in text if t.strip()]})
-        loss = _fit(cfg, seed, model, tok, data, p.tiny.pretrain_epochs, p.tiny.learning_rate)
+        loss = _fit(cfg, seed, model, tok, data, p.tiny.pretrain_epochs, p.tiny.learning_rate, SFT.base)
         log.info("pre-trained the base LM: loss %.3f", loss)
-    models.save(model, tok, SFT.base)
+    else:
+        models.save(model, tok, SFT.base)
     _sft(cfg, seed, model, tok, sft)
 
 
@@ -120,12 +127,15 @@ def _sft(cfg: Config, seed: int, model, tok, rows: list[dict]) -> None:
     p = cfg.prepare
     if p.sft_epochs > 0:
         data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
-        loss = _fit(cfg, seed, model, tok, data, p.sft_epochs, p.learning_rate, completion_only_loss=True)
+        loss = _fit(cfg, seed, model, tok, data, p.sft_epochs, p.learning_rate, SFT.policy, completion_only_loss=True)
         log.info("fine-tuned the SFT policy: loss %.3f", loss)
-    models.save(model, tok, SFT.policy)
+    else:
+        models.save(model, tok, SFT.policy)
 
 
-def _fit(cfg: Config, seed: int, model, tok, data, epochs: float, lr: float, **kw) -> float:
+def _fit(cfg: Config, seed: int, model, tok, data, epochs: float, lr: float, out: Path, **kw) -> float:
+    """Train `model` with TRL's SFTTrainer and save it into `out` through the trainer (which gathers a sharded
+    model's weights); returns the training loss."""
     from trl import SFTConfig, SFTTrainer
 
     from rlhf.ml import models
@@ -144,4 +154,7 @@ def _fit(cfg: Config, seed: int, model, tok, data, epochs: float, lr: float, **k
             warmup_steps=10,
             **kw,
         )
-        return SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok).train().training_loss
+        trainer = models.trainer(SFTTrainer, model=model, args=args, train_dataset=data, processing_class=tok)
+        loss = trainer.train().training_loss
+    models.save(model, tok, out, trainer=trainer)
+    return loss

@@ -95,13 +95,15 @@ def train_rm(cfg: Config, rnd: str) -> dict:
             learning_rate=t.learning_rate,
             max_length=t.max_length,
         )
-        result = ObjectiveRewardTrainer(
-            model=rm, args=args, train_dataset=data, processing_class=tok, objective=t.objective
-        ).train()
-    models.save(rm, tok, paths.reward_model)
-    prompts = [p["prompt"] for p in pairs]
-    margin = reward_scores(rm, tok, prompts, [p["chosen"] for p in pairs]) - reward_scores(
-        rm, tok, prompts, [p["rejected"] for p in pairs]
+        trainer = models.trainer(
+            ObjectiveRewardTrainer, model=rm, args=args, train_dataset=data, processing_class=tok, objective=t.objective
+        )
+        result = trainer.train()
+    models.save(rm, tok, paths.reward_model, trainer=trainer)
+    # Scored through the trainer's engine: a sharded RM's weights exist whole only inside its forward pass.
+    prompts, forward = [p["prompt"] for p in pairs], models.engine(trainer, rm)
+    margin = reward_scores(rm, tok, prompts, [p["chosen"] for p in pairs], forward=forward) - reward_scores(
+        rm, tok, prompts, [p["rejected"] for p in pairs], forward=forward
     )
     counts = {r: sum(p["round"] == r for p in pairs) for r in dict.fromkeys(p["round"] for p in pairs)}
     return {

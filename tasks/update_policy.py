@@ -64,6 +64,7 @@ class Update:
     aux: object  # rlhf.ml.cotrain.Aux, or None without co-training
     scratch: str  # a temporary folder for trainer output
     checkpoints: object = None  # rlhf.ml.checkpoints.Checkpoints: intermediate policies (evaluate.checkpoints)
+    trainer: object = None  # the TRL trainer that trained `policy` last (rlhf.ml.models.trainer); None for ppo
 
 
 def update_policy(cfg: Config, rnd: str) -> dict:
@@ -93,13 +94,14 @@ def update_policy(cfg: Config, rnd: str) -> dict:
         up.ref,
         f", LoRA rank {up.lora.rank}" if up.lora.rank else "",
     )
+    trainable = _trainable(model)  # before training: a sharded model's parameters hold only this rank's share
     with tempfile.TemporaryDirectory() as scratch:
         sample = Sampler(cfg, tok, start, seed, model)
         ckpts = Checkpoints(cfg.evaluate.checkpoints, paths.checkpoints, model, tok)
         u = Update(cfg, rnd, paths, seed, dev, tok, model, ref, proxy, prompts, sample, aux, scratch, ckpts)
         summary = METHODS[up.method](u)
-    models.save(model, tok, paths.policy)
-    summary = {"method": up.method, "trainable_parameters": _trainable(model), **summary}
+    models.save(model, tok, paths.policy, trainer=u.trainer)
+    summary = {"method": up.method, "trainable_parameters": trainable, **summary}
     if too_long:
         summary[f"prompts_{cfg.prompts.too_long}"] = too_long
     return {**summary, "cotrain": aux.counts()} if aux else summary

@@ -514,6 +514,7 @@ class Config(Section):
                 "[runtime.num_processes] ppo (the project's own loop) runs in one process; use dpo, "
                 "rest or rloo to train on several, or num_processes: 1"
             )
+        self._shards_as_asked()
         for key, size in (
             ("prepare", self.prepare.batch_size),
             ("train_rm", self.train_rm.batch_size),
@@ -525,6 +526,32 @@ class Config(Section):
                     f"needs a multiple of {n} (got {size})"
                 )
         return self
+
+    def _shards_as_asked(self) -> None:
+        """What an accelerate config cannot do: shard ppo's own loop (it does not run under accelerate), or under
+        FSDP train one model with a second trainer (it cannot shard what the first one sharded; prepare's tiny
+        pre-training then SFT is refused in that step, tasks/prepare.py)."""
+        kind = sharding(self.runtime.accelerate_config)
+        if kind and self.update_policy.method == "ppo":
+            raise ValueError(
+                "[runtime.accelerate_config] ppo (the project's own loop) does not run under accelerate, so "
+                f"{'DeepSpeed' if kind == 'DEEPSPEED' else kind} would not shard it; use dpo, rest or rloo, or no "
+                "accelerate_config"
+            )
+        if kind == "FSDP" and self.update_policy.method == "rest" and len(self.update_policy.rest.thresholds) > 1:
+            raise ValueError(
+                "[update_policy.rest.thresholds] under FSDP (runtime.accelerate_config) an improve step cannot "
+                "shard again the model the previous one sharded: give one threshold, or use DeepSpeed"
+            )
+
+
+def sharding(accelerate_config: str | None) -> str | None:
+    """FSDP or DEEPSPEED where an accelerate config file asks for it (its distributed_type), else None."""
+    try:
+        kind = yaml.safe_load(Path(accelerate_config).expanduser().read_text())["distributed_type"]
+    except (TypeError, OSError, yaml.YAMLError, KeyError):  # no file, or not one accelerate reads: launch says
+        return None
+    return kind if kind in ("FSDP", "DEEPSPEED") else None
 
 
 # The params keys that name a data file a step reads (a study copies them into each run's workspace).

@@ -40,21 +40,23 @@ class Checkpoints:
         self.n, self.folder, self.model, self.tok = n, Path(folder), model, tok
         shutil.rmtree(self.folder, ignore_errors=True)  # a stale set from an earlier run of the round
 
-    def save(self, indices: list[int], step: int, total: int, lo: float = 0.0, hi: float = 1.0) -> None:
+    def save(self, indices: list[int], step: int, total: int, lo: float = 0.0, hi: float = 1.0, trainer=None) -> None:
+        """`trainer`: the trainer training the policy, through which a sharded policy's weights are gathered."""
         from rlhf.ml import models
 
         for i in indices:
             meta = {"index": i, "of": self.n, "step": step, "steps": total, "fraction": lo + (hi - lo) * step / total}
-            models.save(self.model, self.tok, self.folder / f"ckpt-{i}", meta={META: meta})
+            models.save(self.model, self.tok, self.folder / f"ckpt-{i}", meta={META: meta}, trainer=trainer)
 
     def loop(self, total: int):
         """For a loop of `total` steps of its own (PPO): call the result after each step, 1-based."""
         targets = plan(self.n, total)
         return lambda step: self.save(targets.get(step, []), step, total)
 
-    def callback(self, lo: float = 0.0, hi: float = 1.0):
-        """A transformers TrainerCallback saving at the planned global steps of `state.max_steps`, the
-        trainer covering progress (lo, hi] of the update."""
+    def callback(self, trainer, lo: float = 0.0, hi: float = 1.0):
+        """A transformers TrainerCallback saving at the planned global steps of `state.max_steps`, `trainer`
+        covering progress (lo, hi] of the update (every rank saves, so that a sharded policy is gathered;
+        rlhf.ml.models.trainer adds it)."""
         from transformers import TrainerCallback
 
         ckpt = self
@@ -65,7 +67,7 @@ class Checkpoints:
 
             def on_step_end(self, args, state, control, **kw):
                 if indices := self.targets.get(state.global_step):
-                    ckpt.save(indices, state.global_step, state.max_steps, lo, hi)
+                    ckpt.save(indices, state.global_step, state.max_steps, lo, hi, trainer)
 
         return SaveCheckpoints()
 
@@ -74,8 +76,3 @@ def saved(folder: Path) -> list[tuple[Path, dict]]:
     """The checkpoints in `folder`, by index, with their checkpoint.json."""
     found = [(p, json.loads((p / META).read_text())) for p in Path(folder).glob("ckpt-*") if (p / META).is_file()]
     return sorted(found, key=lambda x: x[1]["index"])
-
-
-def callbacks(ckpts: Checkpoints | None, lo: float = 0.0, hi: float = 1.0) -> list:
-    """A TRL trainer's `callbacks`: the checkpoint saver when checkpoints are on, else none."""
-    return [ckpts.callback(lo, hi)] if ckpts is not None and ckpts.n else []

@@ -15,6 +15,7 @@ from pathlib import Path
 from rlhf.core.config import Config, TinyModel, missing_local_dir
 from rlhf.core.errors import UserError
 from rlhf.core.io import atomic_dir
+from rlhf.core.ranks import is_main
 from rlhf.core.seeds import stage_seed
 
 log = logging.getLogger("rlhf")
@@ -145,11 +146,19 @@ def load_reward_model(path: str | Path, dev: str = "cpu", num_labels: int | None
     return model.to(dev)
 
 
-def save(model, tok, out: str | Path, meta: dict | None = None) -> None:
+def save(model, tok, out: str | Path, meta: dict | None = None, trainer=None) -> None:
     """Save weights (safetensors; a PeftModel saves its adapter only) and tokenizer into `out` atomically;
-    `meta`: file name -> JSON-able content written beside them."""
+    `meta`: file name -> JSON-able content written beside them. `trainer`: the trainer that trained `model`.
+    Under FSDP or DeepSpeed ZeRO-3 each rank holds only a shard of every weight, so every rank calls this: they
+    gather the weights together through the trainer's accelerator (as Trainer.save_model does) and rank 0
+    writes the full trained model, not its own shard."""
+    state = None
+    if trainer is not None and sharded(trainer):
+        state = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # collective: every rank takes part
+        if not is_main():
+            return
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
         tok.save_pretrained(tmp)
         for name, content in (meta or {}).items():
             (tmp / name).write_text(json.dumps(content, indent=1))
@@ -203,6 +212,9 @@ def train_args(config_cls, cfg: Config, seed: int, scratch: str | Path, **kw):
     from rlhf.core.ranks import world_size
 
     on_cpu = device(cfg) == "cpu"
+    # accelerate turns DeepSpeed off for a trainer told to use the CPU; without a GPU DeepSpeed runs on its own CPU
+    # accelerator when the ranks meet over gloo instead
+    deepspeed_on_cpu = on_cpu and launched_with() == "DEEPSPEED"
     if "per_device_train_batch_size" in kw:
         kw["per_device_train_batch_size"] //= world_size()  # config checks that it divides
     return config_cls(
@@ -210,7 +222,9 @@ def train_args(config_cls, cfg: Config, seed: int, scratch: str | Path, **kw):
         seed=seed,
         data_seed=seed,
         bf16=not on_cpu and _bf16_ok(),
-        use_cpu=on_cpu,
+        use_cpu=on_cpu and not deepspeed_on_cpu,
+        ddp_backend="gloo" if deepspeed_on_cpu else None,
+        dataloader_pin_memory=not deepspeed_on_cpu,  # nothing to pin memory for without a GPU
         activation_checkpointing=False,
         save_strategy="no",
         report_to=cfg.runtime.report_to,
@@ -227,3 +241,65 @@ def _bf16_ok() -> bool:
     import torch
 
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+# ---- sharded training (runtime.accelerate_config: FSDP or DeepSpeed) -------------------------------------------
+
+# What the launch's accelerate config asks of its ranks: `accelerate launch` sets these from the file.
+_LAUNCH_FLAGS = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DEEPSPEED"}
+
+
+def launched_with() -> str | None:
+    """FSDP or DEEPSPEED when this process is a rank of a launch whose accelerate config asks for it, else None."""
+    return next((kind for flag, kind in _LAUNCH_FLAGS.items() if os.environ.get(flag, "").lower() == "true"), None)
+
+
+def load_whole() -> None:
+    """Load models whole from here on in this process. Once a trainer is set up under DeepSpeed ZeRO-3,
+    transformers partitions every model it loads over the ranks (deepspeed.zero.Init, all of them taking part), as
+    the launch's config asks; a rank working alone after training cannot."""
+    if launched_with() == "DEEPSPEED":
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+
+
+def sharded(trainer) -> bool:
+    """Whether `trainer` spreads its model's weights over the ranks (FSDP, or DeepSpeed of any ZeRO stage)."""
+    return bool(trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled)
+
+
+def engine(trainer, model):
+    """What a forward pass of `model` must go through once `trainer` has trained it: under FSDP or ZeRO-3 the
+    model as the trainer wrapped it, which gathers each layer's weights as it goes (so every rank must run the
+    same passes); otherwise the model itself."""
+    return trainer.model_wrapped if sharded(trainer) else model
+
+
+def trainer(cls, checkpoints=None, span: tuple[float, float] = (0.0, 1.0), **kw):
+    """A trainer of the steps: `cls(**kw)`, refused in one line where accelerate would not shard as the launch's
+    config asks, and given the saver of `checkpoints` (rlhf/ml/checkpoints.py) over progress `span` of the update;
+    the saver gathers each checkpoint through this trainer."""
+    built = cls(**kw)
+    _check_sharding(built)
+    if checkpoints is not None and checkpoints.n:
+        built.add_callback(checkpoints.callback(built, *span))
+    return built
+
+
+def _check_sharding(built) -> None:
+    asked, got = launched_with(), built.accelerator.distributed_type.name
+    if asked == "FSDP" and got != asked:
+        raise UserError(
+            "runtime.accelerate_config: FSDP needs GPUs: accelerate would train each rank unsharded here "
+            f"({got}); use a DeepSpeed config (DeepSpeed runs on CPU ranks) or none"
+        )
+    if asked and got != asked:
+        raise UserError(f"runtime.accelerate_config: asks for {asked}, but accelerate set up {got}")
+    ds = built.accelerator.state.deepspeed_plugin if got == "DEEPSPEED" else None
+    zero = ds.deepspeed_config.get("zero_optimization", {}) if ds else {}
+    if zero.get("stage") == 3 and zero.get("stage3_gather_16bit_weights_on_model_save") is not True:
+        raise UserError(
+            "runtime.accelerate_config: ZeRO-3 gathers its sharded weights for saving only with "
+            "zero3_save_16bit_model: true (stage3_gather_16bit_weights_on_model_save in a DeepSpeed JSON)"
+        )

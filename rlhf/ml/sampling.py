@@ -149,9 +149,11 @@ def sequence_kl(policy, ref, tok, prompts: list[str], samples: Samples, batch_si
     return torch.cat(total), torch.cat(ratio), torch.cat(lengths)
 
 
-def reward_scores(rm, tok, prompts: list[str], responses: list[str], finished=None, batch_size: int = 64):
+def reward_scores(rm, tok, prompts: list[str], responses: list[str], finished=None, batch_size: int = 64, forward=None):
     """Proxy reward of each (prompt, response), scored in length-sorted batches (a numpy array). A finished
-    response is scored with its EOS, as the RM was trained; one that was cut off (finished False) without."""
+    response is scored with its EOS, as the RM was trained; one that was cut off (finished False) without.
+    `forward`: what runs the RM's forward pass when not `rm` itself, e.g. the engine that shards it in training
+    (rlhf.ml.models.engine); every rank then scores the same batches."""
     import numpy as np
     import torch
 
@@ -160,12 +162,13 @@ def reward_scores(rm, tok, prompts: list[str], responses: list[str], finished=No
     order = np.argsort([len(t) for t in texts], kind="stable")
     scores = np.empty(len(texts), dtype=np.float64)
     tok.padding_side = "right"
-    rm.eval()
+    forward = forward or rm
+    forward.eval()
     for start in range(0, len(texts), batch_size):
         idx = order[start : start + batch_size]
         batch = tok([texts[i] for i in idx], return_tensors="pt", padding=True).to(rm.device)
         with torch.no_grad():
-            scores[idx] = reward_of(rm, rm(**batch).logits).float().cpu().numpy()
+            scores[idx] = reward_of(rm, forward(**batch).logits).float().cpu().numpy()
     return scores
 
 

@@ -6,6 +6,8 @@ sizes in params.yaml stay global: each rank takes batch_size / num_processes of 
 rank (RANK 0) writes: rlhf/core/io.py's writers do nothing on the others (rlhf/core/ranks.py). With
 `runtime.accelerate_config` the launch reads that file (DeepSpeed, FSDP, several nodes); otherwise it is a
 plain `--multi_gpu` launch on this machine, which on a machine without a GPU gives real gloo ranks on the CPU.
+Under FSDP or DeepSpeed every rank takes part in gathering the weights before rank 0 saves them, and every
+forward pass of a trained model goes through the trainer's engine (rlhf/ml/models.py: save, engine).
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ TRAINING_STEPS = ("prepare", "train_rm", "update_policy")
 
 
 def command(cfg, step: str, rnd: str) -> list[str] | None:
-    """The `accelerate launch` command for this step, or None to run it in this process (one process asked
-    for, not a training step, or already a rank of a launch)."""
+    """The `accelerate launch` command for this step, or None to run it in this process (one process and no
+    accelerate config asked for, not a training step, or already a rank of a launch). An accelerate config is
+    launched even for one process: DeepSpeed's ZeRO offload, say, is worth it on a single GPU."""
     rt = cfg.runtime
-    if rt.num_processes == 1 or step not in TRAINING_STEPS or "LOCAL_RANK" in os.environ:
+    if (rt.num_processes == 1 and not rt.accelerate_config) or step not in TRAINING_STEPS or "LOCAL_RANK" in os.environ:
         return None
     if rt.accelerate_config:
         how = ["--config_file", rt.accelerate_config]

@@ -14,7 +14,6 @@ def update(u) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     from rlhf.ml import models
-    from rlhf.ml.checkpoints import callbacks
     from rlhf.ml.pairs import pairs_of
 
     up, k = u.cfg.update_policy, u.cfg.update_policy.k
@@ -41,15 +40,16 @@ def update(u) -> dict:
         learning_rate=up.dpo.learning_rate,
         max_length=up.max_length,
     )
-    trainer = type("CoTrainDPO", (CoTrainMixin, DPOTrainer), {"aux": u.aux, "sequences_per_example": 2})(
+    u.trainer = models.trainer(
+        type("CoTrainDPO", (CoTrainMixin, DPOTrainer), {"aux": u.aux, "sequences_per_example": 2}),
+        u.checkpoints,
         model=u.policy,
         ref_model=u.ref,
         args=args,
         train_dataset=Dataset.from_list(rows),
         processing_class=u.tok,
-        callbacks=callbacks(u.checkpoints),
     )
-    result = trainer.train()
+    result = u.trainer.train()
     return {
         "pairs": len(rows),
         "unfinished": int(cut.sum()),

@@ -27,7 +27,6 @@ def update(u) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from rlhf.ml import models
-    from rlhf.ml.checkpoints import callbacks
 
     up, cfg = u.cfg.update_policy, u.cfg
     s = u.sample(u.prompts, up.k, cfg.rollouts())
@@ -64,17 +63,15 @@ def update(u) -> dict:
             max_length=up.max_length,
             completion_only_loss=True,
         )
-        loss = (
-            SFTTrainer(
-                model=u.policy,
-                args=args,
-                train_dataset=Dataset.from_list(rows),
-                processing_class=u.tok,
-                # the checkpoints are spread over the improve steps: this one covers progress ((n-1)/K, n/K]
-                callbacks=callbacks(u.checkpoints, (n - 1) / improve, n / improve),
-            )
-            .train()
-            .training_loss
+        u.trainer = models.trainer(
+            SFTTrainer,
+            u.checkpoints,
+            ((n - 1) / improve, n / improve),  # the checkpoints are spread over the improve steps
+            model=u.policy,
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=u.tok,
         )
+        loss = u.trainer.train().training_loss
         steps.append({"threshold": threshold, **used, "train_loss": loss})
     return {"samples": len(s.responses), "improve_steps": steps}

@@ -15,7 +15,6 @@ def update(u) -> dict:
 
     from rlhf.ml import models
     from rlhf.ml.chat import stop_ids
-    from rlhf.ml.checkpoints import callbacks
 
     up, s = u.cfg.update_policy, u.cfg.rollouts()
 
@@ -51,17 +50,18 @@ def update(u) -> dict:
             else {}
         ),
     )
-    trainer = type("CoTrainRLOO", (CoTrainMixin, RLOOTrainer), {"aux": u.aux})(
+    u.trainer = trainer = models.trainer(
+        type("CoTrainRLOO", (CoTrainMixin, RLOOTrainer), {"aux": u.aux}),
+        u.checkpoints,
         model=u.policy,
         reward_funcs=proxy_reward,
         args=args,
         processing_class=u.tok,
         train_dataset=Dataset.from_list([{"prompt": p} for p in u.prompts]),
-        callbacks=callbacks(u.checkpoints),
     )
     if trainer.beta:  # TRL would reload the policy's own checkpoint as the reference: use the round's
         add_fused_lm_head(u.ref, temperature=trainer.temperature)  # as TRL prepares its own reference
-        trainer.ref_model = trainer.accelerator.prepare_model(u.ref, evaluation_mode=True)
+        trainer.ref_model = _prepared_reference(trainer, u.ref)
         peft = getattr(trainer.model, "peft_config", {})
         if "ref" in peft:  # the adapter copy TRL keeps as a reference would go unused, and be saved
             trainer.model.delete_adapter("ref")
@@ -72,3 +72,15 @@ def update(u) -> dict:
         "reward_first": rewards[0] if rewards else None,
         "reward_last": rewards[-1] if rewards else None,
     }
+
+
+def _prepared_reference(trainer, ref):
+    """The reference prepared as RLOOTrainer prepares its own: sharded like the policy under DeepSpeed or FSDP
+    (TRL's helpers), else placed for inference."""
+    from trl.models.utils import prepare_deepspeed, prepare_fsdp
+
+    if trainer.is_deepspeed_enabled:
+        return prepare_deepspeed(ref, trainer.accelerator)
+    if trainer.is_fsdp_enabled:
+        return prepare_fsdp(ref, trainer.accelerator)
+    return trainer.accelerator.prepare_model(ref, evaluation_mode=True)
