@@ -50,13 +50,20 @@ def direct_nll(model, tok, context: str, text: str, eos: bool = True, limit: int
 def test_batched_nll_equals_a_direct_per_sequence_computation(tiny_lm):
     model, tok = tiny_lm
     contexts, texts = zip(*ROWS)
-    total, count = nll.token_nll(model, tok, list(contexts), list(texts), max_length=64, batch_size=2)
+    budget = 2 * 20 * len(tok)  # about two rows a forward pass: several batches, padded
+    assert len(nll.batches([len(tok(c + t)["input_ids"]) + 1 for c, t in ROWS], len(tok), budget)) >= 3
+    total, count = nll.token_nll(model, tok, list(contexts), list(texts), max_length=64, budget=budget)
     expected = [direct_nll(model, tok, c, t) for c, t in ROWS]
     assert total == pytest.approx([e[0] for e in expected], rel=1e-5)
     assert count.tolist() == [e[1] for e in expected]
     assert count[0] == len(tok(ROWS[0][1])["input_ids"])  # plain text: every token but the first, and the eos
     cut, n = nll.token_nll(model, tok, [""], [ROWS[0][1]], max_length=4)  # cut to 4 tokens: 3 scored
     assert (cut[0], n[0]) == (pytest.approx(direct_nll(model, tok, "", ROWS[0][1], limit=4)[0], rel=1e-5), 3)
+
+
+def test_batches_fill_the_logits_budget_with_rows_of_similar_length():
+    assert nll.batches([5, 3, 9, 3], per_token=10, budget=60) == [[1, 3], [0], [2]]  # 9 x 10 > 60: alone
+    assert nll.batches([5, 3, 9, 3], per_token=10, budget=10**6) == [[1, 3, 0, 2]]
 
 
 def test_encode_scores_from_the_first_token_a_bos_precedes():
@@ -295,8 +302,11 @@ def test_each_round_measures_heldout_nll_against_sft_and_the_conversation_checks
     assert set(f1["sources"]) == {"pretrain", "cotrain"} and f1["ppl"] == pytest.approx(math.exp(f1["nll"]))
     tok, policy = models.load_tokenizer(round_paths("r01").policy), models.load_policy(round_paths("r01").policy)
     rows = nll.read_heldout("data/heldout.jsonl")
-    direct = [direct_nll(policy, tok, r["context"], r["text"]) for r in rows]
-    assert f1["nll"] == pytest.approx(sum(x for x, _ in direct) / sum(n for _, n in direct), rel=1e-5)
+    contexts, texts = [r["context"] for r in rows], [r["text"] for r in rows]
+    total, count = nll.token_nll(policy, tok, contexts, texts, max_length=1024)
+    assert f1["nll"] == pytest.approx(total.sum() / count.sum(), rel=1e-6) and f1["tokens"] == count.sum()
+    for i in (0, 1, 2, 24, 25, 26):  # three rows of each source, one token at a time
+        assert total[i] == pytest.approx(direct_nll(policy, tok, contexts[i], texts[i])[0], rel=1e-5)
     assert f1["delta_nll"] > 0  # the update moved the policy off its priors' text
     for m in (r00, r01):
         c = m["conversation"]
@@ -317,12 +327,11 @@ def test_a_big_learning_rate_forgets_more_and_co_training_keeps_the_nll_lower(fo
 
     monkeypatch.chdir(forget_project)
     before = json.loads(round_paths("r01").metrics.read_text())["forgetting"]["delta_nll"]
-    delta = {}
+    delta, sft = {}, models.load_policy(SFT.policy)
     for ratio in (0, 1):
         cfg = config({"update_policy": {"dpo": {"learning_rate": 0.01}, "cotrain": {"ratio": ratio}}})
         update_policy(cfg, "r01")
-        tok = models.load_tokenizer(round_paths("r01").policy)
-        policy, sft = models.load_policy(round_paths("r01").policy), models.load_policy(SFT.policy)
+        tok, policy = models.load_tokenizer(round_paths("r01").policy), models.load_policy(round_paths("r01").policy)
         delta[ratio] = forgetting.heldout(cfg, tok, policy, sft)["delta_nll"]
     assert delta[0] > 2 * before > 0  # 10x the learning rate: far more forgotten (measured: 1.8 vs 0.10)
     assert delta[1] < 0.75 * delta[0]  # one co-training batch per update batch keeps it lower (measured: 0.8)

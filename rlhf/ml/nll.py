@@ -10,9 +10,10 @@ from __future__ import annotations
 from rlhf.core.errors import UserError
 from rlhf.core.io import read_jsonl
 
-# Rows per forward pass: a batch's logits are rows x tokens x vocabulary floats (a 128k vocabulary and 512
-# tokens: 256 MB a row), so a real model's batch stays small; the tiny model's whole set is a few batches.
-BATCH = 8
+# A forward pass's logits are rows x tokens x vocabulary floats: batches are filled up to this many (256 MiB
+# of float32; the loss takes a copy or two more), so a real model (a 128k vocabulary, 512 tokens: 256 MiB a
+# row) takes one row at a time and the tiny model its whole set in one pass.
+LOGITS_BUDGET = 2**26
 
 
 def read_heldout(path: str, what: str = "evaluate.heldout") -> list[dict]:
@@ -44,7 +45,21 @@ def encode(tok, contexts: list[str], texts: list[str], max_length: int) -> tuple
     return ids, [max(len(h), 1) for h in heads]
 
 
-def token_nll(model, tok, contexts: list[str], texts: list[str], max_length: int, batch_size: int = BATCH):
+def batches(lengths: list[int], per_token: int, budget: int = LOGITS_BUDGET) -> list[list[int]]:
+    """Row indices in batches of similar length (less padding), each holding as many rows as keep rows x its
+    longest row x per_token (the vocabulary) within `budget`, and at least one."""
+    import numpy as np
+
+    out, batch = [], []
+    for i in np.argsort(lengths, kind="stable").tolist():
+        if batch and (len(batch) + 1) * lengths[i] * per_token > budget:  # sorted: row i is the longest yet
+            out.append(batch)
+            batch = []
+        batch.append(i)
+    return [*out, batch] if batch else out
+
+
+def token_nll(model, tok, contexts: list[str], texts: list[str], max_length: int, budget: int = LOGITS_BUDGET):
     """Per row, the summed NLL (nats) of its scored tokens and how many were scored (numpy arrays), from one
     forward pass per batch of right-padded rows (padding and context carry no loss)."""
     import numpy as np
@@ -52,10 +67,9 @@ def token_nll(model, tok, contexts: list[str], texts: list[str], max_length: int
 
     ids, starts = encode(tok, contexts, texts, max_length)
     total, count = np.zeros(len(ids)), np.zeros(len(ids), dtype=np.int64)
-    order = np.argsort([len(x) for x in ids], kind="stable")  # similar lengths together: less padding
     model.eval()
-    for b in range(0, len(order), batch_size):
-        rows = order[b : b + batch_size]
+    vocab = model.get_output_embeddings().weight.shape[0]
+    for rows in batches([len(x) for x in ids], vocab, budget):
         width = max(len(ids[i]) for i in rows)
         batch = torch.tensor([ids[i] + [tok.pad_token_id] * (width - len(ids[i])) for i in rows])
         pos = torch.arange(width)
