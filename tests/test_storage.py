@@ -210,6 +210,74 @@ def test_large_files_go_up_in_parts_with_their_sha256(tmp_path, s3, monkeypatch)
     assert client(s3).get_object(Bucket="large", Key="x/r01/policy/model.safetensors")["Body"].read() == weights
 
 
+def test_a_published_lora_round_loads_from_the_s3_copy_alone(tmp_path, s3, monkeypatch):
+    """A LoRA round's adapter names round 0's policy by a path on this machine. Published, it carries that base
+    (base/, named `../base` from the adapter's folder) and loads from a download of the prefix alone, by the
+    project's loader and by PEFT's, giving the round's own outputs; with round 0 copied from a hub id it names
+    that id and carries nothing. The round's own files stay as they were."""
+    import json
+
+    import torch
+    from peft import AutoPeftModelForCausalLM, get_peft_model
+
+    from rlhf.core.config import Lora, TinyModel
+    from rlhf.core.paths import SFT, round_paths
+    from rlhf.ml import models
+    from rlhf.ml.policy import lora_config
+    from rlhf.orchestration.storage import publish
+
+    for key, value in env(tmp_path).items():
+        if key.startswith("AWS_"):
+            monkeypatch.setenv(key, value)
+    (tmp_path / "project").mkdir()
+    monkeypatch.chdir(tmp_path / "project")
+    tok = models.build_tokenizer(["a b c d e f g h"])
+    torch.manual_seed(0)
+    models.save(
+        models.build_tiny_lm(tok, TinyModel(hidden_size=16, layers=1, heads=2, intermediate_size=32)), tok, SFT.policy
+    )
+    policy = get_peft_model(models.load_policy(SFT.policy), lora_config(Lora(rank=2)))
+    with torch.no_grad():
+        for name, weight in policy.named_parameters():
+            if "lora_B" in name:
+                weight.normal_()  # an adapter that changes what the base says
+    r01 = round_paths("r01")
+    models.save(policy, tok, r01.policy)
+    r01.metrics.write_text("{}")
+    local_config = (r01.policy / "adapter_config.json").read_bytes()
+    assert json.loads(local_config)["base_model_name_or_path"] == str(SFT.policy)  # a path on this machine
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        want, bare = models.load_policy(r01.policy)(ids).logits, models.load_policy(SFT.policy)(ids).logits
+    assert not torch.allclose(want, bare)
+
+    s3c = client(s3)
+    s3c.create_bucket(Bucket="lora")
+    publish("r01", "s3://lora/x", s3, log=lambda line: None)
+    copy = tmp_path / "download"
+    for obj in s3c.list_objects_v2(Bucket="lora", Prefix="x/")["Contents"]:
+        (copy / obj["Key"]).parent.mkdir(parents=True, exist_ok=True)
+        (copy / obj["Key"]).write_bytes(s3c.get_object(Bucket="lora", Key=obj["Key"])["Body"].read())
+    published = copy / "x" / "r01"
+    assert json.loads((published / "policy/adapter_config.json").read_text())["base_model_name_or_path"] == "../base"
+    assert (published / "base" / "model.safetensors").read_bytes() == (SFT.policy / "model.safetensors").read_bytes()
+    assert (r01.policy / "adapter_config.json").read_bytes() == local_config
+
+    monkeypatch.chdir(tmp_path)  # away from the project: nothing of it is at hand
+    with torch.no_grad():
+        assert torch.allclose(models.load_policy(published / "policy")(ids).logits, want)
+        monkeypatch.chdir(published / "policy")
+        peft = AutoPeftModelForCausalLM.from_pretrained(".")(ids).logits  # the adapter unmerged: float rounding apart
+        assert (peft - want).abs().max() < 1e-5 and not torch.allclose(peft, bare)
+
+    monkeypatch.chdir(tmp_path / "project")  # round 0 copied from a hub id, as dvc.lock or params.yaml says
+    Path("params.yaml").write_text("rounds: {r01: r00}\nprepare: {policy: org/sft-policy}\n")
+    done = publish("r01", "s3://lora/hub", s3, log=lambda line: None)
+    assert not [key for key in done["uploaded"] if key.startswith("hub/r01/base/")]
+    config = s3c.get_object(Bucket="lora", Key="hub/r01/policy/adapter_config.json")["Body"].read()
+    assert json.loads(config)["base_model_name_or_path"] == "org/sft-policy"
+
+
 @pytest.fixture(scope="module")
 def strict_s3(tmp_path_factory):
     """A second moto_server that checks credentials (IAM auth on from the first request): ours are unknown."""

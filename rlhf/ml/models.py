@@ -115,8 +115,9 @@ def load_tokenizer(path: str | Path, padding_side: str = "right"):
 
 
 def load_policy(path: str | Path, dev: str = "cpu", trainable: bool = False):
-    """A causal LM. A folder holding a LoRA adapter loads its base (as recorded in adapter_config.json)
-    and applies it: merged for inference, or as a trainable PeftModel with `trainable=True`."""
+    """A causal LM. A folder holding a LoRA adapter loads its base (as recorded in adapter_config.json: a hub id,
+    or a path relative to the adapter's folder, as a published round has it, or else to the project) and
+    applies it: merged for inference, or as a trainable PeftModel with `trainable=True`."""
     from transformers import AutoModelForCausalLM
 
     path = _existing(path, "policy")
@@ -124,6 +125,8 @@ def load_policy(path: str | Path, dev: str = "cpu", trainable: bool = False):
         from peft import PeftModel
 
         base = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+        if (Path(path) / base).is_dir():  # e.g. `../base` beside a published round's policy (rlhf publish)
+            base = Path(path) / base
         model = PeftModel.from_pretrained(load_policy(base, dev), path, is_trainable=trainable)
         return model if trainable else model.merge_and_unload()
     model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, trust_remote_code=False)

@@ -13,12 +13,14 @@ which boto3 and DVC both read.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import subprocess
+import tempfile
 from pathlib import Path
 
 from rlhf.core.errors import UserError
-from rlhf.core.paths import ROUND_STEPS, round_paths
+from rlhf.core.paths import ROUND_STEPS, SFT, round_paths
 from rlhf.core.processes import dying_with_parent, error_line
 from rlhf.core.s3 import check_bucket, client, s3_errors, split_s3
 
@@ -126,6 +128,48 @@ def round_files(rnd: str, project: str | Path = ".") -> dict[str, Path]:
     return files
 
 
+def loadable(files: dict[str, Path], scratch: Path, project: str | Path = ".") -> dict[str, Path]:
+    """`files` of a round (round_files) such that the published copy loads by itself. A LoRA round's policy is
+    an adapter whose adapter_config.json names its base by a path on this machine (round 0's policy); the
+    published adapter_config.json (written into `scratch`) names instead the hub id that policy was copied
+    from, or else the base is carried under base/ and named `../base`, relative to the adapter's folder."""
+    adapter = files.get("policy/adapter_config.json")
+    if adapter is None:
+        return files
+    config = json.loads(adapter.read_text(encoding="utf-8"))
+    base = Path(project, config["base_model_name_or_path"])
+    hub = hub_policy(project)
+    if hub and base.resolve() == Path(project, SFT.policy).resolve():
+        config["base_model_name_or_path"] = hub
+    elif base.is_dir():
+        carried = {f"base/{f.relative_to(base).as_posix()}": f for f in sorted(base.rglob("*")) if f.is_file()}
+        files = {**files, **carried}
+        config["base_model_name_or_path"] = "../base"
+    else:  # not a folder here: a hub id already
+        return files
+    (scratch / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return {**files, "policy/adapter_config.json": scratch / "adapter_config.json"}
+
+
+def hub_policy(project: str | Path = ".") -> str | None:
+    """The hub id round 0's policy was copied from (prepare.policy with no prepare.base, no local folder), as
+    dvc.lock records the prepare stage's params, else as params.yaml gives them; None for a policy made here."""
+    import yaml
+
+    try:
+        prepare = yaml.safe_load(Path(project, "dvc.lock").read_text())["stages"]["prepare"]["params"]["params.yaml"]
+        prepare = prepare["prepare"]
+    except (OSError, KeyError, TypeError):
+        try:
+            prepare = (yaml.safe_load(Path(project, "params.yaml").read_text()) or {}).get("prepare") or {}
+        except OSError:
+            return None
+    policy = prepare.get("policy", "tiny")
+    if policy == "tiny" or prepare.get("base") or Path(project, policy).expanduser().exists():
+        return None
+    return policy
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -139,12 +183,18 @@ def publish(
 ) -> dict[str, list[str]]:
     """Upload round `rnd`'s files under `dest`/rNN/ with SHA-256 checksums (S3 verifies each request's;
     the whole file's is kept in the object's metadata as `sha256`), in parts above `multipart_mib` MiB,
-    skipping objects already there with the same sha256. Returns the keys uploaded and skipped."""
+    skipping objects already there with the same sha256; a LoRA policy with a base anyone can load (loadable).
+    Returns the keys uploaded and skipped."""
+    with tempfile.TemporaryDirectory() as scratch:
+        files = loadable(round_files(rnd, project), Path(scratch), project)
+        return _upload(files, rnd, dest, endpoint_url, multipart_mib, log)
+
+
+def _upload(files: dict[str, Path], rnd: str, dest: str, endpoint_url, multipart_mib: int, log) -> dict[str, list[str]]:
     from boto3.s3.transfer import TransferConfig
     from botocore.exceptions import ClientError
 
     bucket, prefix = split_s3(dest)
-    files = round_files(rnd, project)
     s3 = client(endpoint_url)
     transfer = TransferConfig(multipart_threshold=multipart_mib * MiB, multipart_chunksize=multipart_mib * MiB)
     done: dict[str, list[str]] = {"uploaded": [], "skipped": []}
