@@ -9,7 +9,7 @@ PIP         := $(VENV)/bin/pip
 export DVC_SITE_CACHE_DIR ?= $(CURDIR)/.dvc/tmp/site_cache
 export DVC_NO_ANALYTICS   := 1
 
-.PHONY: demo test test-slow bench mutants install browser lint clean-rounds
+.PHONY: demo test test-slow bench mutants install install-extras browser lint clean-rounds
 
 install: $(VENV)/.installed
 
@@ -37,8 +37,15 @@ browser:
 	  apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1; } || \
 	  echo "chromium could not be installed: the dashboard browser test will be skipped"
 
-test-slow: install
+test-slow: install-extras
 	$(VENV)/bin/python -m pytest -q -m slow
+
+# The optional extras the slow tier tests (lm-evaluation-harness, DeepSpeed), kept out of `make test`'s set-up.
+install-extras: $(VENV)/.extras
+
+$(VENV)/.extras: $(VENV)/.installed
+	$(PIP) install -q -c constraints.txt -e '.[test,lm-eval,deepspeed]'
+	touch $@
 
 # Each mutant on a scratch copy of the code (never the working tree), the reference tests run on it: about
 # 2 minutes; fails unless every mutant is killed.

@@ -139,6 +139,7 @@ def test_preflight_reads_the_heldout_text_and_checks_and_names_a_missing_task_fi
         check_forgetting(cfg(heldout=None, conversation_checks=None, lm_eval=["tasks/mine.yaml"]))
 
 
+@pytest.mark.slow  # lm_eval is an extra: `make test-slow` and CI install it
 def test_lm_eval_runs_a_task_defined_on_local_data_on_the_policy_in_memory(tiny_lm, tmp_path, monkeypatch):
     """A multiple-choice task on a local JSONL file, offline: lm_eval's accuracy is the share of questions whose
     right answer the model itself gives the highest log-likelihood."""

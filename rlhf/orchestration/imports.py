@@ -45,10 +45,23 @@ def graph(root: str | Path = ".") -> dict[str, set[str]]:
     return {name: _imports(Path(root) / path, name, files) for name, path in files.items()}
 
 
+def _parse(path: Path, attempts: int = 3) -> ast.Module:
+    """ast.parse, again when CPython 3.11 fails it spuriously: its AST depth counter is shared by the threads, so
+    a parse that races another thread's (a flow's, inside Prefect) can raise "AST constructor recursion depth
+    mismatch" (python/cpython#106905)."""
+    text = path.read_text(encoding="utf-8")
+    for attempt in range(attempts):
+        try:
+            return ast.parse(text, str(path))
+        except SystemError:
+            if attempt == attempts - 1:
+                raise
+
+
 def _imports(path: Path, name: str, files: dict[str, Path]) -> set[str]:
     out = set()
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+    for node in ast.walk(_parse(path)):
         if isinstance(node, ast.Import):
             out |= {alias.name for alias in node.names if alias.name in files}
         elif isinstance(node, ast.ImportFrom):
