@@ -222,7 +222,7 @@ def run_all(study: Study, pool: Pool, say, poll: float = 5.0) -> list[str]:
                 _end(run.id, "", ended, study, say)
             elif state is None and _prepare_pending(study, pool, run, submitted, ended):
                 waiting += 1
-            elif (state in (None, "CRASHED", "CANCELLED") or run.id not in submitted) and (
+            elif (state in (None, "CRASHED") or run.id not in submitted) and (
                 submitted.get(run.id, 0) <= RESUBMITS  # a run that failed before this command: once more
             ):
                 if fr is not None:
