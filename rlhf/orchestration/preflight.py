@@ -70,11 +70,11 @@ def check_forgetting(cfg: Config) -> None:
         read_heldout(e.heldout)
     if e.conversation_checks:
         read_prompts(PromptSet(path=e.conversation_checks), "evaluate.conversation_checks")
-    if e.lm_eval:
-        harness.require()
-    for task in e.lm_eval:
+    for task in e.lm_eval:  # a missing file first: installing lm_eval would not mend it
         if task.endswith((".yaml", ".yml")) and not harness.is_file(task):
             raise UserError(f"evaluate.lm_eval: {task}: no such task file")
+    if e.lm_eval:
+        harness.require()
 
 
 def check_policy(path: str, key: str) -> None:
