@@ -37,9 +37,14 @@ def rlhf(project, *args, env=None):
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    """The tiny project with round 0 built without training (an untrained tiny Llama is SFT policy and base)
-    and round 1's samples: each label prompt with K SFT completions, which the rubric scores apart."""
     project = make_project(tmp_path_factory.mktemp("scale") / "project", TINY)
+    build_round0_and_samples(project)
+    return project
+
+
+def build_round0_and_samples(project) -> None:
+    """Round 0 built without training (an untrained tiny Llama is SFT policy and base) and round 1's samples:
+    each label prompt with K SFT completions, which the rubric scores apart."""
     old = os.getcwd()
     os.chdir(project)
     try:
@@ -67,7 +72,6 @@ def project(tmp_path_factory):
         )
     finally:
         os.chdir(old)
-    return project
 
 
 def label_with(cfg_change: dict, project, monkeypatch) -> bytes:

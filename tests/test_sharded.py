@@ -18,14 +18,12 @@ from safetensors.torch import load_file
 
 from rlhf.core.config import load_config, parse_config
 from rlhf.core.errors import UserError
-from rlhf.core.io import read_jsonl, write_jsonl
 from rlhf.core.paths import SFT, round_paths
 from rlhf.core.processes import free_port
-from rlhf.core.prompts import read_prompts
 from rlhf.core.seeds import stage_seed
 from rlhf.ml import models
 from tests.conftest import TINY, make_project
-from tests.test_scale import K, rlhf, set_params
+from tests.test_scale import build_round0_and_samples, rlhf, set_params
 
 NEEDS_DEEPSPEED = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
 
@@ -96,32 +94,11 @@ def project(tmp_path_factory):
     from tasks.label import label
 
     project = make_project(tmp_path_factory.mktemp("sharded") / "project", {**TINY, "runtime": {"threads": 1}})
+    build_round0_and_samples(project)
     old = os.getcwd()
     os.chdir(project)
     try:
-        cfg = load_config()
-        sft = read_jsonl(cfg.prepare.sft)
-        prompts = read_prompts(cfg.prompts.label)
-        tok = models.build_tokenizer([r["prompt"] + r["completion"] for r in sft] + [p["prompt"] for p in prompts])
-        torch.manual_seed(0)
-        model = models.build_tiny_lm(tok, cfg.prepare.tiny)
-        models.save(model, tok, SFT.base)
-        models.save(model, tok, SFT.policy)
-        write_jsonl(
-            round_paths("r01").samples,
-            [
-                {
-                    "prompt_id": p["id"],
-                    "prompt": p["prompt"],
-                    "messages": [{"role": "user", "content": p["prompt"]}],
-                    "response": sft[(K * i + j) % len(sft)]["completion"],
-                    "finished": True,
-                }
-                for i, p in enumerate(prompts)
-                for j in range(K)
-            ],
-        )
-        label(cfg, "r01")
+        label(load_config(), "r01")
     finally:
         os.chdir(old)
     set_params(project, {"train_rm": {"data": "sample", "sample_size": 64, "batch_size": 16}})

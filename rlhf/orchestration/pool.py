@@ -317,7 +317,8 @@ def mirror(study: Study, pool: Pool) -> int:
             dvc("init", "--no-scm", "-q", cwd=run.folder)
             dvc("config", "core.analytics", "false", cwd=run.folder)
         for name, text in texts.items():
-            (run.folder / name).write_text(text)
+            if text is not None:
+                (run.folder / name).write_text(text)
         configure_remote(pool.remote, pool.endpoint_url, check=False, cwd=run.folder)
         rounds = sorted(set(re.findall(r"^  evaluate@(r\d\d):", texts["dvc.lock"], re.M)))
         dvc("pull", "-q", *(str(round_paths(r).metrics) for r in ["r00", *rounds]), cwd=run.folder)
