@@ -107,9 +107,11 @@ class Study:
         def count(n: int, what: str) -> str:
             return f"{n} {what}{'s' if n != 1 else ''}"
 
-        return (f"{self.folder}: {count(len(self.runs), 'run')} ({count(len(self.configs), 'configuration')} x "
-                f"{count(len(self.spec.seeds), 'seed')} x {count(len(self.rounds) - 1, 'round')}), "
-                f"{self.spec.parallel} at a time")
+        return (
+            f"{self.folder}: {count(len(self.runs), 'run')} ({count(len(self.configs), 'configuration')} x "
+            f"{count(len(self.spec.seeds), 'seed')} x {count(len(self.rounds) - 1, 'round')}), "
+            f"{self.spec.parallel} at a time"
+        )
 
 
 def load_study(path: str | Path) -> Study:
@@ -171,8 +173,11 @@ def _merge(base: dict, change: dict) -> dict:
 
 
 def _dotted(tree: dict, prefix: str = "") -> list[str]:
-    return [k for key, v in tree.items() for k in
-            ([f"{prefix}{key}"] + (_dotted(v, f"{prefix}{key}.") if isinstance(v, dict) else []))]
+    return [
+        k
+        for key, v in tree.items()
+        for k in ([f"{prefix}{key}"] + (_dotted(v, f"{prefix}{key}.") if isinstance(v, dict) else []))
+    ]
 
 
 def _with(params: dict, dotted: str, value, where: str) -> dict:
@@ -182,7 +187,7 @@ def _with(params: dict, dotted: str, value, where: str) -> dict:
     for i, part in enumerate(parts[:-1]):
         child = node.get(part, {})
         if not isinstance(child, dict):
-            raise UserError(f"{where}: {dotted}: {'.'.join(parts[:i + 1])} is a value, not a section")
+            raise UserError(f"{where}: {dotted}: {'.'.join(parts[: i + 1])} is a value, not a section")
         node[part] = node = dict(child)
     node[parts[-1]] = value
     return out
@@ -214,6 +219,7 @@ def label_of(value) -> str:
 
 # -- workspaces and state ---------------------------------------------------------------------------
 
+
 def params_text(run: Run) -> str:
     return yaml.safe_dump(run.params, sort_keys=False)
 
@@ -228,9 +234,14 @@ def prepare_workspace(run: Run, cache: Path | None, root: Path = Path(".")) -> N
             for args in (["init", "--no-scm", "-q"], ["config", "core.analytics", "false"], *share):
                 out = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=tmp, capture_output=True, text=True)
                 if out.returncode:
-                    raise UserError(f"{ws}: dvc {args[0]} failed: {(out.stderr.strip() or 'no output').splitlines()[-1]}")
-    models = [v for keys in MODELS if isinstance(v := lookup(run.params, *keys), str) and (root / v).is_dir()
-              and not Path(v).is_absolute()]
+                    raise UserError(
+                        f"{ws}: dvc {args[0]} failed: {(out.stderr.strip() or 'no output').splitlines()[-1]}"
+                    )
+    models = [
+        v
+        for keys in MODELS
+        if isinstance(v := lookup(run.params, *keys), str) and (root / v).is_dir() and not Path(v).is_absolute()
+    ]
     for name in (*CODE, *models):
         if not (ws / name).is_symlink():
             (ws / name).parent.mkdir(parents=True, exist_ok=True)
@@ -240,8 +251,9 @@ def prepare_workspace(run: Run, cache: Path | None, root: Path = Path(".")) -> N
         if name == "dvc.yaml" and (ws / name).is_file():
             continue
         (ws / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(root / name, ws / name) if (root / name).is_file() else \
-            shutil.copytree(root / name, ws / name, dirs_exist_ok=True)
+        shutil.copy2(root / name, ws / name) if (root / name).is_file() else shutil.copytree(
+            root / name, ws / name, dirs_exist_ok=True
+        )
     if not (ws / "params.yaml").is_file() or (ws / "params.yaml").read_text() != params_text(run):
         write_text(ws / "params.yaml", params_text(run))
 
@@ -259,9 +271,16 @@ def _data_files(params: dict, root: Path) -> list[str]:
 
 def write_state(run: Run, state: str, message: str | None = None, started: float | None = None) -> None:
     now = time.time()
-    write_json(run.folder / STATE, {"state": state, "message": message,
-                                    "params_sha256": hashlib.sha256(params_text(run).encode()).hexdigest(),
-                                    "started": started or now, "seconds": round(now - (started or now), 1)})
+    write_json(
+        run.folder / STATE,
+        {
+            "state": state,
+            "message": message,
+            "params_sha256": hashlib.sha256(params_text(run).encode()).hexdigest(),
+            "started": started or now,
+            "seconds": round(now - (started or now), 1),
+        },
+    )
 
 
 def run_status(study: Study, run: Run, active: bool) -> tuple[str, str]:

@@ -59,16 +59,82 @@ def markdown_table(rows: list[dict], axes: list[str]) -> str:
     def num(x, f=".3f"):
         return "–" if x is None else format(x, f)
 
-    head = ["rank", *axes, "seeds", "gold ± sd", "proxy", "KL", "RM acc", "peak d", "peak gold", "NLL (Δ SFT)",
-            "conv."]
+    head = ["rank", *axes, "seeds", "gold ± sd", "proxy", "KL", "RM acc", "peak d", "peak gold", "NLL (Δ SFT)", "conv."]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         gold = "–" if r["gold"] is None else f"**{r['gold']:.3f}** ± {num(r['gold_sd'])}"
         peak = num(r.get("peak_d")) + ("†" if r.get("peak_outside") and r.get("peak_d") is not None else "")
         nll = "–" if r.get("nll") is None else f"{r['nll']:.3f} ({num(r.get('delta_nll'), '+.3f')})"
-        cells = [str(r["rank"] or "–"), *(str(r[a]) for a in axes), r["seeds"], gold, num(r["proxy"]), num(r["kl"]),
-                 num(r["rm_accuracy"]), peak, num(r.get("peak_gold")), nll, num(r.get("conversational"), ".0%")]
+        cells = [
+            str(r["rank"] or "–"),
+            *(str(r[a]) for a in axes),
+            r["seeds"],
+            gold,
+            num(r["proxy"]),
+            num(r["kl"]),
+            num(r["rm_accuracy"]),
+            peak,
+            num(r.get("peak_gold")),
+            nll,
+            num(r.get("conversational"), ".0%"),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def level_effects(runs: list[dict], axes: list[str]) -> tuple[list[dict], float | None]:
+    """Each axis level's final gold averaged over every run that has it (the other axes and the seeds), with its
+    Δ NLL; and the seed noise: the sd of gold between the seeds of one configuration, pooled over
+    configurations (None under 2 seeds). `runs`: one dict per finished run, its axis values under `axes`, its
+    `configuration`, `gold` and `delta_nll`."""
+    by_config: dict[str, list[float]] = {}
+    for r in runs:
+        by_config.setdefault(r["configuration"], []).append(r["gold"])
+    dof = sum(len(xs) - 1 for xs in by_config.values())
+    noise = (
+        (sum(statistics.variance(xs) * (len(xs) - 1) for xs in by_config.values() if len(xs) > 1) / dof) ** 0.5
+        if dof
+        else None
+    )
+    levels = []
+    for axis in axes:
+        for level in dict.fromkeys(r[axis] for r in runs):
+            gold = [r["gold"] for r in runs if r[axis] == level]
+            nll = [x for r in runs if r[axis] == level and (x := r.get("delta_nll")) is not None]
+            levels.append(
+                {
+                    "axis": axis,
+                    "level": level,
+                    "runs": len(gold),
+                    "gold": statistics.fmean(gold),
+                    "gold_sd": statistics.stdev(gold) if len(gold) > 1 else None,
+                    "delta_nll": statistics.fmean(nll) if nll else None,
+                }
+            )
+    return levels, noise
+
+
+def effects_section(levels: list[dict], noise: float | None) -> str:
+    """The levels table and, per axis, whether its best and worst levels differ beyond seed noise: their gap
+    against the standard error of a difference of two means of n runs, noise·√(2/n) (unpaired, so cautious:
+    levels share seeds). '' without seed noise to compare with."""
+    if noise is None or not levels:
+        return ""
+    lines = ["| axis | level | runs | gold ± sd | Δ NLL |", "|---|---|---|---|---|"]
+    for lv in levels:
+        sd = "–" if lv["gold_sd"] is None else f"{lv['gold_sd']:.3f}"
+        nll = "–" if lv["delta_nll"] is None else f"{lv['delta_nll']:+.3f}"
+        lines.append(f"| {lv['axis']} | {lv['level']} | {lv['runs']} | {lv['gold']:.3f} ± {sd} | {nll} |")
+    lines += ["", f"Seed noise (the sd of final gold between the seeds of one configuration, pooled): {noise:.3f}.", ""]
+    for axis in dict.fromkeys(lv["axis"] for lv in levels):
+        mine = sorted((lv for lv in levels if lv["axis"] == axis), key=lambda lv: -lv["gold"])
+        n = min(lv["runs"] for lv in mine)
+        gap, se = mine[0]["gold"] - mine[-1]["gold"], noise * (2 / n) ** 0.5
+        verdict = "beyond seed noise" if gap > 2 * se else "within seed noise"
+        lines.append(
+            f"- {axis}: {mine[0]['level']} − {mine[-1]['level']} = {gap:.3f}, {gap / se:.1f} standard "
+            f"errors ({se:.3f}): {verdict}."
+        )
     return "\n".join(lines)
 
 
@@ -97,14 +163,21 @@ def gold_vs_d_png(study: Study) -> bytes:
     import matplotlib.pyplot as plt
 
     from rlhf.evaluation.plots import png
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for config, runs in study.configs.items():
         points = []
         for rnd in study.rounds:
-            ms = [m for r in runs for m in metrics_rows([rnd], r.folder)
-                  if number(m, "kl", "d") is not None and number(m, "gold", "mean") is not None]
+            ms = [
+                m
+                for r in runs
+                for m in metrics_rows([rnd], r.folder)
+                if number(m, "kl", "d") is not None and number(m, "gold", "mean") is not None
+            ]
             if ms:
-                points.append((statistics.fmean(m["kl"]["d"] for m in ms), statistics.fmean(m["gold"]["mean"] for m in ms)))
+                points.append(
+                    (statistics.fmean(m["kl"]["d"] for m in ms), statistics.fmean(m["gold"]["mean"] for m in ms))
+                )
         if points:
             ax.plot(*zip(*points), marker="o", label=config)
     ax.set_xlabel("d = √KL(policy ‖ reference)")
@@ -137,7 +210,7 @@ def curves_png(study: Study) -> bytes | None:
     for ax, (config, ms) in zip(axes.flat, rows.items()):
         curve_panel(ax, ms, "gold", study.rounds[1:])
         ax.set_title(config, fontsize=9)
-    for ax in list(axes.flat)[len(rows):]:
+    for ax in list(axes.flat)[len(rows) :]:
         ax.set_visible(False)
     axes[0][0].legend(fontsize=7)
     return png(fig)
@@ -154,16 +227,40 @@ def write_report(study: Study) -> Path:
     rows = final_rows(study)
     (out / "gold_vs_d.png").write_bytes(gold_vs_d_png(study))
     sft = [m["gold"]["mean"] for r in study.runs for m in metrics_rows(["r00"], r.folder)]
-    text = [f"# Study {study.folder.name}", "",
-            f"{study.describe()}. Final round {study.rounds[-1]}; gold is the judge's mean score on held-out prompts "
-            "(± the sd over seeds), proxy the final RM's, KL per sequence to the reference, RM acc the proxy's "
-            "pairwise agreement with gold; peak d and peak gold where Gao et al.'s RL "
-            "form fitted to the round's checkpoints puts gold's peak (evaluate.checkpoints; † beyond the measured d "
-            "in a seed); NLL the mean token NLL on held-out general text (Δ: less the SFT policy's, > 0: forgotten), "
-            "conv. the share of conversation-check answers that stay conversational. Ranked by gold.", "",
-            markdown_table(rows, axis_names(study)), ""]
+    text = [
+        f"# Study {study.folder.name}",
+        "",
+        f"{study.describe()}. Final round {study.rounds[-1]}; gold is the judge's mean score on held-out prompts "
+        "(± the sd over seeds), proxy the final RM's, KL per sequence to the reference, RM acc the proxy's "
+        "pairwise agreement with gold; peak d and peak gold where Gao et al.'s RL "
+        "form fitted to the round's checkpoints puts gold's peak (evaluate.checkpoints; † beyond the measured d "
+        "in a seed); NLL the mean token NLL on held-out general text (Δ: less the SFT policy's, > 0: forgotten), "
+        "conv. the share of conversation-check answers that stay conversational. Ranked by gold.",
+        "",
+        markdown_table(rows, axis_names(study)),
+        "",
+    ]
     if sft:
         text += [f"The SFT policy (r00) scores gold {statistics.fmean(sft):.3f} (mean over {len(sft)} runs).", ""]
+    finals = [(r, m) for r in study.runs for m in metrics_rows([study.rounds[-1]], r.folder)]
+    names, axes = short_names(list(study.spec.axes)), axis_names(study)
+    effects = effects_section(
+        *level_effects(
+            [
+                {
+                    **{names[k]: label_of(v) for k, v in r.values.items()},
+                    "configuration": r.config,
+                    "gold": number(m, *SUMMARY["gold"]),
+                    "delta_nll": number(m, *SUMMARY["delta_nll"]),
+                }
+                for r, m in finals
+                if number(m, *SUMMARY["gold"]) is not None
+            ],
+            axes,
+        )
+    )
+    if effects:
+        text += ["Each axis's levels, averaged over the other axes and the seeds (final round):", "", effects, ""]
     if peaks := peaks_by_round(study):
         text += ["Where gold peaks inside each round (peak gold at d, mean over seeds):", "", peaks, ""]
     text += ["![gold against d = √KL, one line per configuration](gold_vs_d.png)", ""]
@@ -175,7 +272,6 @@ def write_report(study: Study) -> Path:
     with open(out / "runs.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["run", "configuration", "seed", *SUMMARY])
-        for r in study.runs:
-            for m in metrics_rows([study.rounds[-1]], r.folder):
-                w.writerow([r.id, r.config, r.seed, *(lookup(m, *k) for k in SUMMARY.values())])
+        for r, m in finals:
+            w.writerow([r.id, r.config, r.seed, *(lookup(m, *k) for k in SUMMARY.values())])
     return out / "report.md"
