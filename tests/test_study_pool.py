@@ -102,6 +102,29 @@ def test_a_pool_study_names_what_the_workers_would_miss_before_anything_starts(t
     )
 
 
+def test_a_study_finds_each_runs_flow_run_past_the_first_page_the_server_returns(tmp_path, monkeypatch):
+    """A study resubmitted for weeks: each run's newest flow run with its params is found however many newer
+    flow runs (other params: an earlier version of the study) the server returns before it."""
+    from prefect.client.orchestration import get_client
+    from prefect.testing.utilities import prefect_test_harness
+
+    from rlhf.orchestration import pool
+    from rlhf.studies.grid import load_study
+
+    project = make_project(tmp_path / "p", TINY)
+    monkeypatch.chdir(project)
+    study = load_study(write_study(project, "lab", STUDY))
+    monkeypatch.setenv("PREFECT_API_DEFAULT_LIMIT", "2")  # the server returns 2 flow runs a read, not 200
+    run = study.runs[0]
+    with prefect_test_harness(server_startup_timeout=60), get_client(sync_client=True) as c:
+        deployment = c.create_deployment(c.create_flow_from_name(pool.FLOW), "lab")
+        mine = c.create_flow_run_from_deployment(deployment, name=run.id, parameters={"params": pool.run_params(run)})
+        for seed in range(5):
+            c.create_flow_run_from_deployment(deployment, name=run.id, parameters={"params": {"seed": seed}})
+        found = pool.latest(study)
+    assert list(found) == [run.id] and found[run.id].id == mine.id
+
+
 @pytest.mark.slow
 def test_a_study_on_two_workers_survives_one_dying_and_reports_as_a_local_one(project, moto, tmp_path):
     e = env(tmp_path)

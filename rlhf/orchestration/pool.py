@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import re
 import subprocess
@@ -137,21 +138,36 @@ def _server():
 
 def latest(study: Study) -> dict[str, object]:
     """run-id -> the newest flow run of the study's deployment with the run's params (not found: absent)."""
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowFilter, FlowFilterName
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterName,
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterName,
+    )
     from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.settings import PREFECT_API_DEFAULT_LIMIT
 
     wanted = {r.id: run_params(r) for r in study.runs}
-    with _server() as c:
-        runs = c.read_flow_runs(
-            flow_filter=FlowFilter(name=FlowFilterName(any_=[FLOW])),
-            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[study.folder.name])),
-            sort=FlowRunSort.EXPECTED_START_TIME_DESC,
-        )
     out: dict[str, object] = {}
-    for fr in runs:  # newest first
-        if fr.name in wanted and fr.name not in out and fr.parameters.get("params") == wanted[fr.name]:
-            out[fr.name] = fr
-    return out
+    page_size = PREFECT_API_DEFAULT_LIMIT.value()  # the most runs one read returns (the server's, by default)
+    with _server() as c:
+        # page by page: a study resubmitted over weeks holds more runs than one read returns
+        for offset in itertools.count(0, page_size):
+            page = c.read_flow_runs(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=[FLOW])),
+                flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=list(wanted))),
+                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[study.folder.name])),
+                sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+                limit=page_size,
+                offset=offset,
+            )
+            for fr in page:  # newest first
+                if fr.name not in out and fr.parameters.get("params") == wanted[fr.name]:
+                    out[fr.name] = fr
+            if len(page) < page_size or len(out) == len(wanted):
+                return out
 
 
 def submit(study: Study, pool: Pool, run: Run) -> None:
