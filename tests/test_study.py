@@ -221,6 +221,22 @@ def tiny_study(project, server):
     return project / "studies" / "tiny", out.stdout + out.stderr, server
 
 
+def test_a_runs_workspace_gets_the_users_lm_eval_task_and_the_data_beside_it(project, monkeypatch):
+    """A task YAML of the user's, named relative to the project, reads its data by a path relative to the project
+    too: the run's workspace has both, at the same places."""
+    from rlhf.studies.grid import load_study, prepare_workspace
+
+    (project / "lm_tasks").mkdir()
+    (project / "lm_tasks" / "tiny.yaml").write_text("task: tiny\ndataset_kwargs: {data_files: lm_tasks/tiny.jsonl}\n")
+    (project / "lm_tasks" / "tiny.jsonl").write_text('{"text": "the moon is bright ."}\n')
+    monkeypatch.chdir(project)
+    spec = {**STUDY, "set": {**STUDY["set"], "evaluate": {"lm_eval": ["lm_tasks/tiny.yaml"]}}}
+    run = load_study(write_study(project, "lm", spec)).runs[0]
+    prepare_workspace(run, cache=None, root=project)
+    for name in ("lm_tasks/tiny.yaml", "lm_tasks/tiny.jsonl"):
+        assert (run.folder / name).read_text() == (project / name).read_text()
+
+
 def test_status_says_every_run_is_done(project, tiny_study):
     out = rlhf("study", "status", "studies/tiny.yaml", cwd=project)
     assert out.returncode == 0

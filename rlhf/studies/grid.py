@@ -266,6 +266,11 @@ def _data_files(params: dict, root: Path) -> list[str]:
         value = value.get("path") if isinstance(value, dict) else value  # a prompt set given as a section
         if isinstance(value, str) and not Path(value).is_absolute() and (root / value).exists():
             out.append(value)
+    for task in lookup(params, "evaluate", "lm_eval") or []:
+        # a task YAML of the user's, with the folder it sits in: the data files it names relative to the project
+        path = Path(task)
+        if task.endswith((".yaml", ".yml")) and not path.is_absolute() and (root / path).is_file():
+            out.append(task if path.parent == Path(".") else str(path.parent))
     return out
 
 
