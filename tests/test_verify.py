@@ -4,6 +4,7 @@ kept, which DVC's cache of hashes trusts. A quick project (tests/faults.py) afte
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 
 import pytest
@@ -78,6 +79,27 @@ def test_a_file_changed_inside_a_model_folder_is_named(project):
         restore(config, before)
     assert out.returncode == 1
     assert out.stdout.splitlines()[0] == "data/rounds/r01/reward_model/config.json: content differs (train_rm@r01)"
+
+
+def test_what_dvcignore_names_inside_an_output_is_no_difference(project):
+    """A tool that writes __pycache__ (named in .dvcignore) into a model folder changes nothing DVC tracks; a
+    file .dvcignore does not name is reported."""
+    project, env = project
+    model = project / "data" / "rounds" / "r01" / "reward_model"
+    (model / "__pycache__").mkdir()
+    (model / "__pycache__" / "modeling.cpython-311.pyc").write_bytes(b"\0")
+    try:
+        out = run("rlhf", "verify", cwd=project, env=env)
+        status = run("dvc", "status", cwd=project, env=env)
+        (model / "notes.txt").write_text("mine")
+        extra = run("rlhf", "verify", cwd=project, env=env)
+    finally:
+        shutil.rmtree(model / "__pycache__")
+        (model / "notes.txt").unlink(missing_ok=True)
+    assert "up to date" in status.stdout
+    assert out.returncode == 0, out.stdout
+    assert extra.returncode == 1
+    assert extra.stdout.splitlines()[0] == "data/rounds/r01/reward_model/notes.txt: not in dvc.lock (train_rm@r01)"
 
 
 def count_outputs(project) -> int:

@@ -5,13 +5,15 @@ remembers the hash it computed then), so a file changed in place with both kept 
 tool that restores mtimes, a hand edit undone with `touch -r` — passes `dvc status`. This reads every byte
 and hashes it as DVC does: a file's md5 is that of its content; a folder's is the md5 of its manifest (a
 JSON list of each file's md5 and relative path, sorted by path) followed by `.dir`. The manifest DVC stored
-in its cache for the recorded hash names the files that differ; without it the folder is named.
+in its cache for the recorded hash names the files that differ; without it the folder is named. Files a
+.dvcignore names are left out of a folder's manifest, as DVC leaves them out.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -30,9 +32,31 @@ def md5_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def manifest(folder: Path) -> list[dict]:
-    """A folder as DVC lists it: each file's md5 and path relative to the folder, sorted by path."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
+def dvcignore(root: Path) -> Callable[[Path], bool]:
+    """Whether DVC leaves a path (relative to the project at `root`) out of what it tracks: a pattern of the
+    .dvcignore in the project's root or in any folder above the path (gitignore syntax, as DVC reads it)."""
+    import pathspec
+
+    specs: dict[Path, pathspec.PathSpec | None] = {}
+
+    def spec(folder: Path) -> pathspec.PathSpec | None:
+        if folder not in specs:
+            f = root / folder / ".dvcignore"
+            specs[folder] = (
+                pathspec.PathSpec.from_lines("gitwildmatch", f.read_text().splitlines()) if f.is_file() else None
+            )
+        return specs[folder]
+
+    def ignored(path: Path) -> bool:
+        return any((s := spec(p)) and s.match_file(path.relative_to(p).as_posix()) for p in path.parents)
+
+    return ignored
+
+
+def manifest(folder: Path, ignored: Callable[[Path], bool] = lambda p: False) -> list[dict]:
+    """A folder as DVC lists it: each file's md5 and path relative to the folder, sorted by path; files
+    `ignored` (.dvcignore) left out as DVC leaves them out."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not ignored(p))
     return sorted(({"md5": md5_file(p), "relpath": p.relative_to(folder).as_posix()} for p in files), key=_relpath)
 
 
@@ -44,7 +68,7 @@ def dir_md5(entries: list[dict]) -> str:
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
 
 
-def check_output(out: dict) -> list[str]:
+def check_output(out: dict, ignored: Callable[[Path], bool] = lambda p: False) -> list[str]:
     """What differs between one dvc.lock `outs` entry and the workspace: paths with the reason, none if equal."""
     path, recorded = Path(out["path"]), out.get("md5", "")
     if not path.exists():
@@ -53,7 +77,7 @@ def check_output(out: dict) -> list[str]:
         return [] if path.is_file() and md5_file(path) == recorded else [f"{path}: content differs"]
     if not path.is_dir():
         return [f"{path}: not a folder"]
-    entries = manifest(path)
+    entries = manifest(path, ignored)
     if dir_md5(entries) == recorded:
         return []
     stored = CACHE / recorded[:2] / recorded[2:]
@@ -79,12 +103,12 @@ def verify(lock: Path = LOCK) -> tuple[int, list[str]]:
         raise UserError(f"{lock}: no such file: no stage has run here yet (`rlhf run` runs them)") from None
     except yaml.YAMLError as e:
         raise UserError(f"{lock}: not valid YAML ({str(e).splitlines()[0]})") from None
-    checked, problems = 0, []
+    checked, problems, ignored = 0, [], dvcignore(Path("."))
     for name, entry in stages.items():
         for out in entry.get("outs", []):
             checked += 1
             if out.get("hash") != "md5":  # recorded by DVC 2 (md5 of text with dos2unix line ends): not comparable
                 problems.append(f"{out['path']}: recorded by DVC 2, not checked (`dvc commit -f` records it anew)")
                 continue
-            problems += [f"{line} ({name})" for line in check_output(out)]
+            problems += [f"{line} ({name})" for line in check_output(out, ignored)]
     return checked, problems
