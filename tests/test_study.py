@@ -50,6 +50,12 @@ def files(folder):
     return {p: p.stat().st_mtime_ns for p in (folder / "data" / "rounds").rglob("*") if p.is_file()}
 
 
+def ranked_rows(report: str) -> list[list[str]]:
+    """The cells of the report's ranked table (its first), row by row."""
+    table = report[report.index("| rank |") :].split("\n\n")[0].splitlines()[2:]
+    return [line.strip("| ").split(" | ") for line in table]
+
+
 def write_study(project, name, spec):
     (project / "studies").mkdir(exist_ok=True)
     (project / "studies" / f"{name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -250,9 +256,7 @@ def test_status_says_every_run_is_done(project, tiny_study):
 def test_report_ranks_each_configuration_and_plots_gold_against_sqrt_kl(tiny_study):
     folder, log, _ = tiny_study
     report = (folder / "report" / "report.md").read_text()
-    rows = [
-        line.strip("| ").split(" | ") for line in report.splitlines() if line.startswith("| ") and "rank" not in line
-    ]
+    rows = ranked_rows(report)
     gold = {r: json.loads((folder / r / "data/rounds/r01/metrics.json").read_text())["gold"]["mean"] for r in RUNS}
     ranked = sorted(RUNS, key=gold.get, reverse=True)
     assert [row[:3] for row in rows] == [["1", ranked[0][5:8], "1/1"], ["2", ranked[1][5:8], "1/1"]]
@@ -407,9 +411,7 @@ def test_a_reduced_default_study_is_killed_resumed_reported_and_reproducible(tmp
     assert rlhf("study", "status", study, cwd=project).stdout.splitlines()[1] == "6 done"
 
     report = (folder / "report" / "report.md").read_text()
-    rows = [
-        line.strip("| ").split(" | ") for line in report.splitlines() if line.startswith("| ") and "rank" not in line
-    ]
+    rows = ranked_rows(report)
     assert [row[0] for row in rows] == ["1", "2", "3"] and {row[1] for row in rows} == {"last", "concat", "sample"}
     golds = [float(row[3].split("**")[1]) for row in rows]
     assert golds == sorted(golds, reverse=True) and all(row[2] == "2/2" and "± 0." in row[3] for row in rows)
