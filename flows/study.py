@@ -10,6 +10,7 @@ A normal flow taking the study path, so it can be served on a schedule like the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -25,6 +26,7 @@ from prefect.states import Failed
 from rlhf.core.errors import StageFailed
 from rlhf.core.io import remove_scratch
 from rlhf.core.processes import dying_with_parent, relay
+from rlhf.orchestration import interrupts
 from rlhf.orchestration.preflight import check_study
 from rlhf.orchestration.storage import configure_remote
 from rlhf.studies.grid import Run, Study, load_study, prepare_workspace, run_status, study_lock, write_state
@@ -32,6 +34,10 @@ from rlhf.studies.report import axis_names, final_rows, markdown_table, write_re
 
 # `rlhf run` as a process that dies with this one, taking its stages with it (rlhf/core/processes.py).
 RUN = dying_with_parent("rlhf", "run")
+# The runs' `rlhf run` processes now, each until its state is written. Each starts in a session of its own, so a
+# terminal's Ctrl-C reaches the study alone, which passes it on to each run (stop_runs): each stops its stage
+# and says where it resumes, as `rlhf run` does on its own (rlhf/orchestration/interrupts.py).
+_RUNNING: dict[subprocess.Popen, str] = {}
 _CHILD_PREFIX = re.compile(r"^\d\d:\d\d:\d\d \w+ [\w.]+: ")  # the child's own "time level logger: "
 
 
@@ -57,9 +63,16 @@ def run_in_workspace(run: Run, env: dict[str, str], on_line=None) -> str:
     with (
         open(run.folder / "run.log", "a") as record,
         subprocess.Popen(
-            RUN, cwd=run.folder, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            RUN,
+            cwd=run.folder,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         ) as proc,
     ):
+        _RUNNING[proc] = run.id
 
         def lines():
             for line in proc.stdout:
@@ -71,13 +84,43 @@ def run_in_workspace(run: Run, env: dict[str, str], on_line=None) -> str:
             if on_line:
                 on_line(line)
 
-        tail = relay(lines(), show, keep=1)
-    if proc.returncode != 0:
-        message = (tail[-1] if tail else "").removeprefix("error: ") or f"rlhf run exited with status {proc.returncode}"
-        write_state(run, "failed", message, started)
+        try:
+            tail = relay(lines(), show, keep=1)
+            proc.wait()
+            last = (tail[-1] if tail else "").removeprefix("error: ")
+            message = last or f"rlhf run exited with status {proc.returncode}"
+            state = "done" if proc.returncode == 0 else "interrupted" if interrupts.signalled() else "failed"
+            write_state(run, state, None if state == "done" else message, started)
+        finally:
+            _RUNNING.pop(proc, None)
+    if state != "done":
         return Failed(message=f"{run.id}: {message}", data=StudyFailed(f"{run.id}: {message}"))
-    write_state(run, "done", started=started)
     return f"done in {time.time() - started:.0f} s"
+
+
+@contextlib.contextmanager
+def _stopping_runs_when_signalled():
+    """A signal stopping the study (`rlhf study run` is interruptible) stops its runs before the flow ends: the
+    flow's task runner waits for its task runs, each waiting for its `rlhf run`."""
+    try:
+        yield
+    except BaseException:
+        if signum := interrupts.signalled():
+            stop_runs(signum)
+        raise
+
+
+def stop_runs(signum: int, timeout: float = 120) -> None:
+    """Pass the signal that is stopping the study on to each run in flight, and wait (at most `timeout` s) until
+    each has stopped and its state says so; then whatever is left is killed."""
+    for proc in list(_RUNNING):
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signum)
+    deadline = time.monotonic() + timeout
+    while _RUNNING and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for proc in list(_RUNNING):
+        interrupts.stop_group(proc)
 
 
 def run_env(parallel: int, api_url: str) -> dict[str, str]:
@@ -153,19 +196,20 @@ def _run_bounded(s: Study, run_ids: list[str], api_url: str) -> list[str]:
     """Submit the runs, keeping at most `parallel` in flight; returns the failures' messages, in grid order."""
     log = get_run_logger()
     pending, running, failed = list(run_ids), {}, {}
-    while pending or running:
-        while pending and len(running) < s.spec.parallel:
-            run_id = pending.pop(0)
-            running[run_one.submit(str(s.path), run_id, api_url)] = run_id
-        future = next(as_completed(list(running)))
-        future.wait()  # takes its final state from the task's own return, not a read of the API
-        run_id, state = running.pop(future), future.state
-        n = len(run_ids) - len(pending) - len(running)
-        if state.is_failed():
-            failed[run_id] = state.message
-            log.error(f"[{n}/{len(run_ids)}] failed: {state.message}")
-        else:
-            log.info(f"[{n}/{len(run_ids)}] {run_id}: {future.result()}")
+    with _stopping_runs_when_signalled():
+        while pending or running:
+            while pending and len(running) < s.spec.parallel:
+                run_id = pending.pop(0)
+                running[run_one.submit(str(s.path), run_id, api_url)] = run_id
+            future = next(as_completed(list(running)))
+            future.wait()  # takes its final state from the task's own return, not a read of the API
+            run_id, state = running.pop(future), future.state
+            n = len(run_ids) - len(pending) - len(running)
+            if state.is_failed():
+                failed[run_id] = state.message
+                log.error(f"[{n}/{len(run_ids)}] failed: {state.message}")
+            else:
+                log.info(f"[{n}/{len(run_ids)}] {run_id}: {future.result()}")
     return [failed[r] for r in run_ids if r in failed]
 
 

@@ -430,12 +430,26 @@ def _study(args) -> int:
                 parameters={"path": args.study},
             )
         return 0
+    import signal
+
+    from rlhf.orchestration import interrupts
     from rlhf.orchestration.server import prefect_api
 
-    with prefect_api():  # the study's runs report to the same server
-        from flows.study import study as study_flow
+    with interrupts.interruptible():  # the study passes a signal on to its runs (flows/study.py, stop_runs)
+        try:
+            with prefect_api():  # the study's runs report to the same server
+                from flows.study import study as study_flow
 
-        study_flow(args.study)
+                study_flow(args.study)
+        except BaseException:
+            if not (signum := interrupts.signalled()):
+                raise
+            states = [grid.run_status(s, r, active=False)[0] for r in s.runs]
+            interrupts.say(
+                f"interrupted ({signal.Signals(signum).name}): {states.count('interrupted')} runs stopped where "
+                f"`rlhf study run {args.study}` resumes them, {states.count('done')} of {len(s.runs)} done"
+            )
+            return 128 + signum
     return 0
 
 

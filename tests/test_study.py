@@ -352,6 +352,49 @@ def test_failed_runs_report_their_message_and_run_at_most_parallel_at_once(proje
     assert "| – | 1.0 | 0/1 | – |" in (project / "studies/broken/report/report.md").read_text()
 
 
+@pytest.mark.slow  # two runs that each start Prefect, DVC and prepare before they are stopped: about a minute
+def test_ctrl_c_stops_every_run_in_one_line_and_the_study_resumes_them(project, server):
+    """Ctrl-C in the terminal (SIGINT to the study's whole process group) reaches the study alone, which stops
+    each run in flight: one line, status 130, no traceback, nothing left running, each run `interrupted`
+    with the line its own `rlhf run` said, and what they finished recorded."""
+    import signal
+    import time
+
+    import psutil
+
+    study = write_study(project, "stop", {**STUDY, "parallel": 2})
+    folder = project / "studies" / "stop"
+    logs = [folder / run / "run.log" for run in RUNS]
+    with open(project / "stop.log", "w") as err:
+        proc = subprocess.Popen(
+            [BIN / "rlhf", "study", "run", study],
+            cwd=project,
+            stdout=err,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PREFECT_API_URL": server},
+            start_new_session=True,  # the leader of its group, as in a terminal
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+        deadline = time.monotonic() + 300
+        while not all(log.is_file() and "Running stage 'prepare'" in log.read_text() for log in logs):
+            assert proc.poll() is None and time.monotonic() < deadline, (project / "stop.log").read_text()[-3000:]
+            time.sleep(0.2)
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        os.killpg(proc.pid, signal.SIGINT)
+        code = proc.wait(timeout=120)
+    out = (project / "stop.log").read_text()
+    assert code == 130 and "Traceback" not in out, out[-3000:]
+    assert out.splitlines()[-1] == (
+        f"interrupted (SIGINT): 2 runs stopped where `rlhf study run {study}` resumes them, 0 of 2 done"
+    )
+    time.sleep(1)
+    assert not [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    status = rlhf("study", "status", study, cwd=project).stdout
+    for run in RUNS:
+        line = next(line for line in status.splitlines() if line.startswith(run))
+        assert " interrupted " in line and "interrupted (SIGINT) in round " in line, status
+
+
 @pytest.mark.slow  # the embedded default's real size: 3 configurations x 2 seeds x 2 rounds, killed and resumed
 def test_a_reduced_default_study_is_killed_resumed_reported_and_reproducible(tmp_path, server):
     import signal
