@@ -31,6 +31,21 @@ SUMMARY = {
 }
 
 
+def peak(m: dict) -> tuple[float, float] | None:
+    """(d, gold) where the round's RL fit puts gold's peak, when the fit found one inside the d its checkpoints
+    measured; None when it did not: gold still rising (or already falling) at every checkpoint, where the
+    fitted peak is an extrapolation that can run to any d (one seed's 1e5 would swamp a mean over seeds)."""
+    d, gold = number(m, *SUMMARY["peak_d"]), number(m, *SUMMARY["peak_gold"])
+    note = lookup(m, "fits", "rl_gold", "note") or ""
+    return None if d is None or gold is None or "outside" in note else (d, gold)
+
+
+def mean_peak(ms: list[dict]) -> tuple[float, float, int] | None:
+    """The mean (d, gold) over the rounds `ms` whose peak lies inside their measured d, and how many do."""
+    found = [p for m in ms if (p := peak(m))]
+    return (statistics.fmean(p[0] for p in found), statistics.fmean(p[1] for p in found), len(found)) if found else None
+
+
 def axis_names(study: Study) -> list[str]:
     return list(short_names(list(study.spec.axes)).values())
 
@@ -48,8 +63,9 @@ def final_rows(study: Study) -> list[dict]:
             row[name] = statistics.fmean(xs) if xs else None
             if name == "gold":
                 row["gold_sd"] = statistics.stdev(xs) if len(xs) > 1 else None
-        # a seed's fitted peak beyond the d its checkpoints measured is an extrapolation: the table marks it
-        row["peak_outside"] = any("outside" in (lookup(m, "fits", "rl_gold", "note") or "") for m in finals)
+        # the peak over the seeds whose fit found it inside the d they measured (how many, when not all)
+        row["peak_d"], row["peak_gold"], row["peaks"] = mean_peak(finals) or (None, None, 0)
+        row["peaks_of"] = len(finals)
         rows.append({"configuration": config, **row})
     rows.sort(key=lambda r: -r["gold"] if r["gold"] is not None else float("inf"))
     return [{"rank": i if r["gold"] is not None else None, **r} for i, r in enumerate(rows, 1)]
@@ -63,7 +79,8 @@ def markdown_table(rows: list[dict], axes: list[str]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         gold = "–" if r["gold"] is None else f"**{r['gold']:.3f}** ± {num(r['gold_sd'])}"
-        peak = num(r.get("peak_d")) + ("†" if r.get("peak_outside") and r.get("peak_d") is not None else "")
+        seen = f" ({r['peaks']}/{r['peaks_of']})" if 0 < r.get("peaks", 0) < r.get("peaks_of", 0) else ""
+        peak = num(r.get("peak_d")) + seen
         nll = "–" if r.get("nll") is None else f"{r['nll']:.3f} ({num(r.get('delta_nll'), '+.3f')})"
         cells = [
             str(r["rank"] or "–"),
@@ -131,10 +148,8 @@ def effects_section(levels: list[dict], noise: float | None) -> str:
         n = min(lv["runs"] for lv in mine)
         gap, se = mine[0]["gold"] - mine[-1]["gold"], noise * (2 / n) ** 0.5
         verdict = "beyond seed noise" if gap > 2 * se else "within seed noise"
-        lines.append(
-            f"- {axis}: {mine[0]['level']} − {mine[-1]['level']} = {gap:.3f}, {gap / se:.1f} standard "
-            f"errors ({se:.3f}): {verdict}."
-        )
+        size = f"{gap / se:.1f} standard errors ({se:.3f})" if se else "the seeds agree exactly"
+        lines.append(f"- {axis}: {mine[0]['level']} − {mine[-1]['level']} = {gap:.3f}, {size}: {verdict}.")
     return "\n".join(lines)
 
 
@@ -146,9 +161,9 @@ def peaks_by_round(study: Study) -> str:
         cells[config] = []
         for rnd in rounds:
             ms = [m for r in runs for m in metrics_rows([rnd], r.folder)]
-            d = [x for m in ms if (x := number(m, *SUMMARY["peak_d"])) is not None]
-            g = [x for m in ms if (x := number(m, *SUMMARY["peak_gold"])) is not None]
-            cells[config].append(f"{statistics.fmean(g):.3f} at d {statistics.fmean(d):.2f}" if d and g else "–")
+            p = mean_peak(ms)
+            seen = f" ({p[2]}/{len(ms)})" if p and p[2] < len(ms) else ""
+            cells[config].append(f"{p[1]:.3f} at d {p[0]:.2f}{seen}" if p else "–")
     if all(c == "–" for row in cells.values() for c in row):
         return ""
     lines = ["| configuration | " + " | ".join(rounds) + " |", "|" + "---|" * (len(rounds) + 1)]
@@ -206,7 +221,7 @@ def curves_png(study: Study) -> bytes | None:
         return None
     cols = min(3, len(rows))
     n = -(-len(rows) // cols)
-    fig, axes = plt.subplots(n, cols, figsize=(4.2 * cols, 3.4 * n), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(n, cols, figsize=(4.2 * cols, 3.4 * n), squeeze=False, sharey=True, layout="constrained")
     for ax, (config, ms) in zip(axes.flat, rows.items()):
         curve_panel(ax, ms, "gold", study.rounds[1:])
         ax.set_title(config, fontsize=9)
@@ -233,9 +248,11 @@ def write_report(study: Study) -> Path:
         f"{study.describe()}. Final round {study.rounds[-1]}; gold is the judge's mean score on held-out prompts "
         "(± the sd over seeds), proxy the final RM's, KL per sequence to the reference, RM acc the proxy's "
         "pairwise agreement with gold; peak d and peak gold where Gao et al.'s RL "
-        "form fitted to the round's checkpoints puts gold's peak (evaluate.checkpoints; † beyond the measured d "
-        "in a seed); NLL the mean token NLL on held-out general text (Δ: less the SFT policy's, > 0: forgotten), "
-        "conv. the share of conversation-check answers that stay conversational. Ranked by gold.",
+        "form fitted to the round's checkpoints puts gold's peak (evaluate.checkpoints), the mean over the seeds "
+        "whose peak lies inside the d they measured ((k/n): k of n seeds; –: none, gold still rising or already "
+        "falling at every checkpoint); NLL the mean token NLL on held-out general text (Δ: less the SFT "
+        "policy's, > 0: forgotten), conv. the share of conversation-check answers that stay conversational. "
+        "Ranked by gold.",
         "",
         markdown_table(rows, axis_names(study)),
         "",
@@ -262,7 +279,13 @@ def write_report(study: Study) -> Path:
     if effects:
         text += ["Each axis's levels, averaged over the other axes and the seeds (final round):", "", effects, ""]
     if peaks := peaks_by_round(study):
-        text += ["Where gold peaks inside each round (peak gold at d, mean over seeds):", "", peaks, ""]
+        text += [
+            "Where gold peaks inside each round (peak gold at d, mean over the seeds with a peak inside the d "
+            "they measured):",
+            "",
+            peaks,
+            "",
+        ]
     text += ["![gold against d = √KL, one line per configuration](gold_vs_d.png)", ""]
     (out / "curves.png").unlink(missing_ok=True)  # an earlier report's, when no run has curves any more
     if (curves := curves_png(study)) is not None:
