@@ -430,25 +430,38 @@ def _study(args) -> int:
                 parameters={"path": args.study},
             )
         return 0
+    from rlhf.orchestration.server import prefect_api
+
+    def stopped(signal_name: str) -> str:
+        states = [grid.run_status(s, r, active=False)[0] for r in s.runs]
+        return (
+            f"interrupted ({signal_name}): {states.count('interrupted')} runs stopped where `rlhf study run "
+            f"{args.study}` resumes them, {states.count('done')} of {len(s.runs)} done"
+        )
+
+    def run() -> None:
+        with prefect_api():  # the study's runs report to the same server
+            from flows.study import study as study_flow
+
+            study_flow(args.study)
+
+    return _until_signalled(run, stopped)  # the study passes a signal on to its runs (flows/study.py, stop_runs)
+
+
+def _until_signalled(body, line) -> int:
+    """body(), 0; or, when Ctrl-C or SIGTERM stops it, the one line `line(signal name)` and 128 + the signal
+    (whatever Prefect logs or raises on its way out stays off the console: rlhf/orchestration/interrupts.py)."""
     import signal
 
     from rlhf.orchestration import interrupts
-    from rlhf.orchestration.server import prefect_api
 
-    with interrupts.interruptible():  # the study passes a signal on to its runs (flows/study.py, stop_runs)
+    with interrupts.interruptible():
         try:
-            with prefect_api():  # the study's runs report to the same server
-                from flows.study import study as study_flow
-
-                study_flow(args.study)
+            body()
         except BaseException:
             if not (signum := interrupts.signalled()):
                 raise
-            states = [grid.run_status(s, r, active=False)[0] for r in s.runs]
-            interrupts.say(
-                f"interrupted ({signal.Signals(signum).name}): {states.count('interrupted')} runs stopped where "
-                f"`rlhf study run {args.study}` resumes them, {states.count('done')} of {len(s.runs)} done"
-            )
+            interrupts.say(line(signal.Signals(signum).name))
             return 128 + signum
     return 0
 
@@ -473,8 +486,13 @@ def _study_on_pool(args, s) -> int:
             return 0
         from flows.study import study as study_flow
 
-        study_flow(args.study, args.pool)
-    return 0
+        def following(signal_name: str) -> str:
+            return (
+                f"interrupted ({signal_name}): the runs on work pool {where.name!r} go on; `rlhf study status "
+                f"{args.study} --pool {where.name}` shows them, `rlhf study run` again follows them to the report"
+            )
+
+        return _until_signalled(lambda: study_flow(args.study, args.pool), following)
 
 
 def _lasting_api(missing: str = "to serve on: start one with `rlhf server` (in another terminal), or set"):

@@ -11,6 +11,7 @@ that never saw a worker's disk, agree with the same study run on this machine.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -123,6 +124,53 @@ def test_a_study_finds_each_runs_flow_run_past_the_first_page_the_server_returns
             c.create_flow_run_from_deployment(deployment, name=run.id, parameters={"params": {"seed": seed}})
         found = pool.latest(study)
     assert list(found) == [run.id] and found[run.id].id == mine.id
+
+
+@pytest.mark.slow  # a server, a deployment and submissions: about half a minute
+def test_ctrl_c_while_following_a_pool_stops_following_in_one_line_and_the_runs_go_on(tmp_path, moto, monkeypatch):
+    """No worker takes the runs: `rlhf study run --pool` deploys, submits and follows them; Ctrl-C (SIGINT to its
+    whole process group) ends it in one line, exit 130, no traceback; the submitted run stays on the server."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    from rlhf.orchestration import pool
+    from rlhf.studies.grid import load_study
+
+    project = make_project(tmp_path / "p", TINY)
+    shutil.copy(project / "data" / "sft.jsonl", project / "data" / "sft_small.jsonl")
+    where = {"name": "idle", "remote": "s3://lab/idle", "endpoint_url": moto, "source": str(project)}
+    study = write_study(project, "idle", {**STUDY, "pool": where})
+    monkeypatch.chdir(project)  # the study's base params.yaml is the project's
+    with prefect_test_harness(server_startup_timeout=60), get_client(sync_client=True) as c:
+        e = env(tmp_path, PREFECT_API_URL=str(c.api_url).rstrip("/"))
+        subprocess.run([BIN / "prefect", "work-pool", "create", "idle", "--type", "process"], env=e, check=True)
+        with open(tmp_path / "study.log", "w") as log:
+            proc = subprocess.Popen(
+                [BIN / "rlhf", "study", "run", study],
+                cwd=project,
+                env=e,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # the leader of its group, as in a terminal
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+            )
+            deadline = time.monotonic() + 120
+            with temporary_settings({PREFECT_API_URL: e["PREFECT_API_URL"]}):
+                studied = load_study(study)
+                while not pool.latest(studied):  # the first run submitted (the other waits for its `prepare`)
+                    assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "study.log").read_text()
+                    time.sleep(0.5)
+                os.killpg(proc.pid, signal.SIGINT)
+                code = proc.wait(timeout=60)
+                states = {run: fr.state.type.name for run, fr in pool.latest(studied).items()}
+    out = (tmp_path / "study.log").read_text()
+    assert code == 130 and "Traceback" not in out, out[-3000:]
+    assert out.splitlines()[-1] == (
+        f"interrupted (SIGINT): the runs on work pool 'idle' go on; `rlhf study status {study} --pool idle` "
+        "shows them, `rlhf study run` again follows them to the report"
+    )
+    assert states == {"beta=0.1,seed=0": "SCHEDULED"}
 
 
 @pytest.mark.slow
