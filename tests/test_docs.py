@@ -95,3 +95,23 @@ def test_every_python_name_named_exists(page):
                 break
             else:
                 pytest.fail(f"{page.name}: {dotted} does not import")
+
+
+@pytest.mark.parametrize("name", ["wolf-mini", "cotrain-mini"])
+def test_the_results_page_holds_the_report_of_the_shipped_study_file(name, monkeypatch):
+    """docs/results.md's ranked table is the one in the kept report, which the shipped study file (its grid as it
+    is now) wrote from every one of its runs."""
+    from rlhf.studies.grid import load_study
+
+    monkeypatch.chdir(ROOT)
+    study = load_study(f"studies/{name}.yaml")
+    kept = ROOT / "docs" / "results" / name
+    report = (kept / "report.md").read_text()
+    assert report.split("\n")[2].startswith(study.describe() + ". ")
+    assert len((kept / "runs.csv").read_text().splitlines()) == 1 + len(study.runs)
+
+    def ranked(text: str, after: str) -> list[str]:  # the first table of ranks after `after`
+        return text[text.index("| rank |", text.index(after)) :].split("\n\n")[0].splitlines()
+
+    page = (ROOT / "docs" / "results.md").read_text()
+    assert ranked(page, f"`studies/{name}.yaml`") == ranked(report, "# Study")
