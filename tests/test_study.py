@@ -62,9 +62,10 @@ def write_study(project, name, spec):
     return f"studies/{name}.yaml"
 
 
-def test_the_report_says_which_axis_moves_gold_beyond_seed_noise():
+def test_the_report_says_which_axis_moves_gold_or_forgetting_beyond_seed_noise():
     """A 2 x 2 grid over 2 seeds on hand-made finals: `data` moves gold by 0.2 and `init` by 0.01, against a seed
-    noise of 0.02 (each configuration's two seeds 0.04 apart)."""
+    noise of 0.028 (each configuration's two seeds 0.04 apart); `init` moves Δ NLL by 0.2 and `data` not at all,
+    against 0.014."""
     from rlhf.studies.report import effects_section, level_effects
 
     runs = [
@@ -72,26 +73,28 @@ def test_the_report_says_which_axis_moves_gold_beyond_seed_noise():
             "data": d,
             "init": i,
             "configuration": f"data={d},init={i}",
-            "delta_nll": 0.1 if d == "last" else None,
             "gold": (0.2 if d == "concat" else 0.0) + (0.01 if i == "sft" else 0.0) + seed * 0.04,
+            "delta_nll": (0.3 if i == "sft" else 0.1) + seed * 0.02,
         }
         for d in ("last", "concat")
         for i in ("sft", "last")
         for seed in (0, 1)
     ]
     levels, noise = level_effects(runs, ["data", "init"])
-    assert noise == pytest.approx(0.04 / 2**0.5)
+    assert noise["gold"] == pytest.approx(0.04 / 2**0.5) and noise["delta_nll"] == pytest.approx(0.02 / 2**0.5)
     assert [(lv["axis"], lv["level"], lv["runs"]) for lv in levels] == [
         ("data", "last", 4),
         ("data", "concat", 4),
         ("init", "sft", 4),
         ("init", "last", 4),
     ]
-    assert levels[1]["gold"] == pytest.approx(0.225) and levels[0]["delta_nll"] == pytest.approx(0.1)
+    assert levels[1]["gold"] == pytest.approx(0.225) and levels[2]["delta_nll"] == pytest.approx(0.31)
     text = effects_section(levels, noise)
-    assert "| data | concat | 4 | 0.225 ± 0.024 | – |" in text
-    assert "- data: concat − last = 0.200, 10.0 standard errors (0.020): beyond seed noise." in text
-    assert "- init: sft − last = 0.010, 0.5 standard errors (0.020): within seed noise." in text
+    assert "| data | concat | 4 | 0.225 ± 0.024 | +0.210 |" in text
+    assert "- data, final gold: concat − last = 0.200, 10.0 standard errors (0.020): beyond seed noise." in text
+    assert "- init, final gold: sft − last = 0.010, 0.5 standard errors (0.020): within seed noise." in text
+    assert "- init, Δ NLL: sft − last = 0.200, 20.0 standard errors (0.010): beyond seed noise." in text
+    assert "- data, Δ NLL: " in text and "= 0.000, 0.0 standard errors (0.010): within seed noise." in text
     assert effects_section(*level_effects(runs[::2], ["data", "init"])) == ""  # one seed each: no noise to compare
 
 

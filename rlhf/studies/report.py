@@ -99,57 +99,65 @@ def markdown_table(rows: list[dict], axes: list[str]) -> str:
     return "\n".join(lines)
 
 
-def level_effects(runs: list[dict], axes: list[str]) -> tuple[list[dict], float | None]:
-    """Each axis level's final gold averaged over every run that has it (the other axes and the seeds), with its
-    Δ NLL; and the seed noise: the sd of gold between the seeds of one configuration, pooled over
-    configurations (None under 2 seeds). `runs`: one dict per finished run, its axis values under `axes`, its
-    `configuration`, `gold` and `delta_nll`."""
+# What the axis table sets against seed noise: a run's final gold, and how much held-out text it forgot.
+EFFECTS = {"gold": "final gold", "delta_nll": "Δ NLL"}
+
+
+def seed_noise(runs: list[dict], key: str) -> float | None:
+    """The sd of `key` between the seeds of one configuration, pooled over configurations (None under 2 seeds)."""
     by_config: dict[str, list[float]] = {}
     for r in runs:
-        by_config.setdefault(r["configuration"], []).append(r["gold"])
+        if r.get(key) is not None:
+            by_config.setdefault(r["configuration"], []).append(r[key])
     dof = sum(len(xs) - 1 for xs in by_config.values())
-    noise = (
-        (sum(statistics.variance(xs) * (len(xs) - 1) for xs in by_config.values() if len(xs) > 1) / dof) ** 0.5
-        if dof
-        else None
-    )
+    return (sum(statistics.variance(xs) * (len(xs) - 1) for xs in by_config.values()) / dof) ** 0.5 if dof else None
+
+
+def level_effects(runs: list[dict], axes: list[str]) -> tuple[list[dict], dict[str, float | None]]:
+    """Each axis level's final gold and Δ NLL averaged over every run that has it (the other axes and the
+    seeds), and each one's seed noise. `runs`: one dict per finished run, its axis values under `axes`, its
+    `configuration`, `gold` and `delta_nll`."""
     levels = []
     for axis in axes:
         for level in dict.fromkeys(r[axis] for r in runs):
-            gold = [r["gold"] for r in runs if r[axis] == level]
-            nll = [x for r in runs if r[axis] == level and (x := r.get("delta_nll")) is not None]
-            levels.append(
-                {
-                    "axis": axis,
-                    "level": level,
-                    "runs": len(gold),
-                    "gold": statistics.fmean(gold),
-                    "gold_sd": statistics.stdev(gold) if len(gold) > 1 else None,
-                    "delta_nll": statistics.fmean(nll) if nll else None,
-                }
-            )
-    return levels, noise
+            mine = [r for r in runs if r[axis] == level]
+            lv = {"axis": axis, "level": level, "runs": len(mine)}
+            for key in EFFECTS:
+                xs = [r[key] for r in mine if r.get(key) is not None]
+                lv |= {key: statistics.fmean(xs) if xs else None, f"{key}_n": len(xs)}
+                lv[f"{key}_sd"] = statistics.stdev(xs) if len(xs) > 1 else None
+            levels.append(lv)
+    return levels, {key: seed_noise(runs, key) for key in EFFECTS}
 
 
-def effects_section(levels: list[dict], noise: float | None) -> str:
-    """The levels table and, per axis, whether its best and worst levels differ beyond seed noise: their gap
-    against the standard error of a difference of two means of n runs, noise·√(2/n) (unpaired, so cautious:
-    levels share seeds). '' without seed noise to compare with."""
-    if noise is None or not levels:
+def effects_section(levels: list[dict], noise: dict[str, float | None]) -> str:
+    """The levels table and, per axis and measure, whether its highest and lowest levels differ beyond seed
+    noise: their gap against the standard error of a difference of two means of n runs, noise·√(2/n)
+    (unpaired, so cautious: levels share seeds). '' without seed noise in gold to compare with."""
+    if noise["gold"] is None or not levels:
         return ""
+
+    def num(x, f=".3f"):
+        return "–" if x is None else format(x, f)
+
     lines = ["| axis | level | runs | gold ± sd | Δ NLL |", "|---|---|---|---|---|"]
     for lv in levels:
-        sd = "–" if lv["gold_sd"] is None else f"{lv['gold_sd']:.3f}"
-        nll = "–" if lv["delta_nll"] is None else f"{lv['delta_nll']:+.3f}"
-        lines.append(f"| {lv['axis']} | {lv['level']} | {lv['runs']} | {lv['gold']:.3f} ± {sd} | {nll} |")
-    lines += ["", f"Seed noise (the sd of final gold between the seeds of one configuration, pooled): {noise:.3f}.", ""]
+        lines.append(
+            f"| {lv['axis']} | {lv['level']} | {lv['runs']} | {lv['gold']:.3f} ± {num(lv['gold_sd'])} | "
+            f"{num(lv['delta_nll'], '+.3f')} |"
+        )
+    said = ", ".join(f"{name} {noise[key]:.3f}" for key, name in EFFECTS.items() if noise[key] is not None)
+    lines += ["", f"Seed noise (the sd between the seeds of one configuration, pooled): {said}.", ""]
     for axis in dict.fromkeys(lv["axis"] for lv in levels):
-        mine = sorted((lv for lv in levels if lv["axis"] == axis), key=lambda lv: -lv["gold"])
-        n = min(lv["runs"] for lv in mine)
-        gap, se = mine[0]["gold"] - mine[-1]["gold"], noise * (2 / n) ** 0.5
-        verdict = "beyond seed noise" if gap > 2 * se else "within seed noise"
-        size = f"{gap / se:.1f} standard errors ({se:.3f})" if se else "the seeds agree exactly"
-        lines.append(f"- {axis}: {mine[0]['level']} − {mine[-1]['level']} = {gap:.3f}, {size}: {verdict}.")
+        for key, name in EFFECTS.items():
+            mine = sorted((lv for lv in levels if lv["axis"] == axis and lv[key] is not None), key=lambda lv: -lv[key])
+            if noise[key] is None or len(mine) < 2:
+                continue
+            n = min(lv[f"{key}_n"] for lv in mine)
+            gap, se = mine[0][key] - mine[-1][key], noise[key] * (2 / n) ** 0.5
+            verdict = "beyond seed noise" if gap > 2 * se else "within seed noise"
+            size = f"{gap / se:.1f} standard errors ({se:.3f})" if se else "the seeds agree exactly"
+            lines.append(f"- {axis}, {name}: {mine[0]['level']} − {mine[-1]['level']} = {gap:.3f}, {size}: {verdict}.")
     return "\n".join(lines)
 
 
