@@ -18,6 +18,7 @@ import yaml
 
 from rlhf.core.errors import UserError
 from tests.conftest import BIN, ROOT, TINY, make_project
+from tests.faults import start
 
 # TINY, cheaper still (no pre-training, a small SFT set, one epoch, no landscape); the two configurations differ
 # only in the policy update, so the second restores prepare and round 1's samples, labels and RM from the cache.
@@ -369,15 +370,7 @@ def test_ctrl_c_stops_every_run_in_one_line_and_the_study_resumes_them(project, 
     folder = project / "studies" / "stop"
     logs = [folder / run / "run.log" for run in RUNS]
     with open(project / "stop.log", "w") as err:
-        proc = subprocess.Popen(
-            [BIN / "rlhf", "study", "run", study],
-            cwd=project,
-            stdout=err,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PREFECT_API_URL": server},
-            start_new_session=True,  # the leader of its group, as in a terminal
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-        )
+        proc = start(project, "study", "run", study, env={**os.environ, "PREFECT_API_URL": server}, stderr=err)
         deadline = time.monotonic() + 300
         while not all(log.is_file() and "Running stage 'prepare'" in log.read_text() for log in logs):
             assert proc.poll() is None and time.monotonic() < deadline, (project / "stop.log").read_text()[-3000:]

@@ -24,6 +24,7 @@ import pytest
 from rlhf.core.errors import UserError
 from rlhf.core.processes import free_port
 from tests.conftest import BIN, TINY, make_project
+from tests.faults import start
 from tests.test_storage import client, env, start_moto
 from tests.test_study import STUDY, rlhf, write_study
 
@@ -146,15 +147,7 @@ def test_ctrl_c_while_following_a_pool_stops_following_in_one_line_and_the_runs_
         e = env(tmp_path, PREFECT_API_URL=str(c.api_url).rstrip("/"))
         subprocess.run([BIN / "prefect", "work-pool", "create", "idle", "--type", "process"], env=e, check=True)
         with open(tmp_path / "study.log", "w") as log:
-            proc = subprocess.Popen(
-                [BIN / "rlhf", "study", "run", study],
-                cwd=project,
-                env=e,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # the leader of its group, as in a terminal
-                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-            )
+            proc = start(project, "study", "run", study, env=e, stderr=log)  # as a terminal starts it
             deadline = time.monotonic() + 120
             with temporary_settings({PREFECT_API_URL: e["PREFECT_API_URL"]}):
                 studied = load_study(study)

@@ -71,10 +71,12 @@ def final_rows(study: Study) -> list[dict]:
     return [{"rank": i if r["gold"] is not None else None, **r} for i, r in enumerate(rows, 1)]
 
 
-def markdown_table(rows: list[dict], axes: list[str]) -> str:
-    def num(x, f=".3f"):
-        return "–" if x is None else format(x, f)
+def num(x, f: str = ".3f") -> str:
+    """A table cell: the number formatted, or – where there is none."""
+    return "–" if x is None else format(x, f)
 
+
+def markdown_table(rows: list[dict], axes: list[str]) -> str:
     head = ["rank", *axes, "seeds", "gold ± sd", "proxy", "KL", "RM acc", "peak d", "peak gold", "NLL (Δ SFT)", "conv."]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -136,10 +138,6 @@ def effects_section(levels: list[dict], noise: dict[str, float | None]) -> str:
     (unpaired, so cautious: levels share seeds). '' without seed noise in gold to compare with."""
     if noise["gold"] is None or not levels:
         return ""
-
-    def num(x, f=".3f"):
-        return "–" if x is None else format(x, f)
-
     lines = ["| axis | level | runs | gold ± sd | Δ NLL |", "|---|---|---|---|---|"]
     for lv in levels:
         lines.append(
