@@ -159,10 +159,10 @@ def iterate(force: bool = False, more: int = 0) -> list[dict]:
 
 def _iterate(force: bool, more: int) -> list[dict]:
     todo = extend_rounds(more) if more else None
-    cfg = load_config()
+    cfg, changed = stages.refresh()  # every key in params.yaml; the stages of these params and this code
     todo = todo or list(cfg.rounds)
-    if stages.write(cfg):  # the stages of these params and this code (rlhf/orchestration/stages.py)
-        print(f"dvc.yaml: written for params.yaml ({len(cfg.rounds)} rounds)")
+    for line in changed:
+        print(line)
     if more:
         print(f"continuing from {round_name(last_completed())}: {', '.join(todo)}")
     with preloaded(stage_env()):  # the steps' processes start with their libraries imported

@@ -246,15 +246,7 @@ def _dispatch(args) -> int:
         return _verify()
     cfg = load_config(PARAMS)
     if args.command == "check":
-        from rlhf.orchestration.preflight import check_inputs
-
-        check_inputs(cfg)
-    if args.command == "check":
-        from rlhf.orchestration.stages import current
-
-        stale = "" if current(cfg) else "; dvc.yaml is out of date (`rlhf run` or `rlhf stages` rewrites it)"
-        print(f"{PARAMS}: ok ({len(cfg.rounds)} rounds){stale}")
-        return 0
+        return _check(cfg)
     if args.command == "metrics":
         from rlhf.evaluation.report import metrics_rows, metrics_table
 
@@ -279,10 +271,29 @@ def _dispatch(args) -> int:
         from rlhf.orchestration.lock import project_lock
 
         with project_lock("rlhf stages"):  # not under a run, whose stages refuse a dvc.yaml they were not run for
-            changed = stages.write(cfg)
-        print(f"{stages.DVC_YAML}: {'written' if changed else 'up to date'} ({len(cfg.rounds)} rounds)")
+            cfg, changed = stages.refresh(PARAMS)
+        for line in changed or [f"{stages.DVC_YAML}: up to date ({len(cfg.rounds)} rounds)"]:
+            print(line)
         return 0
     return _step(args, cfg)
+
+
+def _check(cfg) -> int:
+    """What a stage would check at its start, without running one; what `rlhf run` (or `rlhf stages`) rewrites
+    before its first stage is noted."""
+    from rlhf.core.config import read_yaml
+    from rlhf.core.defaults import missing
+    from rlhf.orchestration.preflight import check_inputs
+    from rlhf.orchestration.stages import current
+
+    check_inputs(cfg)
+    notes = []
+    if left_out := missing(read_yaml(PARAMS), cfg):
+        notes.append(f"{len(left_out)} keys left out, whose defaults `rlhf run` or `rlhf stages` writes into it")
+    if not current(cfg):
+        notes.append("dvc.yaml is out of date (`rlhf run` or `rlhf stages` rewrites it)")
+    print(f"{PARAMS}: ok ({len(cfg.rounds)} rounds)" + "".join(f"; {n}" for n in notes))
+    return 0
 
 
 def _step(args, cfg) -> int:

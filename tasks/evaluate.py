@@ -34,6 +34,7 @@ PARAMS = (
     "runtime.seed",
     "runtime.threads",
     "runtime.device",
+    "runtime.logits_mb",
     "evaluate",
     "label.judge",
     "update_policy.reward",

@@ -17,6 +17,7 @@ log = logging.getLogger("rlhf")
 
 PARAMS = (
     *TRAINING_RUNTIME,
+    "runtime.logits_mb",
     "generate",
     "update_policy",
     "prompts.policy",

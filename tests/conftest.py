@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from rlhf.core.paths import CACHE_LINKS
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -71,19 +73,19 @@ def make_project(dest: Path, params: dict | None = None, subset: bool = True) ->
     write_stages(dest)
     subprocess.run([BIN / "dvc", "init", "--no-scm", "-q"], cwd=dest, check=True)
     shutil.copy(ROOT / ".dvcignore", dest)
-    subprocess.run([BIN / "dvc", "config", "core.analytics", "false"], cwd=dest, check=True)
+    for key, value in (("core.analytics", "false"), ("cache.type", CACHE_LINKS)):  # as a clone's .dvc/config
+        subprocess.run([BIN / "dvc", "config", key, value], cwd=dest, check=True)
     return dest
 
 
 def write_stages(project: Path) -> None:
-    """dvc.yaml for the project's params.yaml, as `rlhf stages` writes it."""
-    from rlhf.core.config import load_config
+    """The project's params.yaml completed and dvc.yaml written for it, as `rlhf stages` does."""
     from rlhf.orchestration import stages
 
     old = os.getcwd()
     os.chdir(project)
     try:
-        stages.write(load_config())
+        stages.refresh()
     finally:
         os.chdir(old)
 

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 COPIED = ("rlhf", "tasks", "flows", "tests")
 TESTS = ["tests/test_reference_math.py", "tests/test_metrics.py"]
 
-# (f): wraps both functions so that whatever temperature a caller passes, the log-probs are taken at 1.
+# (f): wraps response_logprobs so that whatever temperature a caller passes, the log-probs are taken at 1.
 DROP_TEMPERATURE = """
 
 import functools as _functools
@@ -45,7 +45,6 @@ def _drop_temperature(f):
     return wrapper
 
 
-response_logits = _drop_temperature(response_logits)
 response_logprobs = _drop_temperature(response_logprobs)
 """
 
@@ -63,25 +62,25 @@ class Mutant:
 MUTANTS = [
     Mutant(
         "a",
-        "response_logits gathers the logits at pos instead of pos - 1",
-        "rlhf/ml/sampling.py",
-        "(pos - 1)[..., None]",
-        "pos[..., None]",
+        "the hidden state that predicts a token taken at pos instead of pos - 1",
+        "rlhf/ml/logits.py",
+        "before = (pos - 1).clamp(",
+        "before = pos.clamp(",
     ),
     Mutant(
         "b", "PPO's KL penalty sign flipped", "rlhf/ml/methods/ppo.py", "rewards = -beta * kl", "rewards = beta * kl"
     ),
     Mutant(
         "c",
-        "KL direction swapped where sequence_kl calls categorical_kl",
+        "KL direction swapped where sequence_kl calls token_kl",
         "rlhf/ml/sampling.py",
-        "categorical_kl(logp[0], logp[1])",
-        "categorical_kl(logp[1], logp[0])",
+        "logits.token_kl(policy, ref, ",
+        "logits.token_kl(ref, policy, ",
     ),
     Mutant(
         "c2",
         "KL direction swapped inside categorical_kl",
-        "rlhf/ml/sampling.py",
+        "rlhf/ml/logits.py",
         "(logp.exp() * (logp - logq))",
         "(logq.exp() * (logq - logp))",
     ),

@@ -284,7 +284,9 @@ RESCORES_R00 = {"judge scores all alike"}
 
 
 # First, so that DVC's run-cache has no generate@r02 to restore instead of running it. The disk fills in
-# generate's JSONL write, or (room for the samples and labels, not the model) in train_rm's model save.
+# generate's JSONL write, or (room for the samples and labels, not the model) in train_rm's model save. Outputs are
+# copied into DVC's cache here (`cache.type: copy`, local to the project), as on a disk shared with the cache: on a
+# small file system of its own they would be symlinks into the cache, taking no room on it.
 @pytest.mark.parametrize("stage, written", [("generate", "samples.jsonl"), ("train_rm", "reward_model")])
 def test_a_full_disk_fails_the_step_that_writes_and_names_its_file(project, stage, written):
     r01, r02 = project / "data" / "rounds" / "r01", project / "data" / "rounds" / "r02"
@@ -293,6 +295,7 @@ def test_a_full_disk_fails_the_step_that_writes_and_names_its_file(project, stag
         if stage == "generate"
         else int(1.4 * sum((r01 / f).stat().st_size for f in ("samples.jsonl", "labels.jsonl")) / 1024)
     )
+    subprocess.run([BIN / "dvc", "config", "--local", "cache.type", "copy"], cwd=project, check=True)
     shutil.rmtree(r02, ignore_errors=True)
     r02.mkdir(parents=True)
     if subprocess.run(
@@ -308,6 +311,7 @@ def test_a_full_disk_fails_the_step_that_writes_and_names_its_file(project, stag
     finally:
         subprocess.run(["umount", str(r02)], check=True)
         (project / "params.yaml").write_bytes(saved)
+        (project / ".dvc" / "config.local").unlink()
         shutil.rmtree(r02, ignore_errors=True)
     last = out.stderr.strip().splitlines()[-1]
     assert out.returncode == 2 and "Traceback" not in out.stderr

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rlhf.evaluation import metrics
-from rlhf.ml import sampling
+from rlhf.ml import logits
 
 
 def test_win_rate_counts_ties_as_half():
@@ -55,9 +55,9 @@ def test_categorical_kl_on_known_distributions_in_both_directions():
     """KL(p || q), not KL(q || p): the two differ here (0.511 against 0.368). (More in test_reference_math.py.)"""
     p, q = torch.tensor([0.5, 0.5]), torch.tensor([0.9, 0.1])
     expected = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)
-    assert float(sampling.categorical_kl(p.log(), q.log())) == pytest.approx(expected)
+    assert float(logits.categorical_kl(p.log(), q.log())) == pytest.approx(expected)
     reverse = 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)
-    assert float(sampling.categorical_kl(q.log(), p.log())) == pytest.approx(reverse)
+    assert float(logits.categorical_kl(q.log(), p.log())) == pytest.approx(reverse)
 
 
 def test_alarms():

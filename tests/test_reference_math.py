@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from rlhf.core.config import PPO, Sampling
-from rlhf.ml import models, sampling
+from rlhf.ml import logits, models, sampling
 from rlhf.ml.methods import ppo
 from rlhf.ml.sampling import Samples
 
@@ -218,13 +218,13 @@ def test_categorical_kl_in_both_directions_against_hand_computed_values():
     p, q = torch.tensor([0.7, 0.2, 0.1]), torch.tensor([0.2, 0.3, 0.5])
     forward = 0.7 * math.log(0.7 / 0.2) + 0.2 * math.log(0.2 / 0.3) + 0.1 * math.log(0.1 / 0.5)  # 0.6544
     reverse = 0.2 * math.log(0.2 / 0.7) + 0.3 * math.log(0.3 / 0.2) + 0.5 * math.log(0.5 / 0.1)  # 0.6762...
-    assert float(sampling.categorical_kl(p.log(), q.log())) == pytest.approx(forward, rel=1e-6)
-    assert float(sampling.categorical_kl(q.log(), p.log())) == pytest.approx(reverse, rel=1e-6)
+    assert float(logits.categorical_kl(p.log(), q.log())) == pytest.approx(forward, rel=1e-6)
+    assert float(logits.categorical_kl(q.log(), p.log())) == pytest.approx(reverse, rel=1e-6)
     peaked, flat = torch.tensor([0.97, 0.01, 0.01, 0.01]), torch.full((4,), 0.25)
     kl_peaked = sum(a * math.log(a / 0.25) for a in peaked.tolist())  # 1.2180: mode-seeking direction
     kl_flat = sum(0.25 * math.log(0.25 / a) for a in peaked.tolist())  # 2.4361
-    assert float(sampling.categorical_kl(peaked.log(), flat.log())) == pytest.approx(kl_peaked, rel=1e-6)
-    assert float(sampling.categorical_kl(flat.log(), peaked.log())) == pytest.approx(kl_flat, rel=1e-6)
+    assert float(logits.categorical_kl(peaked.log(), flat.log())) == pytest.approx(kl_peaked, rel=1e-6)
+    assert float(logits.categorical_kl(flat.log(), peaked.log())) == pytest.approx(kl_flat, rel=1e-6)
 
 
 # --- PPO ----------------------------------------------------------------------------------------------

@@ -171,3 +171,15 @@ def test_a_stage_run_by_hand_under_a_stale_dvc_yaml_stops_in_one_line(project):
         "dvc.yaml is out of date"
         not in subprocess.run([BIN / "rlhf", "check"], cwd=project, capture_output=True, text=True).stdout
     )
+
+
+def test_each_output_is_on_disk_once_linked_from_the_cache(project):
+    """cache.type (rlhf/core/paths.py's CACHE_LINKS, in a clone's .dvc/config and every workspace's): the round
+    outputs DVC recorded are hard links to its cache on this file system, not second copies."""
+    from rlhf.core.paths import CACHE_LINKS
+
+    assert f'type = "{CACHE_LINKS}"' in (ROOT / ".dvc" / "config").read_text()
+    files = [p for p in (project / "data" / "rounds").rglob("*") if p.is_file()]
+    assert files and all(p.stat().st_nlink == 2 for p in files)
+    cached = {(p.stat().st_dev, p.stat().st_ino) for p in (project / ".dvc" / "cache").rglob("*") if p.is_file()}
+    assert {(p.stat().st_dev, p.stat().st_ino) for p in files} <= cached

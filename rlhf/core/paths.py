@@ -12,6 +12,12 @@ ROUND_STEPS = ("generate", "label", "train_rm", "update_policy", "evaluate")
 STEPS = ("prepare", *ROUND_STEPS)
 
 ROUNDS_DIR = Path("data/rounds")
+# DVC's cache.type for every project (a clone's .dvc/config, a study's workspaces): each round's outputs are linked
+# from the cache, not copied into it, so a 7B round's weights are on disk once; linked outputs are read-only. Hard
+# links first: DVC 3.67 moves a folder output's files into the cache and links them back only when `hardlink` is
+# the first type (with reflink first, a model folder was copied on ext4); a symlink where the cache is on another
+# device.
+CACHE_LINKS = "hardlink,symlink,copy"
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ def ultrarm_class():
             self.post_init()
 
         def forward(self, input_ids, attention_mask=None, **_):
-            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
             rewards = self.regression_head(hidden).squeeze(-1)
             mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
             last = mask.cumsum(1).argmax(1)  # the last non-pad position of each (right-padded) row
@@ -67,7 +67,7 @@ class ModelJudge:
             idx = order[start : start + self.spec.batch_size]
             batch = self.inputs([prompts[i] for i in idx], [responses[i] for i in idx]).to(self.dev)
             with torch.no_grad():
-                out = self.model(**batch)
+                out = self.model(**batch, use_cache=False)  # a KV cache would only hold memory
             out = out if isinstance(out, torch.Tensor) else out.logits[:, 0]
             scores[idx] = out.float().cpu().numpy()
         return scores

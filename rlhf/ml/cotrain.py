@@ -52,10 +52,22 @@ class Aux:
         self.aux_examples += len(rows)
         return rows
 
-    def loss(self, model, rows: list[dict]):
-        """coef x the mean completion-only NLL of `rows` (prompt tokens and padding carry no loss)."""
+    def loss(self, model, rows: list[dict], trl_fused: bool = False):
+        """coef x the mean completion-only NLL of `rows` (prompt tokens and padding carry no loss), the LM head
+        only at the completion's positions, in chunks. `trl_fused`: `model` is a TRL trainer's (as it wraps it for
+        DDP, DeepSpeed or FSDP), whose forward TRL gave its fused, tiled LM head; else the project's own
+        (rlhf/ml/logits.py)."""
+        import torch
+
+        from rlhf.ml import logits
+
         ids, attn, labels = completion_batch(self.tok, rows, self.max_length, model.device)
-        return self.coef * model(input_ids=ids, attention_mask=attn, labels=labels).loss
+        if trl_fused:
+            return self.coef * model(input_ids=ids, attention_mask=attn, labels=labels, fused_lm_head=True).loss
+        pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        scored = (labels != -100) & (pos > 0)  # the first token has nothing to be predicted from
+        logp = logits.token_logprobs(model, ids, attn, pos, scored, grad=True)
+        return -self.coef * logp.sum() / scored.sum().clamp(min=1)
 
     def counts(self) -> dict:
         return {
@@ -98,7 +110,7 @@ class CoTrainMixin:
         rows = self.aux.after_update_batch(_batch_rows(inputs) // self.sequences_per_example)
         if rows is None:
             return out
-        extra = self.aux.loss(model, rows)
+        extra = self.aux.loss(model, rows, trl_fused=True)  # TRL's trainers fuse the policy's LM head
         return (out[0] + extra, *out[1:]) if return_outputs else out + extra
 
 

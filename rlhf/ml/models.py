@@ -17,6 +17,7 @@ from rlhf.core.errors import UserError
 from rlhf.core.io import atomic_dir
 from rlhf.core.ranks import is_main
 from rlhf.core.seeds import stage_seed
+from rlhf.ml import logits
 
 log = logging.getLogger("rlhf")
 LOGS = "logs"  # training curves (runtime.report_to: tensorboard), ignored by git and DVC
@@ -42,6 +43,7 @@ def setup(cfg: Config, step: str, rnd: str) -> int:
     # transformers' TensorBoard callback reads its folder here: one per round and step, under the project's logs/.
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(LOGS, _RUN_NAME).absolute())
     torch.set_num_threads(cfg.runtime.threads)
+    logits.set_budget(cfg.runtime.logits_mb)
     seed = stage_seed(cfg, step, rnd)
     random.seed(seed)
     np.random.seed(seed)
@@ -283,6 +285,7 @@ def trainer(cls, checkpoints=None, span: tuple[float, float] = (0.0, 1.0), **kw)
     """A trainer of the steps: `cls(**kw)`, refused in one line where accelerate would not shard as the launch's
     config asks, and given the saver of `checkpoints` (rlhf/ml/checkpoints.py) over progress `span` of the update;
     the saver gathers each checkpoint through this trainer."""
+    logits.size_trl_tiles()  # TRL's fused LM head within runtime.logits_mb
     built = cls(**kw)
     _check_sharding(built)
     if checkpoints is not None and checkpoints.n:

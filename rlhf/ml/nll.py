@@ -10,10 +10,9 @@ from __future__ import annotations
 from rlhf.core.errors import UserError
 from rlhf.core.io import read_jsonl
 
-# A forward pass's logits are rows x tokens x vocabulary floats: batches are filled up to this many (256 MiB
-# of float32; the loss takes a copy or two more), so a real model (a 128k vocabulary, 512 tokens: 256 MiB a
-# row) takes one row at a time and the tiny model its whole set in one pass.
-LOGITS_BUDGET = 2**26
+# Rows a backbone pass takes: as many as keep rows x longest row x hidden size within this many floats (the
+# vocabulary-wide work is chunked apart, within runtime.logits_mb: rlhf/ml/logits.py).
+HIDDEN_BUDGET = 2**24
 
 
 def read_heldout(path: str, what: str = "evaluate.heldout") -> list[dict]:
@@ -45,9 +44,9 @@ def encode(tok, contexts: list[str], texts: list[str], max_length: int) -> tuple
     return ids, [max(len(h), 1) for h in heads]
 
 
-def batches(lengths: list[int], per_token: int, budget: int = LOGITS_BUDGET) -> list[list[int]]:
+def batches(lengths: list[int], per_token: int, budget: int = HIDDEN_BUDGET) -> list[list[int]]:
     """Row indices in batches of similar length (less padding), each holding as many rows as keep rows x its
-    longest row x per_token (the vocabulary) within `budget`, and at least one."""
+    longest row x per_token within `budget`, and at least one."""
     import numpy as np
 
     out, batch = [], []
@@ -59,29 +58,28 @@ def batches(lengths: list[int], per_token: int, budget: int = LOGITS_BUDGET) -> 
     return [*out, batch] if batch else out
 
 
-def token_nll(model, tok, contexts: list[str], texts: list[str], max_length: int, budget: int = LOGITS_BUDGET):
+def token_nll(model, tok, contexts: list[str], texts: list[str], max_length: int, budget: int = HIDDEN_BUDGET):
     """Per row, the summed NLL (nats) of its scored tokens and how many were scored (numpy arrays), from one
-    forward pass per batch of right-padded rows (padding and context carry no loss)."""
+    backbone pass per batch of right-padded rows (padding and context carry no loss); the LM head only at the
+    scored positions (rlhf/ml/logits.py)."""
     import numpy as np
     import torch
+
+    from rlhf.ml import logits
 
     ids, starts = encode(tok, contexts, texts, max_length)
     total, count = np.zeros(len(ids)), np.zeros(len(ids), dtype=np.int64)
     model.eval()
-    vocab = model.get_output_embeddings().weight.shape[0]
-    for rows in batches([len(x) for x in ids], vocab, budget):
+    for rows in batches([len(x) for x in ids], model.config.get_text_config().hidden_size, budget):
         width = max(len(ids[i]) for i in rows)
         batch = torch.tensor([ids[i] + [tok.pad_token_id] * (width - len(ids[i])) for i in rows])
-        pos = torch.arange(width)
+        pos = torch.arange(width).expand(len(rows), -1)
         length = torch.tensor([len(ids[i]) for i in rows])
         start = torch.tensor([starts[i] for i in rows])
+        scored = (pos >= start[:, None]) & (pos < length[:, None])  # position t is predicted from t - 1
         attn = (pos < length[:, None]).long()
-        target = batch.masked_fill((pos < start[:, None]) | (attn == 0), -100)  # only the scored tokens
         with torch.no_grad():
-            logits = model(input_ids=batch.to(model.device), attention_mask=attn.to(model.device)).logits.float()
-        loss = torch.nn.functional.cross_entropy(  # position t predicts token t + 1
-            logits[:, :-1].transpose(1, 2), target[:, 1:].to(model.device), reduction="none", ignore_index=-100
-        )
-        total[rows] = loss.sum(1).double().cpu().numpy()
-        count[rows] = (target[:, 1:] != -100).sum(1).numpy()
+            logp = logits.token_logprobs(model, batch, attn, pos, scored)
+        total[rows] = -logp.sum(1).double().cpu().numpy()
+        count[rows] = scored.sum(1).numpy()
     return total, count

@@ -96,55 +96,36 @@ def response_positions(start, length):
     return start[:, None] + offset, offset < length[:, None]
 
 
-def response_logits(model, ids, attn, start, length, temperature: float = 1.0):
-    """The logits that predict each response token, [rows, longest response, vocab], divided by the sampling
-    temperature (so that they are those of the distribution sampled), and the mask of real tokens; only these
-    positions are kept, so a long prompt costs no vocabulary-wide memory."""
-    pos, mask = response_positions(start, length)
-    pos = pos.clamp(max=ids.shape[1] - 1).to(model.device)
-    logits = model(input_ids=ids.to(model.device), attention_mask=attn.to(model.device)).logits
-    picked = logits.gather(1, (pos - 1)[..., None].expand(-1, -1, logits.shape[-1])).float()
-    return picked / temperature, mask.to(model.device), pos
-
-
 def response_logprobs(model, ids, attn, start, length, grad: bool = True, temperature: float = 1.0):
-    """log p of each response token under the policy at `temperature`, [rows, longest response] (0 beyond a
-    row's end), and the mask."""
-    import torch
-    from trl.trainer.utils import selective_log_softmax
+    """log p of each response token under the policy at `temperature` (that of the distribution sampled),
+    [rows, longest response] (0 beyond a row's end), and the mask; the LM head only at the response's positions,
+    in chunks within runtime.logits_mb (rlhf/ml/logits.py)."""
+    from rlhf.ml import logits
 
-    with torch.set_grad_enabled(grad):
-        logits, mask, pos = response_logits(model, ids, attn, start, length, temperature)
-        logp = selective_log_softmax(logits, ids.to(model.device).gather(1, pos))
-    return logp * mask, mask
-
-
-def categorical_kl(logp, logq):
-    """KL(p || q) of categorical distributions given as log-probabilities over the last axis (torch)."""
-    return (logp.exp() * (logp - logq)).sum(-1)
+    pos, mask = response_positions(start, length)
+    logp = logits.token_logprobs(model, ids, attn, pos, mask, temperature, grad)
+    return logp, mask.to(logp.device)
 
 
 def sequence_kl(policy, ref, tok, prompts: list[str], samples: Samples, batch_size: int = 64):
     """KL(policy || ref) per sample: at each response position the exact KL between the two next-token
     distributions (summed over the vocabulary), summed over the response: unbiased for the sequence KL,
     never negative, lower in variance than the log-ratio of the sampled tokens, which is returned too
-    (it goes negative when the samples do not come from `policy`). Returns (KL, log-ratio, lengths)."""
+    (it goes negative when the samples do not come from `policy`). Returns (KL, log-ratio, lengths), on the CPU;
+    the vocabulary-wide work stays within runtime.logits_mb on the models' device (rlhf/ml/logits.py)."""
     import torch
 
+    from rlhf.ml import logits
+
     total, ratio, lengths = [], [], []
+    policy.eval(), ref.eval()
     for start in range(0, len(samples.responses), batch_size):
         sl = slice(start, start + batch_size)
-        packed = pack(tok, [prompts[i] for i in samples.prompt_index[sl]], samples.response_ids[sl])
-        logp = []
-        for model in (policy, ref):
-            model.eval()
-            with torch.no_grad():
-                logits, mask, pos = response_logits(model, *packed)
-            logp.append(torch.log_softmax(logits.cpu(), -1))
-        mask, taken = mask.cpu(), packed[0].gather(1, pos.cpu())[..., None]
-        kl = categorical_kl(logp[0], logp[1]).clamp(min=0)  # clamp: rounding error only
-        total.append((kl * mask).sum(-1))
-        ratio.append(((logp[0].gather(-1, taken) - logp[1].gather(-1, taken)).squeeze(-1) * mask).sum(-1))
+        ids, attn, first, length = pack(tok, [prompts[i] for i in samples.prompt_index[sl]], samples.response_ids[sl])
+        pos, mask = response_positions(first, length)
+        kl, logp, logq = logits.token_kl(policy, ref, ids, attn, pos, mask)
+        total.append(kl.sum(-1).cpu())
+        ratio.append((logp - logq).sum(-1).cpu())
         lengths.append(mask.sum(-1))
     return torch.cat(total), torch.cat(ratio), torch.cat(lengths)
 
@@ -168,7 +149,7 @@ def reward_scores(rm, tok, prompts: list[str], responses: list[str], finished=No
         idx = order[start : start + batch_size]
         batch = tok([texts[i] for i in idx], return_tensors="pt", padding=True).to(rm.device)
         with torch.no_grad():
-            scores[idx] = reward_of(rm, forward(**batch).logits).float().cpu().numpy()
+            scores[idx] = reward_of(rm, forward(**batch, use_cache=False).logits).float().cpu().numpy()
     return scores
 
 

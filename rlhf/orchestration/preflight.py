@@ -13,6 +13,7 @@ from pathlib import Path
 from rlhf.core.config import Config
 from rlhf.core.errors import UserError
 from rlhf.core.io import read_jsonl
+from rlhf.core.paths import CACHE_LINKS
 from rlhf.core.prompts import messages_of, read_prompts
 from rlhf.judges import CallableJudge, PinkElephantJudge
 from rlhf.judges.reward_models import check_judge
@@ -28,6 +29,11 @@ def check_inputs(cfg: Config) -> None:
     for path in ("dvc.yaml", ".dvc"):
         if not Path(path).exists():
             raise UserError(f"{path}: not found; run from the project root (a DVC repository)")
+    if cfg.runtime.device == "cuda":  # as the stages ask for it
+        from rlhf.ml.models import device
+
+        device(cfg)
+    warn_if_copying()
     if cfg.prepare.base:
         read_jsonl(cfg.prepare.sft, required=("prompt", "completion"), what="prepare.sft")
         check_policy(cfg.prepare.base, "prepare.base")
@@ -57,6 +63,24 @@ def check_inputs(cfg: Config) -> None:
     if cfg.storage.pull:
         remote_for_push(None, "storage.pull")  # `dvc repro --pull` reads the default remote
     check_forgetting(cfg)
+
+
+def warn_if_copying() -> None:
+    """A project that lets DVC copy its outputs into the cache (its default where the file system has no reflinks,
+    as a project made before CACHE_LINKS has) stores every model twice: say how to store it once."""
+    import configparser
+    import logging
+
+    dvc = configparser.ConfigParser()
+    dvc.read([".dvc/config", ".dvc/config.local"])
+    kinds = dvc.get("cache", "type", fallback="reflink,copy").strip("'\" ").split(",")
+    if "hardlink" not in kinds and "symlink" not in kinds:
+        logging.getLogger("rlhf").warning(
+            ".dvc/config: cache.type %s copies every output into .dvc/cache where the file system has no reflinks "
+            "(each model on disk twice); `dvc config cache.type %s` and `dvc checkout --relink` store them once",
+            ",".join(kinds),
+            CACHE_LINKS,
+        )
 
 
 def check_forgetting(cfg: Config) -> None:

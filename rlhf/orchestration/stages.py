@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from rlhf.core import defaults
 from rlhf.core.config import Config
 from rlhf.core.errors import UserError
 from rlhf.core.io import write_text
@@ -96,6 +97,19 @@ def render(cfg: Config) -> str:
 
 def _text(doc: dict) -> str:
     return HEADER + yaml.safe_dump(doc, sort_keys=False, width=120)
+
+
+def refresh(params: str | Path = "params.yaml") -> tuple[Config, list[str]]:
+    """What `rlhf run` and `rlhf stages` do before any stage: params.yaml gains the keys it leaves out, at their
+    defaults (rlhf/core/defaults.py), then dvc.yaml is written for it. Returns the config and a line per file
+    changed."""
+    from rlhf.core.config import load_config
+
+    lines = [defaults.notice(added, params)] if (added := defaults.complete(params)) else []
+    cfg = load_config(params)
+    if write(cfg):
+        lines.append(f"{DVC_YAML}: written for {params} ({len(cfg.rounds)} rounds)")
+    return cfg, lines
 
 
 def write(cfg: Config, path: str | Path = DVC_YAML) -> bool:

@@ -31,9 +31,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from rlhf.core.config import INPUT_FILES, Config, parse_config, read_yaml, round_name
+from rlhf.core.defaults import with_defaults
 from rlhf.core.errors import UserError
 from rlhf.core.io import atomic_dir, write_json, write_text
-from rlhf.core.paths import STEP_OUTPUT, round_paths
+from rlhf.core.paths import CACHE_LINKS, STEP_OUTPUT, round_paths
 from rlhf.evaluation.metrics import lookup
 
 CODE = ("rlhf", "tasks", "flows")  # linked, not copied: a run's code deps are the code that runs
@@ -231,7 +232,8 @@ def prepare_workspace(run: Run, cache: Path | None, root: Path = Path(".")) -> N
     if not (ws / ".dvc").is_dir():
         with atomic_dir(ws) as tmp:
             share = [["cache", "dir", os.path.relpath(cache, ws)]] if cache else []
-            for args in (["init", "--no-scm", "-q"], ["config", "core.analytics", "false"], *share):
+            links = ["config", "cache.type", CACHE_LINKS]  # outputs on disk once, not again in the cache
+            for args in (["init", "--no-scm", "-q"], ["config", "core.analytics", "false"], links, *share):
                 out = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=tmp, capture_output=True, text=True)
                 if out.returncode:
                     raise UserError(
@@ -254,8 +256,10 @@ def prepare_workspace(run: Run, cache: Path | None, root: Path = Path(".")) -> N
         shutil.copy2(root / name, ws / name) if (root / name).is_file() else shutil.copytree(
             root / name, ws / name, dirs_exist_ok=True
         )
-    if not (ws / "params.yaml").is_file() or (ws / "params.yaml").read_text() != params_text(run):
-        write_text(ws / "params.yaml", params_text(run))
+    # Every key written, defaults included (rlhf/core/defaults.py), as the run's `rlhf run` would complete it
+    full = with_defaults(run.params)
+    if not (ws / "params.yaml").is_file() or yaml.safe_load((ws / "params.yaml").read_text()) != full:
+        write_text(ws / "params.yaml", yaml.safe_dump(full, sort_keys=False))
 
 
 def _data_files(params: dict, root: Path) -> list[str]:

@@ -49,7 +49,9 @@ def values_of(value_model, ids, attn, start, length, grad: bool = True):
     pos, mask = sampling.response_positions(start, length)
     pos = pos.clamp(max=ids.shape[1] - 1).to(value_model.device)
     with torch.set_grad_enabled(grad):
-        hidden = backbone(input_ids=ids.to(pos.device), attention_mask=attn.to(pos.device)).last_hidden_state
+        hidden = backbone(
+            input_ids=ids.to(pos.device), attention_mask=attn.to(pos.device), use_cache=False
+        ).last_hidden_state
         v = head(hidden)[..., 0].float().gather(1, pos - 1)  # a combined RM's first (preference) head
     return v * mask.to(v.device)
 
