@@ -1,6 +1,6 @@
 # make demo: set up .venv if needed, then run the offline default (3 rounds) through Prefect and DVC.
 # make test: set up .venv (with test extras) and chromium if needed, then ruff and the test suite.
-# make bench: the benchmarks under bench/ (docs/performance.md).
+# make bench: the benchmarks under bench/ (docs/performance.md); make rehearsal and make memory: real scale.
 # make mutants: slips in the core math (tests/mutations.py) that the reference tests must catch (docs/testing.md).
 VENV        ?= .venv
 PYTHON      ?= python3
@@ -9,7 +9,7 @@ PIP         := $(VENV)/bin/pip
 export DVC_SITE_CACHE_DIR ?= $(CURDIR)/.dvc/tmp/site_cache
 export DVC_NO_ANALYTICS   := 1
 
-.PHONY: demo test test-slow bench mutants install install-extras browser lint clean-rounds
+.PHONY: demo test test-slow bench rehearsal memory mutants install install-extras browser lint clean-rounds
 
 install: $(VENV)/.installed
 
@@ -55,6 +55,14 @@ mutants: install
 # Every benchmark in turn (about 45 minutes on 2 CPU cores); each prints its ratios, kept in bench/out/.
 bench: install
 	for b in orchestration generation labelling dpo cost_growth storage parallel_runs; do $(VENV)/bin/python bench/$$b.py || exit 1; done
+
+# Real scale on this machine (docs/performance.md): a round of DPO and of PPO with a Qwen2-0.5B-shaped policy
+# (about an hour on 2 CPU cores), and peak memory against vocabularies up to 256,000 rows (about 90 minutes).
+rehearsal: install
+	$(VENV)/bin/python bench/rehearsal.py
+
+memory: install
+	$(VENV)/bin/python bench/memory.py
 
 clean-rounds:
 	rm -rf data/rounds dvc.lock

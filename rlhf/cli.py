@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 from rlhf.core.errors import UserError
 from rlhf.core.paths import ROUND_STEPS, STEPS
@@ -327,11 +328,25 @@ def _step_locked(args, cfg) -> int:
     if is_main():  # the one writer
         remove_scratch(round_paths(rnd).root)  # what a killed earlier attempt left half-written
     fn = getattr(importlib.import_module(f"tasks.{args.command}"), args.command)
+    started = time.perf_counter()
     summary = fn(cfg) if args.command == "prepare" else fn(cfg, rnd)
     launch.finish()
     if is_main():
+        logging.getLogger("rlhf").info(footprint(args.command, rnd, time.perf_counter() - started))
         print(json.dumps({**summary, "processes": world_size()} if world_size() > 1 else summary, sort_keys=True))
     return 0
+
+
+def footprint(step: str, rnd: str, seconds: float) -> str:
+    """What a step cost, its last log line: seconds, peak memory and the bytes of the outputs it wrote."""
+    from rlhf.core.paths import SFT, STEP_OUTPUT, round_paths
+    from rlhf.core.processes import peak_memory
+
+    paths = round_paths(rnd)
+    outs = [SFT.root] if step == "prepare" else [getattr(paths, name) for name in STEP_OUTPUT[step]]
+    files = [f for out in outs for f in ([out] if out.is_file() else out.rglob("*")) if f.is_file()]
+    wrote = sum(f.stat().st_size for f in files) / 2**20
+    return f"{step} {rnd}: {seconds:,.1f} s, {peak_memory()}, wrote {wrote:,.2f} MiB"
 
 
 def _run(args) -> int:

@@ -5,6 +5,7 @@ They are saved with save_pretrained and loaded by path, the calls a Hub id takes
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 CHATML = (
@@ -72,9 +73,10 @@ def bpe_tokenizer(texts: list[str], specials: list[str], template: str, eos: str
     return tok
 
 
-def chat_policy(dest: Path, texts: list[str], kind: str = "qwen2") -> Path:
+def chat_policy(dest: Path, texts: list[str], kind: str = "qwen2", dtype=None) -> Path:
     """An untrained causal LM with a chat tokenizer: `qwen2` (ChatML, eos <|im_end|>, a second stop id
-    <|endoftext|> in its generation config) or `llama3` (BOS added by template and tokenizer, eos <|eot_id|>)."""
+    <|endoftext|> in its generation config) or `llama3` (BOS added by template and tokenizer, eos <|eot_id|>);
+    saved in `dtype` (default float32), as a Hub model is in its own."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -99,12 +101,80 @@ def chat_policy(dest: Path, texts: list[str], kind: str = "qwen2") -> Path:
     model = cls(config)
     stops = [tok.eos_token_id] + ([tok.convert_tokens_to_ids("<|endoftext|>")] if kind == "qwen2" else [])
     model.generation_config = GenerationConfig(eos_token_id=stops, bos_token_id=tok.bos_token_id)
+    model.to(dtype or torch.float32).save_pretrained(dest)
+    tok.save_pretrained(dest)
+    return dest
+
+
+def answering_policy(dest: Path, vocab: int, shape: dict, answer_tokens: int, tie: bool = True) -> Path:
+    """A Qwen2-layout chat policy of any width and number of vocabulary rows over a byte-level BPE of a few
+    hundred tokens (Qwen's 151,936 rows also outnumber its tokenizer's tokens), answering like a trained model
+    without training: random weights, shaped so that the output rows of the tokenizer's tokens give logits of
+    spread 5 and the other rows next to none (it samples real tokens), the MLPs strong enough that the next token
+    is not the last one again (tied rows), and the end-of-turn row set so that an answer ends before
+    `answer_tokens` about as often as not (a real run's mix of finished and cut answers). `shape`: Qwen2Config's
+    hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads, ..."""
+    import torch
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    root = Path(__file__).resolve().parents[1]
+    texts = questions(root)[:2000] + (root / "data" / "pretrain.txt").read_text().splitlines()[:2000]
+    tok = bpe_tokenizer(texts, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], CHATML, "<|im_end|>")
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=vocab,
+        max_position_embeddings=4096,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=tie,
+        **shape,
+    )
+    model = Qwen2ForCausalLM(config)
+    real, hidden, spread = len(tok), shape["hidden_size"], 5.0
+    with torch.no_grad():
+        # Each MLP a strong random map (pre-activations of spread 2, outputs 10x an embedding's length), so that
+        # the last hidden state is the layers' work more than the input token's: with tied rows, a weak stack
+        # would make the next token the last one again.
+        inner = shape["intermediate_size"]
+        for layer in model.model.layers:
+            layer.mlp.gate_proj.weight.normal_(0, 2 / math.sqrt(hidden))
+            layer.mlp.up_proj.weight.normal_(0, 2 / math.sqrt(hidden))
+            layer.mlp.down_proj.weight.normal_(0, 10 * spread / math.sqrt(hidden * inner))
+        out = model.get_output_embeddings().weight
+        out.normal_(0, 0.02 / math.sqrt(hidden))  # the rows no token of the tokenizer has: logits near 0
+        out[:real].normal_(0, spread / math.sqrt(hidden))  # the final norm's output has length sqrt(hidden)
+        out[tok.eos_token_id] = 0
+        out[tok.eos_token_id] = _end_row(model, tok, 1 / (1.5 * answer_tokens))
+    model.generation_config = GenerationConfig(eos_token_id=[tok.eos_token_id], bos_token_id=None)
     model.save_pretrained(dest)
     tok.save_pretrained(dest)
     return dest
 
 
-def chat_judge(dest: Path, texts: list[str]) -> Path:
+def _end_row(model, tok, rate: float):
+    """The end-of-turn row that makes the model end an answer with probability `rate` at each token, on average
+    over answers it samples: a direction the last hidden states share, scaled (by bisection) to that rate."""
+    import torch
+
+    torch.manual_seed(0)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "tell me about the sea ."}], add_generation_prompt=True, return_tensors="pt"
+    )
+    prompt = prompt if isinstance(prompt, torch.Tensor) else prompt["input_ids"]
+    ids = model.generate(prompt, do_sample=True, max_new_tokens=64, num_return_sequences=8, pad_token_id=0)
+    hidden = model.model(input_ids=ids).last_hidden_state[:, prompt.shape[1] - 1 : -1]
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    rows = model.get_output_embeddings().weight
+    others = torch.cat([hidden @ rows[i : i + 4096].T for i in range(0, len(rows), 4096)], 1)
+    others[:, tok.eos_token_id] = -math.inf
+    log_z, direction = others.logsumexp(1), hidden.mean(0) / hidden.mean(0).norm()
+    lo, hi = 0.0, 100.0
+    for _ in range(60):  # the mean end probability rises with the scale: the hidden states lean along `direction`
+        c = (lo + hi) / 2
+        lo, hi = (c, hi) if torch.sigmoid(c * hidden @ direction - log_z).mean() < rate else (lo, c)
+    return c * direction
+
+
+def chat_judge(dest: Path, texts: list[str], hidden: int = 32, layers: int = 1) -> Path:
     """A GPT-NeoX sequence-classification reward model with its own byte-level tokenizer and a Zephyr-style
     chat template (neither the policy's tokens nor its template)."""
     import torch
@@ -114,11 +184,12 @@ def chat_judge(dest: Path, texts: list[str]) -> Path:
     tok = bpe_tokenizer(texts, ["</s>", "<|user|>", "<|assistant|>", "<|system|>"], ZEPHYR, "</s>")
     config = GPTNeoXConfig(
         vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=max(4, hidden // 64),
         num_labels=1,
+        max_position_embeddings=4096,
         pad_token_id=tok.eos_token_id,
         eos_token_id=tok.eos_token_id,
     )

@@ -230,3 +230,28 @@ def test_chat_mistakes_fail_the_checks_in_one_line_naming_the_key(tmp_path):
     assert check(
         {"prepare": {"policy": "tiny"}, "label": {"judge": {"type": "hf", "name": "judge", "input": "chat"}}}
     ) == ("error: label.judge.input: chat, but judge has no chat template; use input: template or pair")
+
+
+def test_a_bf16_policy_is_trained_and_saved_in_bf16_in_every_model_a_round_writes(tmp_path):
+    """A Hub model in bfloat16 stays in it: the round's policy and reward model are written in the dtype they
+    trained in, not widened to float32 (twice the disk at 7B)."""
+    import json
+    import struct
+
+    import torch
+
+    project = make_project(tmp_path / "project", TINY)
+    texts = chat_models.questions(ROOT)[:500]
+    chat_models.chat_policy(project / "policy", texts, dtype=torch.bfloat16)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    change = {"prepare": {"policy": "policy"}, "evaluate": {"landscape": {"axes": {}}}}
+    (project / "params.yaml").write_text(yaml.safe_dump(deep_update(params, change), sort_keys=False))
+    run_round(project)
+
+    def dtypes(folder):
+        data = (project / folder / "model.safetensors").read_bytes()
+        header = json.loads(data[8 : 8 + struct.unpack("<Q", data[:8])[0]])
+        return {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+
+    for folder in ("data/rounds/r00/policy", "data/rounds/r01/policy", "data/rounds/r01/reward_model"):
+        assert dtypes(folder) == {"BF16"}, folder

@@ -129,6 +129,44 @@ def test_round_with_two_checkpoints_has_a_three_point_curve(curve_project, monke
     assert again["curve"]["mean"] is None and "update_policy" in again["curve"]["missing"]
 
 
+def test_a_checkpoints_weights_go_once_scored_and_a_crashed_evaluate_resumes_to_the_same_curve(
+    curve_project, monkeypatch
+):
+    """Scratch as large as the policy lives no longer than its scoring: a judge that fails on the second checkpoint
+    leaves the first one's point and no weights; evaluate again scores the rest, to the curve a clean run gives."""
+    from rlhf.core.errors import UserError
+    from rlhf.evaluation import curves
+    from tasks.evaluate import evaluate
+    from tasks.update_policy import update_policy
+
+    monkeypatch.chdir(curve_project)
+    cfg = config({"evaluate": {"checkpoints": 2}})
+    update_policy(cfg, "r01")
+    folder = round_paths("r01").checkpoints
+    kept = folder.parent / "kept-checkpoints"
+    shutil.copytree(folder, kept)
+    clean = evaluate(cfg, "r01")["curve"]
+    shutil.copytree(kept, folder)
+    scored = []
+    real = curves.checked
+
+    def failing(scores, where):  # the judge's check, failing at the second checkpoint
+        if "checkpoint 2" in where:
+            raise UserError("the judge went away")
+        scored.append(where)
+        return real(scores, where)
+
+    monkeypatch.setattr(curves, "checked", failing)
+    with pytest.raises(UserError, match="went away"):
+        evaluate(cfg, "r01")
+    first, second = (p for p, _ in checkpoints.saved(folder))
+    assert sorted(f.name for f in first.iterdir()) == ["checkpoint.json", curves.POINT]  # no weights left
+    assert (second / "model.safetensors").is_file()
+    monkeypatch.setattr(curves, "checked", real)
+    assert evaluate(cfg, "r01")["curve"] == clean
+    shutil.rmtree(kept)
+
+
 def test_report_draws_the_curves_with_their_fits_and_marks_training_prompt_cells(tmp_path):
     import json
 

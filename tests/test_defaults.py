@@ -101,3 +101,26 @@ def test_dvc_reruns_exactly_the_stages_a_changed_default_changes(tmp_path):
         "prepare",
         *(f"{s}@{r}" for s in ("generate", "update_policy", "evaluate") for r in ("r01", "r02")),
     }
+
+
+def test_dvc_exp_run_set_param_reruns_the_stages_that_list_it(tmp_path):
+    """DVC's own experiments (docs/commands.md): `dvc exp run -S key=value` edits params.yaml and reruns what
+    the value changes; a key the user never wrote is in the file, so it can be set too."""
+    from tests.test_stages import fill
+
+    project = make_project(tmp_path / "p", {"rounds": {"r01": "r00", "r02": "r01"}})
+    subprocess.run([BIN / "rlhf", "stages"], cwd=project, check=True, capture_output=True)
+    fill(project)
+    subprocess.run([BIN / "dvc", "config", "--unset", "core.no_scm"], cwd=project, check=True)
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "rounds"]):
+        subprocess.run([*git, *cmd], cwd=project, check=True, capture_output=True)
+    out = subprocess.run(
+        [BIN / "dvc", "exp", "run", "--dry", "-S", "update_policy.dpo.beta=0.3"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    ran = {line.split("'")[1] for line in out.stdout.splitlines() if line.startswith("Running stage")}
+    assert ran == {"update_policy@r01", "update_policy@r02"}

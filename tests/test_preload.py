@@ -4,6 +4,7 @@ its work over, imports none of the ML libraries itself, and behaves exactly as i
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -49,6 +50,10 @@ def test_a_preloaded_step_imports_no_torch_and_writes_what_a_fresh_process_write
     assert "| torch\n" not in handed.stderr
     assert '"samples":' in handed.stdout  # the step's summary, on the command's own stdout
     assert samples.read_bytes() == expected
+    for out in (fresh, handed):  # what the step cost, its last log line: its own process's peak, not its parent's
+        cost = re.search(r"generate r01: [\d.]+ s, peak memory ([\d,]+) MiB, wrote ([\d.]+) MiB", out.stderr)
+        assert cost and 100 < int(cost[1].replace(",", "")) < 4000, out.stderr[-500:]
+        assert float(cost[2]) == pytest.approx(samples.stat().st_size / 2**20, abs=0.06)
 
 
 def test_a_preloaded_step_fails_with_its_one_line_error_and_status(project, preload):

@@ -42,11 +42,11 @@ class Runtime(Section):
     )
     accelerate_config: str | None = d(None, "an `accelerate config`, DeepSpeed or FSDP file for that launch")
     logits_mb: int = d(
-        256,
+        128,
         "memory, in MB, that vocabulary-wide temporaries may take at once: every KL, log-probability and NLL "
         "computes the LM head only at the positions it uses, a chunk of tokens at a time sized to fit, and TRL's "
         "trainers tile their fused LM head to fit (docs/scaling.md); larger is faster on a GPU",
-        ge=192,
+        ge=16,
     )
     report_to: Literal["none", "tensorboard", "wandb", "trackio", "mlflow"] = d(
         "none",

@@ -110,3 +110,21 @@ def error_line(lines: Iterable[str], fallback: str = "no output") -> str:
     ours = [t.removeprefix("error:").strip() for t in lines if t.startswith("error:")]
     theirs = [t.removeprefix("ERROR:").strip() for t in lines if t.startswith("ERROR:")]
     return (ours or theirs or lines or [fallback])[-1]
+
+
+def peak_memory() -> str:
+    """This process's peak memory, in words: its own resident high-water mark (VmHWM; ru_maxrss would start at
+    what its parent held when it forked, Linux keeping the largest across exec) and, where it used a GPU, the
+    most torch allocated there."""
+    try:
+        with open("/proc/self/status") as f:
+            rss = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    text = f"peak memory {rss:,.0f} MiB"
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        text += f" (GPU: {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB allocated at most)"
+    return text

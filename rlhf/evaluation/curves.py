@@ -4,6 +4,7 @@ best-of-n (rlhf/evaluation/fits.py). tasks/evaluate.py calls it; docs/evaluation
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -22,6 +23,9 @@ def pure_sampling(e, k: int) -> Sampling:
     return Sampling.model_construct(
         k=k, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size
     )
+
+
+POINT = "point.json"  # a checkpoint's scores, kept in its folder once its weights are deleted
 
 
 @dataclass
@@ -55,10 +59,15 @@ def final_point(e, metrics: dict, gold: np.ndarray, proxy: np.ndarray) -> dict:
 
 def curve(c: Scoring, final: dict) -> list[dict] | dict:
     """Each checkpoint of the round scored on the held-out prompts as the final policy is (its own samples:
-    gold, proxy, exact KL to the reference, win rate against SFT), then the final point; the checkpoints are
-    deleted once scored (scratch). Missing when update_policy saved them not (or evaluate already ran)."""
+    gold, proxy, exact KL to the reference, win rate against SFT), then the final point. A checkpoint's weights
+    are deleted as soon as it is scored, its point kept in its folder (POINT) until the curve is whole, so that
+    evaluate run again after a crash scores only the rest: each checkpoint samples from its own seed, so the
+    curve is the same either way. The folder goes once the curve is written."""
     import shutil
 
+    import torch
+
+    from rlhf.core.io import write_json
     from rlhf.ml import checkpoints, models, sampling
 
     e, folder = c.cfg.evaluate, round_paths(c.rnd).checkpoints
@@ -72,8 +81,12 @@ def curve(c: Scoring, final: dict) -> list[dict] | dict:
     final_model, points = c.sample.model, []
     try:
         for path, meta in saved:
+            if (path / POINT).is_file():  # scored by an earlier attempt, which then stopped
+                points.append(json.loads((path / POINT).read_text()))
+                continue
             policy = models.load_policy(path, models.device(c.cfg))
             c.sample.model = policy  # the round's sampler on this checkpoint's weights (vLLM: loaded in place)
+            torch.manual_seed(c.sample.seed + meta["index"])
             s = c.sample(c.prompts, e.samples_per_prompt, pure_sampling(e, e.samples_per_prompt))
             asked = [c.conversations[i] for i in s.prompt_index]
             gold = checked(c.judge.score(asked, s.responses), f"evaluate@{c.rnd} (checkpoint {meta['index']})")
@@ -81,12 +94,15 @@ def curve(c: Scoring, final: dict) -> list[dict] | dict:
             kl = float(sampling.sequence_kl(policy, c.ref, c.tok, c.prompts, s)[0].double().mean())
             win = stats.win_rate(gold.reshape(len(c.prompts), -1), sft) if sft is not None else {"mean": None}
             point = {"step": meta["index"], "fraction": meta["fraction"], "train_step": meta["step"]}
-            points.append(
-                point | {"gold": float(gold.mean()), "proxy": float(np.mean(proxy)), "kl": kl, "d": math.sqrt(kl)}
-            )
-            points[-1]["win_vs_sft"] = win["mean"]
+            point |= {"gold": float(gold.mean()), "proxy": float(np.mean(proxy)), "kl": kl, "d": math.sqrt(kl)}
+            points.append(point | {"win_vs_sft": win["mean"]})
+            write_json(path / POINT, points[-1])
+            for f in path.iterdir():  # the weights: scratch as large as the policy, scored now
+                if f.name not in (POINT, checkpoints.META):
+                    shutil.rmtree(f) if f.is_dir() else f.unlink()
     finally:
         c.sample.model = final_model
+    torch.manual_seed(c.sample.seed)  # what evaluate draws next, whether the points were scored now or before
     shutil.rmtree(folder)
     return [*points, final]
 

@@ -5,8 +5,8 @@ of 256 tokens holds 10 GB in each copy of its logits. So nothing here asks a mod
 states come from the model's backbone (once per batch, without a KV cache); only the positions used are kept,
 flattened over rows; and the LM head projects them a chunk of tokens at a time, each chunk small enough that
 every vocabulary-wide temporary of the computation fits in `runtime.logits_mb` together. Only per-token results
-(a few floats each) are kept, on the model's device. With gradients (PPO's loss, co-training's NLL) each chunk
-is checkpointed: its logits are recomputed in the backward pass rather than kept.
+(a few floats each) are kept, on the model's device. With gradients (PPO's loss, co-training's NLL) the backward
+pass recomputes each chunk's logits rather than keeping them.
 
 The head is the model's output layer followed by what its config says its forward does to the logits (a logit
 scale, a final soft-cap); that it agrees with the model's own forward is checked once per model, on a few tokens.
@@ -20,13 +20,14 @@ import weakref
 
 from rlhf.core.errors import UserError
 
-# Vocabulary-wide float32 tensors a chunk of the KL holds at its peak (two log-softmaxes, a probability, a
-# difference and its product): the chunk is sized so that this many of them fit in the budget. runtime.logits_mb
-# is at least 6 x 32 MB so that each is 32 MB or more: glibc then maps it apart and unmaps it when freed. Smaller
-# ones go to its heap, where the small tensors kept between chunks split the freed blocks, and a loop of chunks
-# grew a process by 3 GB (seen at 5.5 MB chunks; a fixed lower mmap threshold cost training 50% in page faults).
-COPIES = 6
-_budget = 256 * 2**20  # bytes; set per stage from runtime.logits_mb (set_budget)
+# Vocabulary-wide float32 tensors a chunk holds at once: the KL's two log-softmaxes and a scratch buffer for the
+# logits and then the probabilities. They are allocated once per call and reused by every chunk, the ops writing
+# into them: a loop that allocates per chunk leaves glibc to place blocks of a few MB among the small tensors
+# kept between chunks, and a process grew by 1.7 GB (5.5 MB chunks) or held twice its chunk now and then.
+COPIES = 3
+BACKWARD_COPIES = 12  # a chunk's backward: logits, log-softmax, their gradients, the softmax and the gather's
+TRL_COPIES = 8
+_budget = 128 * 2**20  # bytes; set per stage from runtime.logits_mb (set_budget)
 _checked: weakref.WeakSet = weakref.WeakSet()  # models whose head agreed with their own forward
 
 
@@ -36,18 +37,21 @@ def set_budget(mb: int) -> None:
     _budget = mb * 2**20
 
 
-def chunk_tokens(vocab: int, budget: int | None = None) -> int:
-    """How many tokens one chunk projects: COPIES float32 rows of `vocab` each within the budget, at least one."""
-    return max(1, (budget or _budget) // (COPIES * 4 * vocab))
+def chunk_tokens(vocab: int, budget: int | None = None, copies: int = COPIES) -> int:
+    """How many tokens one chunk projects: `copies` float32 rows of `vocab` each within the budget, at least one."""
+    return max(1, (budget or _budget) // (copies * 4 * vocab))
 
 
 def size_trl_tiles(budget: int | None = None) -> None:
-    """TRL's fused LM head (DPO, RLOO, SFT) projects tiles of TOKEN_CHUNK_SIZE tokens x a vocabulary chunk and
-    keeps a few tile-sized temporaries: fewer tokens a tile, so those fit in the budget too."""
+    """TRL's trainers (DPO, RLOO, SFT) project through a fused LM head in tiles of TOKEN_CHUNK_SIZE tokens x a
+    vocabulary chunk; on a CPU its backward holds about TRL_COPIES tile-sized tensors at once (measured: 2.4 GB
+    above the rest at TRL's 4,096 tokens and a 151,936-row vocabulary). Fewer tokens a tile, so those fit in the
+    budget too."""
     import trl.kernels.chunked_logprob as kernel
     import trl.trainer.utils as trainer_utils
 
-    kernel.TOKEN_CHUNK_SIZE = chunk_tokens(trainer_utils._CHUNKED_LOGPROB_CHUNK_SIZE, budget)
+    tile = trainer_utils._CHUNKED_LOGPROB_CHUNK_SIZE
+    kernel.TOKEN_CHUNK_SIZE = max(1, (budget or _budget) // (TRL_COPIES * 4 * tile))
 
 
 class Head:
@@ -66,15 +70,44 @@ class Head:
         """The last hidden states, [rows, length, hidden]."""
         return self.backbone(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
 
-    def __call__(self, hidden, temperature: float = 1.0):
+    def logprobs(self, hidden, targets, temperature: float = 1.0):
+        """log p(targets) at `temperature`, one per row of hidden [tokens, hidden], a chunk of tokens at a time,
+        each chunk's result written in place; differentiable (_Chunked)."""
         import torch
 
-        logits = self.layer(hidden)
+        if torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in self.layer.parameters())):
+            return _chunked_logprobs(self, temperature)(hidden, targets)
+        chunks, out = _chunks(len(hidden), self.vocab), torch.empty(len(hidden), device=hidden.device)
+        logits, logp = _buffers(2, chunks, self.vocab, hidden.device)
+        for sl in chunks:
+            n = min(sl.stop, len(hidden)) - sl.start
+            torch.log_softmax(self(hidden[sl], temperature, logits[:n]), -1, out=logp[:n])
+            out[sl] = logp[:n].gather(-1, targets[sl, None])[:, 0]
+        return out
+
+    def __call__(self, hidden, temperature: float = 1.0, out=None):
+        """The logits of hidden [tokens, hidden], float32; written into `out` when given (no new vocabulary-wide
+        tensor for a float32 linear layer)."""
+        import torch
+
+        if out is not None and type(self.layer) is torch.nn.Linear and self.layer.weight.dtype == torch.float32:
+            logits = torch.mm(hidden, self.layer.weight.t(), out=out)
+            if self.layer.bias is not None:
+                logits.add_(self.layer.bias)
+        else:
+            logits = self.layer(hidden).float()
+            logits = out.copy_(logits) if out is not None else logits
         if self.scale != 1:
-            logits = logits * self.scale
+            logits = logits.mul_(self.scale) if out is not None else logits * self.scale
         if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits.float() / temperature if temperature != 1 else logits.float()
+            logits = (
+                logits.div_(self.softcap).tanh_().mul_(self.softcap)
+                if out is not None
+                else torch.tanh(logits / self.softcap) * self.softcap
+            )
+        if temperature != 1:
+            logits = logits.div_(temperature) if out is not None else logits / temperature
+        return logits
 
 
 def head(model, ids=None, attn=None) -> Head:
@@ -109,12 +142,8 @@ def token_logprobs(model, ids, attn, pos, mask, temperature: float = 1.0, grad: 
     ids, attn, pos, mask = ids.to(dev), attn.to(dev), pos.to(dev), mask.to(dev)
     h = head(model, ids, attn)
     with torch.set_grad_enabled(grad):
-        hidden = h.hidden(ids, attn)
-        at, targets = _at(hidden, ids, pos, mask)
-        parts = [
-            _maybe_checkpointed(_logprob, grad, h, at[sl], targets[sl], temperature) for sl in _chunks(len(at), h.vocab)
-        ]
-        flat = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+        at, targets = _at(h.hidden(ids, attn), ids, pos, mask)
+        flat = h.logprobs(at, targets, temperature)
         return torch.zeros(mask.shape, device=dev, dtype=flat.dtype).masked_scatter(mask, flat)
 
 
@@ -130,9 +159,17 @@ def token_kl(model, ref, ids, attn, pos, mask, temperature: float = 1.0):
     with torch.no_grad():
         at, targets = _at(mine.hidden(ids, attn), ids, pos, mask)
         ref_at, _ = _at(theirs.hidden(ids, attn), ids, pos, mask)
-        parts = [_kl(mine, theirs, at[sl], ref_at[sl], targets[sl], temperature) for sl in _chunks(len(at), mine.vocab)]
-    flat = [torch.cat(p) if p else torch.zeros(0, device=dev) for p in zip(*parts)] if parts else [torch.zeros(0)] * 3
-    return tuple(torch.zeros(mask.shape, device=dev).masked_scatter(mask, f.to(dev)) for f in flat)
+        chunks, flat = _chunks(len(at), mine.vocab), torch.zeros(3, len(at), device=dev)
+        scratch, logp, logq = _buffers(3, chunks, mine.vocab, dev)
+        for sl in chunks:
+            n = min(sl.stop, len(at)) - sl.start
+            torch.log_softmax(mine(at[sl], temperature, scratch[:n]), -1, out=logp[:n])
+            torch.log_softmax(theirs(ref_at[sl], temperature, scratch[:n]), -1, out=logq[:n])
+            flat[1, sl] = logp[:n].gather(-1, targets[sl, None])[:, 0]
+            flat[2, sl] = logq[:n].gather(-1, targets[sl, None])[:, 0]
+            p = torch.exp(logp[:n], out=scratch[:n])  # KL(p || q) = sum p (log p - log q), in the buffers
+            flat[0, sl] = p.mul_(torch.sub(logp[:n], logq[:n], out=logq[:n])).sum(-1).clamp(min=0)
+    return tuple(torch.zeros(mask.shape, device=dev).masked_scatter(mask, f) for f in flat)
 
 
 def _at(hidden, ids, pos, mask):
@@ -142,32 +179,50 @@ def _at(hidden, ids, pos, mask):
     return picked[mask], ids.gather(1, pos.clamp(max=ids.shape[1] - 1))[mask]
 
 
-def _chunks(n: int, vocab: int) -> list[slice]:
-    size = chunk_tokens(vocab)
+def _buffers(k: int, chunks: list[slice], vocab: int, dev):
+    """k float32 [chunk, vocab] buffers that every chunk of a call reuses: allocated once, never per chunk."""
+    import torch
+
+    rows = max((sl.stop - sl.start for sl in chunks), default=0)
+    return torch.empty(k, rows, vocab, device=dev)
+
+
+def _chunks(n: int, vocab: int, copies: int = COPIES) -> list[slice]:
+    size = chunk_tokens(vocab, copies=copies)
     return [slice(i, i + size) for i in range(0, n, size)]
 
 
-def _maybe_checkpointed(fn, grad: bool, *args):
-    if not grad:
-        return fn(*args)
-    from torch.utils.checkpoint import checkpoint
+def _chunked_logprobs(head: Head, temperature: float):
+    """Head.logprobs as an autograd function that keeps no vocabulary-wide tensor for the backward pass: forward
+    writes each chunk's log-probabilities in place; backward recomputes each chunk's logits and backpropagates
+    through them at once, the hidden states' gradient written in place and the head's weights' gradients
+    accumulated where autograd keeps them (a weight of the head is no input of the function)."""
+    import torch
 
-    return checkpoint(fn, *args, use_reentrant=False)  # the chunk's logits are recomputed in the backward pass
+    class Chunked(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, hidden, targets):
+            ctx.save_for_backward(hidden, targets)
+            with torch.no_grad():
+                return head.logprobs(hidden, targets, temperature)
+
+        @staticmethod
+        def backward(ctx, grad):
+            hidden, targets = ctx.saved_tensors
+            grad_hidden = torch.zeros_like(hidden)
+            with torch.enable_grad():
+                for sl in _chunks(len(hidden), head.vocab, BACKWARD_COPIES):
+                    part = hidden[sl].detach().requires_grad_()
+                    _logprob(head, part, targets[sl], temperature).backward(grad[sl])
+                    grad_hidden[sl] = part.grad
+            return grad_hidden, None
+
+    return Chunked.apply
 
 
 def _logprob(h: Head, hidden, targets, temperature: float):
     logits = h(hidden, temperature)
     return logits.gather(-1, targets[:, None])[:, 0] - logits.logsumexp(-1)
-
-
-def _kl(mine: Head, theirs: Head, hidden, ref_hidden, targets, temperature: float):
-    import torch
-
-    logp = torch.log_softmax(mine(hidden, temperature), -1)
-    logq = torch.log_softmax(theirs(ref_hidden, temperature), -1)
-    kl = categorical_kl(logp, logq).clamp(min=0)  # clamp: rounding error only
-    pick = targets[:, None]
-    return kl, logp.gather(-1, pick)[:, 0], logq.gather(-1, pick)[:, 0]
 
 
 def categorical_kl(logp, logq):
