@@ -34,11 +34,11 @@ def params(length: int) -> dict:
     return {
         "rounds": {"r01": "r00"},
         "generate": {"k": 2, "max_new_tokens": length},
-        "train_rm": {"epochs": 1.0, "max_length": length + 96},
+        "train_rm": {"epochs": 1.0, "max_length": 2 * length + 128},
         "update_policy": {
             "k": 4,
             "batch_size": 8,
-            "max_length": length + 96,
+            "max_length": 2 * length + 128,
             "unfinished": "keep",
             "rest": {"thresholds": [0.0]},
             "lora": {"rank": 16, "alpha": 32},

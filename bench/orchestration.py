@@ -32,7 +32,7 @@ STEPS = ("generate", "label", "train_rm", "update_policy", "evaluate")
 DIRECT, SERVED, TEMP = "direct (one process)", "rlhf run (rlhf server running)", "rlhf run (temporary server)"
 # The same step functions, in one process; each step's seconds as JSON on the last line.
 DIRECT_CODE = """
-import importlib, json, time
+import ctypes, gc, importlib, json, time
 from rlhf.orchestration.preload import quiet_libraries
 from rlhf.core.config import load_config
 quiet_libraries()
@@ -40,6 +40,8 @@ cfg, took = load_config(), {}
 for step in STEPS:
     t = time.perf_counter()
     getattr(importlib.import_module(f"tasks.{step}"), step)(cfg, "r01")
+    gc.collect()  # a step's models, which a trainer's reference cycles would keep until later,
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # and the memory glibc would keep for this process after them
     took[step] = time.perf_counter() - t
 print(json.dumps(took))
 """.replace("STEPS", repr(STEPS))

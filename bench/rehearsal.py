@@ -1,13 +1,16 @@
-"""A real-shape rehearsal: one round of DPO and one of PPO with a policy of Qwen2-0.5B's shape, on this machine.
+"""A real-shape rehearsal: one round of DPO and one of RLOO with a policy of Qwen2-0.5B's shape, on this machine.
 
 The policy has Qwen2-0.5B's layout and size: 24 layers, hidden 896, 14 attention heads over 2 key-value heads,
 MLP 4,864, a 151,936-row vocabulary tied to its embedding, ChatML: 494M parameters, float32 on a CPU. Its
-weights are random, shaped to answer in its tokenizer's tokens and to run to the 256 new tokens about half the
-time (bench/_scale.py). The update trains a LoRA adapter of rank 16 on every linear layer; the proxy RM (from
-the policy: 494M parameters, all trained) and PPO's value model train full weights; the gold judge is a GPT-NeoX
-RM with its own tokenizer and template; prompts are conversations. Sized for 2 CPU cores: 8 prompts in each set,
-2 answers per prompt, one epoch, one PPO pass over its rollouts; the landscape, the conversation checks and the
-held-out NLL are off.
+weights are random, shaped to answer in its tokenizer's tokens (tests/chat_models.py's answering_policy); at this
+depth it almost never ends a turn, so nearly every answer runs to the 256 new tokens. The update trains a LoRA
+adapter of rank 16 on every linear layer; the proxy RM (from the policy: 494M parameters) trains all its weights;
+training recomputes activations (runtime.activation_checkpointing); the gold judge is a GPT-NeoX RM with its own
+tokenizer and template; prompts are conversations. Sized for 2 CPU cores: 8 prompts in each set, 2 answers per
+prompt, one epoch; the landscape, the conversation checks and the held-out NLL are off. RLOO rather than PPO by
+default: PPO's value model is a second 494M model trained with AdamW, in the eval mode that keeps every activation
+(its own loop; no recomputation), which with 8 rollouts a minibatch needs more than this machine's 24 GB
+(`--methods dpo ppo` runs it where memory allows).
 
 For each method round 0 is made once (prepare, measured on its own); then round 1 runs twice from it, each side
 a fresh command timed whole, imports included:
@@ -50,13 +53,14 @@ SHAPE = dict(  # Qwen2-0.5B's config
 VOCAB, TOKENS = 151_936, 256
 COUNTS = {"label": 8, "policy": 8, "eval": 8}
 PARAMS = {
+    "runtime": {"activation_checkpointing": True},
     "rounds": {"r01": "r00"},
     "generate": {"k": 2, "max_new_tokens": TOKENS, "batch_size": 16},
-    "train_rm": {"epochs": 1.0, "batch_size": 8, "max_length": TOKENS + 96},
+    "train_rm": {"epochs": 1.0, "batch_size": 8, "max_length": 2 * TOKENS + 128},
     "update_policy": {
         "k": 2,
         "batch_size": 8,
-        "max_length": TOKENS + 96,
+        "max_length": 2 * TOKENS + 128,
         "lora": {"rank": 16, "alpha": 32},
         "dpo": {"epochs": 1.0},
         "ppo": {"ppo_epochs": 1},
@@ -75,15 +79,16 @@ COST = re.compile(r"(\w+) r01: ([\d,.]+) s, peak memory ([\d,]+) MiB.*?, wrote (
 
 def main() -> None:
     p = parser(__doc__, repeats=False)
-    p.add_argument("--methods", nargs="+", default=["dpo", "ppo"], help="update_policy.method of each round")
+    p.add_argument("--methods", nargs="+", default=["dpo", "rloo"], help="update_policy.method of each round")
     args = p.parse_args()
     base = args.out / "rehearsal"
     models = base / "models"
+    t = time.perf_counter()
     if not (models / "policy").is_dir():
-        t = time.perf_counter()
         answering_policy(models / "policy", VOCAB, SHAPE, TOKENS)
+    if not (models / "judge").is_dir():
         gold_judge(models / "judge")
-        print(f"built the models in {time.perf_counter() - t:.0f} s", flush=True)
+    print(f"the models: {time.perf_counter() - t:.0f} s to build (0: built before)", flush=True)
     results = {}
     with _server(base / "server") as api_url:
         for method in args.methods:

@@ -25,7 +25,7 @@ from prefect.states import Failed
 from rlhf.core.config import load_config, round_index, round_name
 from rlhf.core.errors import StageFailed, UserError
 from rlhf.core.io import read_jsonl
-from rlhf.core.paths import ROUND_STEPS, round_paths
+from rlhf.core.paths import ROUND_STEPS, round_paths, step_files
 from rlhf.core.processes import RUN_PID, dying_with_parent, error_line, relay
 from rlhf.core.rounds import extend_rounds, last_completed
 from rlhf.evaluation.report import flat, metrics_rows, metrics_table, round_markdown, write_report
@@ -101,7 +101,20 @@ def stage(step: str, rnd: str, force: bool = False, pull: bool = False) -> bool:
         # cache), so that a failure never costs a completed round's artifacts.
         subprocess.run([sys.executable, "-m", "dvc", "checkout", "--quiet", name], env=env, capture_output=True)
         return Failed(message=message, data=StageFailed(message))  # a failed task run, no traceback
+    if not skipped:
+        _relink(step, rnd, env)
     return not skipped
+
+
+def _relink(step: str, rnd: str, env: dict) -> None:
+    """DVC moves a new output into its cache and links it back only when the cache lacks those bytes: an output a
+    stage reproduced bit for bit (`rlhf run --force`, a round removed and rerun) stays a second copy of them.
+    Link it to the cache as a new one is (cache.type, rlhf/core/paths.py): each model on disk once."""
+    from rlhf.orchestration.preflight import links_outputs
+
+    if links_outputs() and any(not f.is_symlink() and f.stat().st_nlink == 1 for f in step_files(step, rnd)):
+        cmd = [sys.executable, "-m", "dvc", "checkout", "--relink", "--quiet", target(step, rnd)]
+        subprocess.run(cmd, env=env, capture_output=True)
 
 
 def _interrupted(e: BaseException, step: str, rnd: str) -> None:

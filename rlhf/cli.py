@@ -339,13 +339,10 @@ def _step_locked(args, cfg) -> int:
 
 def footprint(step: str, rnd: str, seconds: float) -> str:
     """What a step cost, its last log line: seconds, peak memory and the bytes of the outputs it wrote."""
-    from rlhf.core.paths import SFT, STEP_OUTPUT, round_paths
+    from rlhf.core.paths import step_files
     from rlhf.core.processes import peak_memory
 
-    paths = round_paths(rnd)
-    outs = [SFT.root] if step == "prepare" else [getattr(paths, name) for name in STEP_OUTPUT[step]]
-    files = [f for out in outs for f in ([out] if out.is_file() else out.rglob("*")) if f.is_file()]
-    wrote = sum(f.stat().st_size for f in files) / 2**20
+    wrote = sum(f.stat().st_size for f in step_files(step, rnd)) / 2**20
     return f"{step} {rnd}: {seconds:,.1f} s, {peak_memory()}, wrote {wrote:,.2f} MiB"
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from rlhf.core.config import TRAINING_RUNTIME, Config
 from rlhf.core.errors import UserError
-from rlhf.core.io import read_jsonl
+from rlhf.core.io import link_tree, read_jsonl
 from rlhf.core.paths import SFT
 from rlhf.core.prompts import messages_of, read_prompts
 from rlhf.core.ranks import is_main
@@ -55,8 +55,8 @@ def prepare(cfg: Config) -> dict:
     else:
         tok = models.load_tokenizer(cfg.prepare.policy)
         policy = models.load_policy(cfg.prepare.policy, models.device(cfg))
-        models.save(policy, tok, SFT.base)
         models.save(policy, tok, SFT.policy)
+        link_tree(SFT.policy, SFT.base)  # the same model (train_rm.init: base), on disk once
     if not is_main():  # a rank of a several-process launch: evaluation is inference, rank 0's alone
         return {}
     models.load_whole()  # alone: ZeRO-3 would partition each model evaluate loads over ranks that have left

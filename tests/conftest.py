@@ -45,7 +45,7 @@ SUBSET = {"label": 200, "policy": 64, "eval": 24}
 def deep_update(base: dict, change: dict) -> dict:
     out = dict(base)
     for k, v in change.items():
-        deeper = isinstance(v, dict) and isinstance(base.get(k, {}), dict) and k != "rounds"
+        deeper = isinstance(v, dict) and v and isinstance(base.get(k, {}), dict) and k != "rounds"  # {}: replaces
         out[k] = deep_update(base.get(k, {}), v) if deeper else v
     return out
 

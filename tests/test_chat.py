@@ -255,3 +255,6 @@ def test_a_bf16_policy_is_trained_and_saved_in_bf16_in_every_model_a_round_write
 
     for folder in ("data/rounds/r00/policy", "data/rounds/r01/policy", "data/rounds/r01/reward_model"):
         assert dtypes(folder) == {"BF16"}, folder
+    # round 0's base is the given policy itself: the same file on disk, not a copy (train_rm.init: base reads it)
+    weights = [project / f"data/rounds/r00/{name}/model.safetensors" for name in ("base", "policy")]
+    assert weights[0].stat().st_ino == weights[1].stat().st_ino

@@ -60,6 +60,20 @@ def test_gold_rises_over_rounds(demo):
     assert gain >= 0.3 * (r0["best"] - r0["mean"]), (r0, r3)
 
 
+def test_each_rounds_models_are_on_disk_once(demo):
+    """The workspace and DVC's cache together hold each output once (cache.type links, rlhf/core/paths.py):
+    the disk they use over the bytes of the round outputs is at most 1.1 (before the next test reproduces a
+    model by hand with `dvc repro`, which leaves it a second copy: docs/reliability.md)."""
+    project = demo[0]
+    outputs = sum(p.stat().st_size for p in (project / "data" / "rounds").rglob("*") if p.is_file())
+    inodes = {}
+    for folder in ("data/rounds", ".dvc/cache"):
+        for p in (project / folder).rglob("*"):
+            if p.is_file():
+                inodes[(p.stat().st_dev, p.stat().st_ino)] = p.stat().st_size
+    assert sum(inodes.values()) / outputs <= 1.1, (sum(inodes.values()), outputs)
+
+
 def test_dvc_is_clean_and_a_reward_model_reproduces_bit_for_bit(demo):
     project = demo[0]
 
@@ -89,16 +103,3 @@ def test_the_run_is_recorded_in_the_prefect_server(demo):
     assert expected <= names
     req = urllib.request.Request(f"{url}/flow_runs/filter", data=b"{}", headers={"Content-Type": "application/json"})
     assert [f["state_type"] for f in json.load(urllib.request.urlopen(req))] == ["COMPLETED"]
-
-
-def test_each_rounds_models_are_on_disk_once(demo):
-    """The workspace and DVC's cache together hold each output once (cache.type links, rlhf/core/paths.py):
-    the disk they use over the bytes of the round outputs is at most 1.1."""
-    project = demo[0]
-    outputs = sum(p.stat().st_size for p in (project / "data" / "rounds").rglob("*") if p.is_file())
-    inodes = {}
-    for folder in ("data/rounds", ".dvc/cache"):
-        for p in (project / folder).rglob("*"):
-            if p.is_file():
-                inodes[(p.stat().st_dev, p.stat().st_ino)] = p.stat().st_size
-    assert sum(inodes.values()) / outputs <= 1.1, (sum(inodes.values()), outputs)

@@ -178,3 +178,19 @@ def test_dashboard_page_of_a_flow_run_shows_its_round_tasks(flow_run, server):
     shown = {name for name in EXPECTED_TASKS if name in dom}
     assert {"r00-prepare", "r01-generate", "r01-label", "r01-train_rm"} <= shown, shown
     assert shot.stat().st_size > 20_000  # a rendered page, kept for people to look at
+
+
+def test_a_stage_rerun_bit_for_bit_leaves_its_output_on_disk_once(server, flow_run):
+    """DVC links back only outputs new to its cache; the flow links a reproduced one too (flows/iterate.py)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    project, api_url, _ = server
+    model = project / "data/rounds/r01/reward_model/model.safetensors"
+    before = model.stat().st_ino  # DVC's cache holds this inode
+    with pytest.MonkeyPatch.context() as mp, temporary_settings({PREFECT_API_URL: api_url}):
+        mp.chdir(project)
+        from flows.iterate import stage
+
+        assert stage("train_rm", "r01", force=True)  # ran: the same bytes again
+    assert (model.stat().st_ino, model.stat().st_nlink) == (before, 2)  # the cached copy, linked back
+    assert "up to date" in dvc("status", cwd=project)

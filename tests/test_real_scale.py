@@ -37,8 +37,8 @@ def first_round(tmp_path, vocab: int) -> tuple[dict[str, float], dict]:
         "prompts": sets,
         "generate": {"max_new_tokens": 256},
         "label": {"judge": {"type": "hf", "name": "judge", "input": "chat"}, "unfinished": "keep"},
-        "train_rm": {"max_length": 320},
-        "update_policy": {"max_length": 320},
+        "train_rm": {"max_length": 640},  # TRL drops longer pairs: a retokenised answer can be longer
+        "update_policy": {"max_length": 640},
         "evaluate": {"max_new_tokens": 256},
     }
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -41,6 +41,12 @@ class Runtime(Section):
         ge=1,
     )
     accelerate_config: str | None = d(None, "an `accelerate config`, DeepSpeed or FSDP file for that launch")
+    activation_checkpointing: bool = d(
+        False,
+        "training steps recompute each layer's activations in the backward pass instead of keeping them, so their "
+        "memory stops growing with batch x length x layers, for about a third more compute: on for real models and "
+        "long answers (TRL's trainers: prepare's SFT, train_rm, dpo, rest and rloo; ppo's own loop keeps them)",
+    )
     logits_mb: int = d(
         128,
         "memory, in MB, that vocabulary-wide temporaries may take at once: every KL, log-probability and NLL "
@@ -65,7 +71,10 @@ class Runtime(Section):
 
 # What a training stage's outputs depend on in `runtime`: not report_to, since where the curves go changes no
 # weight, so turning TensorBoard on re-runs no stage.
-TRAINING_RUNTIME = tuple(f"runtime.{k}" for k in ("seed", "threads", "device", "num_processes", "accelerate_config"))
+TRAINING_RUNTIME = tuple(
+    f"runtime.{k}"
+    for k in ("seed", "threads", "device", "num_processes", "accelerate_config", "activation_checkpointing")
+)
 
 
 class TinyModel(Section):

@@ -119,6 +119,23 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
+def link_tree(src: str | Path, dest: str | Path) -> None:
+    """`dest` as a folder of hard links to the files of `src` (the same bytes, on disk once), replacing it
+    atomically; a file is copied where a link cannot be made (another device)."""
+    src = Path(src)
+    with atomic_dir(dest) as tmp:
+        for f in src.rglob("*"):
+            target = tmp / f.relative_to(src)
+            if f.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(f, target)
+            except OSError:
+                shutil.copy2(f, target)
+
+
 def write_failure(e: BaseException) -> str | None:
     """The operating system's reason when `e` is a failed write, whoever raised it: an OSError (or one in
     its chain), or a library's own error carrying one (safetensors' `No space left on device (os error 28)`)."""

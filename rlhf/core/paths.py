@@ -79,3 +79,10 @@ def round_paths(name: str, project: str | Path = ".") -> RoundPaths:
 
 
 SFT = round_paths("r00")
+
+
+def step_files(step: str, rnd: str) -> list[Path]:
+    """The files in the DVC outputs of a step's stage (prepare: all of r00)."""
+    paths = round_paths(rnd)
+    outs = [SFT.root] if step == "prepare" else [getattr(paths, name) for name in STEP_OUTPUT[step]]
+    return [f for out in outs for f in ([out] if out.is_file() else out.rglob("*")) if f.is_file()]

@@ -72,7 +72,7 @@ class Head:
 
     def logprobs(self, hidden, targets, temperature: float = 1.0):
         """log p(targets) at `temperature`, one per row of hidden [tokens, hidden], a chunk of tokens at a time,
-        each chunk's result written in place; differentiable (_Chunked)."""
+        each chunk's result written in place; differentiable (_chunked_logprobs)."""
         import torch
 
         if torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in self.layer.parameters())):
@@ -86,28 +86,26 @@ class Head:
         return out
 
     def __call__(self, hidden, temperature: float = 1.0, out=None):
-        """The logits of hidden [tokens, hidden], float32; written into `out` when given (no new vocabulary-wide
-        tensor for a float32 linear layer)."""
+        """The logits of hidden [tokens, hidden], float32, differentiable; or, given `out` (no gradient), written
+        into it in place (a float32 linear layer projects straight into it)."""
         import torch
 
-        if out is not None and type(self.layer) is torch.nn.Linear and self.layer.weight.dtype == torch.float32:
-            logits = torch.mm(hidden, self.layer.weight.t(), out=out)
-            if self.layer.bias is not None:
-                logits.add_(self.layer.bias)
-        else:
+        if out is None:
             logits = self.layer(hidden).float()
-            logits = out.copy_(logits) if out is not None else logits
+            logits = logits * self.scale if self.scale != 1 else logits
+            logits = torch.tanh(logits / self.softcap) * self.softcap if self.softcap else logits
+            return logits / temperature if temperature != 1 else logits
+        if type(self.layer) is torch.nn.Linear and self.layer.weight.dtype == torch.float32:
+            torch.mm(hidden, self.layer.weight.t(), out=out)
+            if self.layer.bias is not None:
+                out.add_(self.layer.bias)
+        else:
+            out.copy_(self.layer(hidden))
         if self.scale != 1:
-            logits = logits.mul_(self.scale) if out is not None else logits * self.scale
+            out.mul_(self.scale)
         if self.softcap:
-            logits = (
-                logits.div_(self.softcap).tanh_().mul_(self.softcap)
-                if out is not None
-                else torch.tanh(logits / self.softcap) * self.softcap
-            )
-        if temperature != 1:
-            logits = logits.div_(temperature) if out is not None else logits / temperature
-        return logits
+            out.div_(self.softcap).tanh_().mul_(self.softcap)
+        return out.div_(temperature) if temperature != 1 else out
 
 
 def head(model, ids=None, attn=None) -> Head:

@@ -230,7 +230,7 @@ def train_args(config_cls, cfg: Config, seed: int, scratch: str | Path, **kw):
         use_cpu=on_cpu and not deepspeed_on_cpu,
         ddp_backend="gloo" if deepspeed_on_cpu else None,
         dataloader_pin_memory=not deepspeed_on_cpu,  # nothing to pin memory for without a GPU
-        activation_checkpointing=False,
+        activation_checkpointing=cfg.runtime.activation_checkpointing,
         save_strategy="no",
         report_to=cfg.runtime.report_to,
         run_name=_RUN_NAME,

@@ -65,16 +65,26 @@ def check_inputs(cfg: Config) -> None:
     check_forgetting(cfg)
 
 
-def warn_if_copying() -> None:
-    """A project that lets DVC copy its outputs into the cache (its default where the file system has no reflinks,
-    as a project made before CACHE_LINKS has) stores every model twice: say how to store it once."""
+def cache_types() -> list[str]:
+    """The project's DVC cache.type, in order (DVC's default where it sets none)."""
     import configparser
-    import logging
 
     dvc = configparser.ConfigParser()
     dvc.read([".dvc/config", ".dvc/config.local"])
-    kinds = dvc.get("cache", "type", fallback="reflink,copy").strip("'\" ").split(",")
-    if "hardlink" not in kinds and "symlink" not in kinds:
+    return dvc.get("cache", "type", fallback="reflink,copy").strip("'\" ").split(",")
+
+
+def links_outputs() -> bool:
+    return bool({"hardlink", "symlink"} & set(cache_types()))
+
+
+def warn_if_copying() -> None:
+    """A project that lets DVC copy its outputs into the cache (its default where the file system has no reflinks,
+    as a project made before CACHE_LINKS has) stores every model twice: say how to store it once."""
+    import logging
+
+    kinds = cache_types()
+    if not links_outputs():
         logging.getLogger("rlhf").warning(
             ".dvc/config: cache.type %s copies every output into .dvc/cache where the file system has no reflinks "
             "(each model on disk twice); `dvc config cache.type %s` and `dvc checkout --relink` store them once",
