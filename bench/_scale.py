@@ -16,6 +16,7 @@ from pathlib import Path
 
 from _common import BIN, ROOT, deep_update, fresh_project
 
+from rlhf.core.io import disk_bytes
 from tests import chat_models
 
 # A step as `rlhf <step>` runs it, in this process: its summary, seconds and peak resident memory on the last line.
@@ -94,4 +95,4 @@ def run_step(project: Path, step: str, rnd: str = "r01") -> dict:
 
 
 def written(project: Path) -> int:
-    return sum(p.stat().st_size for p in (project / "data" / "rounds").rglob("*") if p.is_file())
+    return disk_bytes(p for p in (project / "data" / "rounds").rglob("*") if p.is_file())

@@ -24,7 +24,7 @@ from prefect.states import Failed
 
 from rlhf.core.config import load_config, round_index, round_name
 from rlhf.core.errors import StageFailed, UserError
-from rlhf.core.io import read_jsonl
+from rlhf.core.io import disk_bytes, read_jsonl
 from rlhf.core.paths import ROUND_STEPS, round_paths, step_files
 from rlhf.core.processes import RUN_PID, dying_with_parent, error_line, relay
 from rlhf.core.rounds import extend_rounds, last_completed
@@ -202,7 +202,7 @@ def footprint(rnd: str) -> str:
     run must not let grow."""
     import psutil
 
-    disk = sum(f.stat().st_size for f in round_paths(rnd).root.rglob("*") if f.is_file())
+    disk = disk_bytes(f for f in round_paths(rnd).root.rglob("*") if f.is_file())
     rss = psutil.Process().memory_info().rss
     return f"{rnd} done: data/rounds/{rnd} holds {disk / 2**20:.1f} MiB; the flow process uses {rss / 2**20:.0f} MiB"
 

@@ -339,10 +339,11 @@ def _step_locked(args, cfg) -> int:
 
 def footprint(step: str, rnd: str, seconds: float) -> str:
     """What a step cost, its last log line: seconds, peak memory and the bytes of the outputs it wrote."""
+    from rlhf.core.io import disk_bytes
     from rlhf.core.paths import step_files
     from rlhf.core.processes import peak_memory
 
-    wrote = sum(f.stat().st_size for f in step_files(step, rnd)) / 2**20
+    wrote = disk_bytes(step_files(step, rnd)) / 2**20
     return f"{step} {rnd}: {seconds:,.1f} s, {peak_memory()}, wrote {wrote:,.2f} MiB"
 
 

@@ -176,7 +176,8 @@ def test_dashboard_page_of_a_flow_run_shows_its_round_tasks(flow_run, server):
     shutil.rmtree(ARTIFACTS / "chromium-profile", ignore_errors=True)
     assert "iterated-rlhf" in dom and "Completed" in dom, dom[-2000:]
     shown = {name for name in EXPECTED_TASKS if name in dom}
-    assert {"r00-prepare", "r01-generate", "r01-label", "r01-train_rm"} <= shown, shown
+    # The timeline is a canvas; names reach the DOM through the first page of logs, the count through the header.
+    assert f"{len(EXPECTED_TASKS)} Task runs" in dom and {"r00-prepare", "r01-generate"} <= shown, shown
     assert shot.stat().st_size > 20_000  # a rendered page, kept for people to look at
 
 

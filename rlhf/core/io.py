@@ -119,6 +119,15 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
+def disk_bytes(files: Iterable[Path]) -> int:
+    """The bytes `files` take on disk: a file hard-linked under several names counts once."""
+    sizes = {}
+    for f in files:
+        st = f.stat()
+        sizes[st.st_dev, st.st_ino] = st.st_size
+    return sum(sizes.values())
+
+
 def link_tree(src: str | Path, dest: str | Path) -> None:
     """`dest` as a folder of hard links to the files of `src` (the same bytes, on disk once), replacing it
     atomically; a file is copied where a link cannot be made (another device)."""
