@@ -146,3 +146,20 @@ def test_shipped_data_is_what_make_data_writes(tmp_path):
     evals = {r["prompt"] for r in read_prompts(ROOT / "data/prompts/eval.jsonl")}
     seen = {r["prompt"] for s in ("label", "policy") for r in read_prompts(ROOT / f"data/prompts/{s}.jsonl")}
     assert not evals & seen  # evaluation prompts are held out
+
+
+@pytest.mark.parametrize("kinds, warned", [("reflink,copy", True), ("copy", True), ("hardlink,symlink,copy", False)])
+def test_a_project_whose_dvc_cache_copies_is_warned_once_with_the_fix(tmp_path, monkeypatch, caplog, kinds, warned):
+    from rlhf.orchestration.preflight import warn_if_copying
+
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / ".dvc" / "config").write_text(f'[cache]\n    type = "{kinds}"\n')
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level("WARNING", logger="rlhf"):
+        warn_if_copying()
+    lines = [r.getMessage() for r in caplog.records]
+    if warned:
+        assert len(lines) == 1 and lines[0].startswith(f".dvc/config: cache.type {kinds} copies every output")
+        assert "dvc checkout --relink" in lines[0]
+    else:
+        assert lines == []

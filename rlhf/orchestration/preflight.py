@@ -83,12 +83,11 @@ def warn_if_copying() -> None:
     as a project made before CACHE_LINKS has) stores every model twice: say how to store it once."""
     import logging
 
-    kinds = cache_types()
     if not links_outputs():
         logging.getLogger("rlhf").warning(
             ".dvc/config: cache.type %s copies every output into .dvc/cache where the file system has no reflinks "
             "(each model on disk twice); `dvc config cache.type %s` and `dvc checkout --relink` store them once",
-            ",".join(kinds),
+            ",".join(cache_types()),
             CACHE_LINKS,
         )
 
