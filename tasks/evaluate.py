@@ -174,6 +174,7 @@ def evaluate(cfg: Config, rnd: str) -> dict:
     sft = policy if rnd == "r00" else refs.get("kl_sft", refs["kl"])  # the KL's references hold the SFT policy
     pure = curves.pure_sampling(e, e.samples_per_prompt)
     metrics |= forgetting.measure(cfg, rnd, tok, policy, sft, sample, judge, pure, seed)
+    sample.close()  # the last sampling: a vLLM engine stops (on an error, it stops as this process ends)
     for alarm in metrics["alarms"]:
         log.warning("evaluate %s: %s", rnd, alarm)
     write_jsonl(paths.eval_samples, samples)

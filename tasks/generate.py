@@ -41,8 +41,9 @@ def generate(cfg: Config, rnd: str) -> dict:
     prompts, texts, too_long = chat.policy_prompts(
         tok, read_prompts(cfg.prompts.label, "prompts.label"), cfg.prompts, "prompts.label"
     )
-    s = Sampler(cfg, tok, policy_dir, seed)(texts, cfg.generate.k, cfg.generate)
-    params = cfg.generate.model_dump(exclude={"batch_size"})
+    with Sampler(cfg, tok, policy_dir, seed) as sampler:
+        s = sampler(texts, cfg.generate.k, cfg.generate)
+    params = cfg.generate.model_dump(exclude={"batch_size", "vllm_python"})  # how, not where vLLM is installed
     rows = [
         {
             "prompt_id": prompts[i]["id"],

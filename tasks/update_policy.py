@@ -96,13 +96,18 @@ def update_policy(cfg: Config, rnd: str) -> dict:
         f", LoRA rank {up.lora.rank}" if up.lora.rank else "",
     )
     trainable = _trainable(model)  # before training: a sharded model's parameters hold only this rank's share
-    with tempfile.TemporaryDirectory() as scratch:
-        sample = Sampler(cfg, tok, start, seed, model)
+    with tempfile.TemporaryDirectory() as scratch, Sampler(cfg, tok, start, seed, model) as sample:
         ckpts = Checkpoints(cfg.evaluate.checkpoints, paths.checkpoints, model, tok)
         u = Update(cfg, rnd, paths, seed, dev, tok, model, ref, proxy, prompts, sample, aux, scratch, ckpts)
         summary = METHODS[up.method](u)
     models.save(model, tok, paths.policy, trainer=u.trainer)
     summary = {"method": up.method, "trainable_parameters": trainable, **summary}
+    if cfg.generate.backend == "vllm":  # samplings, and how often (and how long) the engine took new weights
+        summary |= {
+            "vllm_samplings": sample.calls,
+            "vllm_weight_loads": sample.weight_loads,
+            "vllm_load_seconds": round(sample.load_seconds, 2),
+        }
     if too_long:
         summary[f"prompts_{cfg.prompts.too_long}"] = too_long
     return {**summary, "cotrain": aux.counts()} if aux else summary

@@ -73,10 +73,11 @@ def bpe_tokenizer(texts: list[str], specials: list[str], template: str, eos: str
     return tok
 
 
-def chat_policy(dest: Path, texts: list[str], kind: str = "qwen2", dtype=None) -> Path:
+def chat_policy(dest: Path, texts: list[str], kind: str = "qwen2", dtype=None, head_dim: int = 16) -> Path:
     """An untrained causal LM with a chat tokenizer: `qwen2` (ChatML, eos <|im_end|>, a second stop id
     <|endoftext|> in its generation config) or `llama3` (BOS added by template and tokenizer, eos <|eot_id|>);
-    saved in `dtype` (default float32), as a Hub model is in its own."""
+    saved in `dtype` (default float32), as a Hub model is in its own. Width 64 in heads of `head_dim` (vLLM's CPU
+    attention takes 64, not 16)."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -88,10 +89,11 @@ def chat_policy(dest: Path, texts: list[str], kind: str = "qwen2", dtype=None) -
         specials = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
         tok = bpe_tokenizer(texts, specials, LLAMA3, "<|eot_id|>", bos="<|begin_of_text|>")
         cls, config_cls = LlamaForCausalLM, LlamaConfig
-    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    heads = 64 // head_dim
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=heads)
     config = config_cls(
         vocab_size=len(tok),
-        num_key_value_heads=2,
+        num_key_value_heads=min(2, heads),
         max_position_embeddings=1024,
         eos_token_id=tok.eos_token_id,
         bos_token_id=tok.bos_token_id,

@@ -5,6 +5,7 @@ reward model as 1 process, only rank 0 writes; labelling in 2 worker processes g
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -192,27 +193,36 @@ def test_scale_settings_that_cannot_run_are_refused_naming_the_key(change, messa
         parse_config({"rounds": {"r01": "r00"}, **change}, "params.yaml")
 
 
-def test_vllm_backend_without_vllm_or_a_gpu_is_refused_before_the_run(project, tmp_path):
-    set_params(project, {"generate": {"backend": "vllm"}})
+def test_vllm_backend_without_a_vllm_environment_is_refused_before_the_run(project, tmp_path):
     try:
+        set_params(project, {"generate": {"backend": "vllm", "vllm_python": "no/such/python"}})
         for step in (["check"], ["generate", "r01"]):
             out = rlhf(project, *step)
             assert out.returncode == 2
             assert out.stderr.strip() == (
-                "error: generate.backend: vllm is not installed (pip install vllm, on a "
-                "machine with a GPU); or use generate.backend: transformers"
+                "error: generate.vllm_python: no/such/python not found; `make install-vllm` makes .venv-vllm "
+                "(docs/scaling.md), or use generate.backend: transformers"
             )
-        # vLLM importable (an empty package stands in for the install) but no GPU: the other half of the check
-        (tmp_path / "vllm").mkdir()
-        (tmp_path / "vllm" / "__init__.py").write_text("")
-        out = rlhf(project, "check", env={"PYTHONPATH": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""})
+        set_params(project, {"generate": {"vllm_python": sys.executable}})  # a Python without vLLM: this one
+        out = rlhf(project, "check")
         assert out.returncode == 2
-        assert (
-            out.stderr.strip()
-            == "error: generate.backend: vllm needs a GPU and none is visible; use generate.backend: transformers"
+        assert out.stderr.strip() == (
+            f"error: generate.vllm_python: {sys.executable} has no vLLM installed; `make install-vllm` "
+            "(docs/scaling.md), or use generate.backend: transformers"
         )
     finally:
-        set_params(project, {"generate": {"backend": "transformers"}})
+        set_params(project, {"generate": {"backend": "transformers", "vllm_python": ".venv-vllm/bin/python"}})
+
+
+def test_vllm_beside_sharded_training_is_refused_naming_the_key(tmp_path):
+    config = tmp_path / "zero3.yaml"
+    config.write_text("distributed_type: DEEPSPEED\ndeepspeed_config: {zero_stage: 3}\nnum_processes: 2\n")
+    change = {"rounds": {"r01": "r00"}, "generate": {"backend": "vllm"}}
+    change["runtime"] = {"num_processes": 2, "accelerate_config": str(config)}
+    with pytest.raises(UserError, match=r"^params.yaml: generate.backend: vllm is served the policy's whole weights"):
+        parse_config(change, "params.yaml")
+    change["runtime"] = {"num_processes": 2}  # DDP: each rank has the whole model, and its own engine
+    assert parse_config(change, "params.yaml").generate.backend == "vllm"
 
 
 @pytest.mark.slow

@@ -189,11 +189,20 @@ class Sampling(Section):
     batch_size: int = d(64, "sequences generated at once", gt=0)
     backend: Literal["transformers", "vllm"] = d(
         "transformers",
-        "the engine of every sampling of a round (generate, the methods' rollouts, evaluate): vllm needs a GPU "
-        "and `pip install vllm`",
+        "the engine of every sampling of a round (generate, the methods' rollouts, evaluate): vllm runs on a GPU "
+        "or a CPU, in its own environment (generate.vllm_python; docs/scaling.md)",
     )
     vllm_memory: float = d(
-        0.5, "backend vllm: the share of GPU memory its engine takes (the rest: training, judges)", gt=0, lt=1
+        0.5,
+        "backend vllm: the share of the device's memory its engine takes, model and KV cache (a GPU's; on a CPU, "
+        "of the machine's memory); the rest is for training and judges",
+        gt=0,
+        lt=1,
+    )
+    vllm_python: str = d(
+        ".venv-vllm/bin/python",
+        "backend vllm: the Python of the environment vLLM is installed in (`make install-vllm` makes .venv-vllm); "
+        "a path, relative to the project, or a command on PATH",
     )
 
 
@@ -553,6 +562,12 @@ class Config(Section):
                 "[runtime.accelerate_config] ppo (the project's own loop) does not run under accelerate, so "
                 f"{'DeepSpeed' if kind == 'DEEPSPEED' else kind} would not shard it; use dpo, rest or rloo, or no "
                 "accelerate_config"
+            )
+        if kind and self.generate.backend == "vllm":
+            raise ValueError(
+                "[generate.backend] vllm is served the policy's whole weights after each update, which "
+                f"{'DeepSpeed' if kind == 'DEEPSPEED' else kind} (runtime.accelerate_config) keeps in shards over "
+                "the ranks; train without it (DDP, an engine per rank), or use generate.backend: transformers"
             )
         if kind == "FSDP" and self.update_policy.method == "rest" and len(self.update_policy.rest.thresholds) > 1:
             raise ValueError(

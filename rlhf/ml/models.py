@@ -126,10 +126,7 @@ def load_policy(path: str | Path, dev: str = "cpu", trainable: bool = False):
     if is_adapter(path):
         from peft import PeftModel
 
-        base = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
-        if (Path(path) / base).is_dir():  # e.g. `../base` beside a published round's policy (rlhf publish)
-            base = Path(path) / base
-        model = PeftModel.from_pretrained(load_policy(base, dev), path, is_trainable=trainable)
+        model = PeftModel.from_pretrained(load_policy(adapter_base(path), dev), path, is_trainable=trainable)
         return model if trainable else model.merge_and_unload()
     model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
     return model.to(dev)
@@ -137,6 +134,13 @@ def load_policy(path: str | Path, dev: str = "cpu", trainable: bool = False):
 
 def is_adapter(path: str | Path) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
+
+
+def adapter_base(path: str | Path) -> str | Path:
+    """The base a LoRA adapter folder applies to: a hub id, or a path relative to the adapter's folder (e.g.
+    `../base` beside a published round's policy, rlhf publish), or else to the project."""
+    base = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    return Path(path) / base if (Path(path) / base).is_dir() else base
 
 
 def load_reward_model(path: str | Path, dev: str = "cpu", num_labels: int | None = None):

@@ -45,7 +45,7 @@ def check_inputs(cfg: Config) -> None:
         check_policy(cfg.prepare.policy, "prepare.policy")
     sets = check_prompt_sets(cfg)  # after the policy's checks: its template renders them
     if cfg.generate.backend == "vllm":
-        require_vllm()
+        require_vllm(cfg)
     judge = cfg.label.judge
     if judge.type == "rubric":
         PinkElephantJudge(cfg.label.world)  # reads and checks the world file (label.world)

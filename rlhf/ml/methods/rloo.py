@@ -1,6 +1,7 @@
 """RLOO through TRL's RLOOTrainer: k samples per prompt, each one's baseline the mean reward of the
 other k-1; the reward is the proxy RM's score with a KL penalty (beta) to the round's reference. TRL
-samples its rollouts itself: with `generate.backend: vllm`, through its own colocated vLLM engine."""
+samples its rollouts itself with `generate`; with `generate.backend: vllm` the round's Sampler does (its vLLM
+runs in another environment, which TRL's own vLLM modes cannot reach), on the weights of that moment."""
 
 from __future__ import annotations
 
@@ -43,15 +44,10 @@ def update(u) -> dict:
         top_p=s.top_p,
         logging_steps=10,
         mask_truncated_completions=up.unfinished == "drop",
-        # generate.backend: vllm samples the rollouts with TRL's colocated vLLM, weights synced each step
-        **(
-            {"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": s.vllm_memory}
-            if s.backend == "vllm"
-            else {}
-        ),
     )
+    rollouts = (SamplerRollouts,) if s.backend == "vllm" else ()
     u.trainer = trainer = models.trainer(
-        type("CoTrainRLOO", (CoTrainMixin, RLOOTrainer), {"aux": u.aux}),
+        type("CoTrainRLOO", (*rollouts, CoTrainMixin, RLOOTrainer), {"aux": u.aux, "sampler": u.sample, "s": s}),
         u.checkpoints,
         model=u.policy,
         reward_funcs=proxy_reward,
@@ -72,6 +68,15 @@ def update(u) -> dict:
         "reward_first": rewards[0] if rewards else None,
         "reward_last": rewards[-1] if rewards else None,
     }
+
+
+class SamplerRollouts:
+    """RLOOTrainer's rollouts from the round's Sampler (`sampler`, with the rollouts' sampling `s`): TRL hands
+    over the tokenised prompts, each repeated per sample, and takes each one's completion ids, ended by the
+    stop id it reached, as its own generate gives them. The sampler serves the policy's current weights."""
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields):
+        return self.sampler.sample_ids(prompt_ids, 1, self.s, self.s.max_new_tokens).response_ids
 
 
 def _prepared_reference(trainer, ref):
