@@ -35,6 +35,7 @@ PARAMS = (
     "runtime.threads",
     "runtime.device",
     "runtime.logits_mb",
+    "generate.backend",  # the engine of its samplings; their params are evaluate's own
     "evaluate",
     "label.judge",
     "update_policy.reward",

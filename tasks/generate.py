@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from rlhf.core.config import Config
+from rlhf.core.config import SAMPLING_PARAMS, Config
 from rlhf.core.io import write_jsonl
 from rlhf.core.paths import SFT, round_paths
 from rlhf.core.prompts import describe, messages_of, read_prompts
@@ -18,7 +18,7 @@ PARAMS = (
     "runtime.seed",
     "runtime.threads",
     "runtime.device",
-    "generate",
+    *SAMPLING_PARAMS,
     "prompts.label",
     "prompts.max_prompt_length",
     "prompts.too_long",

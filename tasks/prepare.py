@@ -24,7 +24,7 @@ from rlhf.core.ranks import is_main
 log = logging.getLogger("rlhf")
 
 
-PARAMS = (*TRAINING_RUNTIME, "runtime.logits_mb", "prepare", "evaluate", "label.judge", "prompts")
+PARAMS = (*TRAINING_RUNTIME, "runtime.logits_mb", "prepare", "generate.backend", "evaluate", "label.judge", "prompts")
 
 
 def reads(cfg: Config, rnd: str = "r00") -> list[str]:

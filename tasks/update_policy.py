@@ -8,7 +8,7 @@ import logging
 import tempfile
 from dataclasses import dataclass
 
-from rlhf.core.config import TRAINING_RUNTIME, Config
+from rlhf.core.config import SAMPLING_PARAMS, TRAINING_RUNTIME, Config
 from rlhf.core.paths import RoundPaths, round_paths
 from rlhf.core.prompts import read_prompts
 
@@ -18,7 +18,7 @@ log = logging.getLogger("rlhf")
 PARAMS = (
     *TRAINING_RUNTIME,
     "runtime.logits_mb",
-    "generate",
+    *SAMPLING_PARAMS,
     "update_policy",
     "prompts.policy",
     "prompts.max_prompt_length",

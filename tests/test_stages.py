@@ -103,6 +103,18 @@ def test_editing_a_module_marks_exactly_the_stages_whose_step_imports_it(project
     assert changed(project) == {f"{s}@r0{i}" for s in ("label", "train_rm", "update_policy") for i in (1, 2, 3)}
 
 
+def test_where_vllm_is_installed_changes_no_stage_and_the_backend_every_sampling_one(project):
+    def set_generate(change):
+        params = yaml.safe_load((project / "params.yaml").read_text())
+        (project / "params.yaml").write_text(yaml.safe_dump(deep_update(params, {"generate": change})))
+
+    set_generate({"vllm_python": "/opt/vllm/bin/python", "vllm_memory": 0.3})
+    assert changed(project) == set()
+    set_generate({"backend": "vllm"})
+    stages = {f"{s}@r0{i}" for s in ("generate", "update_policy", "evaluate") for i in (1, 2, 3)}
+    assert changed(project) == {"prepare", *stages}  # prepare evaluates round 0
+
+
 def test_a_changed_round_marks_the_later_stages_that_read_it(project):
     (project / "data/rounds/r01/labels.jsonl").write_text("relabelled")
     # label@r01's output changed; concat: each round's RM trains on all labels so far

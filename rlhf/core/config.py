@@ -206,6 +206,11 @@ class Sampling(Section):
     )
 
 
+# generate's keys that decide what a sampling draws, the params of the stages that sample (dvc.yaml): not where
+# vLLM is installed or how much memory its engine takes, so moving the environment reruns nothing.
+SAMPLING_PARAMS = tuple(f"generate.{k}" for k in Sampling.model_fields if k not in ("vllm_python", "vllm_memory"))
+
+
 class Judge(Section):
     """The gold judge (rlhf/judges/). `rubric`: a built-in programmatic rubric (`name: pink_elephant`);
     `python`: any callable `module:function` scoring (prompts, responses); `hf`: a sequence-classification
