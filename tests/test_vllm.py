@@ -210,3 +210,16 @@ def test_evaluate_on_vllm_agrees_with_transformers_within_sampling_noise(prepare
     p = (hf["finished"] + vl["finished"]) / 2
     assert abs(hf["finished"] - vl["finished"]) < 4 * math.sqrt(2 * p * (1 - p) / n) + 1e-9
     assert hf["gold"] != vl["gold"]  # two engines, two draws: not one result reported twice
+
+
+def test_a_run_in_a_folder_of_its_own_finds_the_projects_vllm_environment(tmp_path, monkeypatch):
+    """A study's run works in studies/<name>/<run>/: the default `.venv-vllm/bin/python` is found beside the
+    environment running the step, where `make install-vllm` put it."""
+    from rlhf.core.config import Config
+    from rlhf.ml.sampler import require_vllm, vllm_python
+
+    monkeypatch.chdir(tmp_path)
+    cfg = Config.model_validate({"rounds": {"r01": "r00"}, "generate": {"backend": "vllm"}})
+    assert cfg.generate.vllm_python == ".venv-vllm/bin/python" and not Path(".venv-vllm").exists()
+    assert Path(vllm_python(cfg)) == VLLM_PYTHON
+    require_vllm(cfg)  # no error: its Python has vLLM

@@ -202,7 +202,8 @@ class Sampling(Section):
     vllm_python: str = d(
         ".venv-vllm/bin/python",
         "backend vllm: the Python of the environment vLLM is installed in (`make install-vllm` makes .venv-vllm); "
-        "a path, relative to the project, or a command on PATH",
+        "a path (a relative one from the project, else from the folder holding the running environment), or a "
+        "command on PATH",
     )
 
 

@@ -178,10 +178,10 @@ class Engine:
         )
         if not _cuda():
             spec |= _cpu_settings(model)
-        log.info("starting vLLM (%s) on %s", cfg.generate.vllm_python, model)
+        log.info("starting vLLM (%s) on %s", vllm_python(cfg), model)
         scratch = Path(tempfile.mkdtemp(prefix="rlhf-vllm-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
         try:
-            return cls._spawn(cfg.generate.vllm_python, spec, scratch)
+            return cls._spawn(vllm_python(cfg), spec, scratch)
         except BaseException:
             shutil.rmtree(scratch, ignore_errors=True)
             raise
@@ -338,12 +338,25 @@ def merged_weights(model):
             model.unmerge_adapter()
 
 
+def vllm_python(cfg: Config) -> str:
+    """generate.vllm_python as a command: a relative path from the project folder, else from the folder of the
+    environment running this step (where `make install-vllm` put .venv-vllm beside .venv: a study's runs work in
+    folders of their own)."""
+    import sys
+
+    given = cfg.generate.vllm_python
+    if "/" not in given or os.path.isabs(given) or os.path.exists(given):
+        return given
+    beside = Path(sys.prefix).parent / given
+    return str(beside) if beside.exists() else given
+
+
 def require_vllm(cfg: Config) -> None:
     """`generate.backend: vllm` needs a Python that has vLLM (generate.vllm_python); else one line saying so."""
     import shutil
     import subprocess
 
-    python = cfg.generate.vllm_python
+    python = vllm_python(cfg)
     if shutil.which(python) is None:
         raise UserError(
             f"generate.vllm_python: {python} not found; `make install-vllm` makes .venv-vllm "
