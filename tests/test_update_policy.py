@@ -145,6 +145,31 @@ def test_each_method_raises_the_proxy_reward(scratch_project, monkeypatch, metho
     assert means["after"] > means["before"] + 0.1, means
 
 
+@pytest.mark.parametrize("unfinished", ["drop", "penalty"])
+def test_rest_ranks_cut_samples_as_every_method_scores_them(scratch_project, monkeypatch, unfinished):
+    """Rollouts of 8 tokens leave many samples cut. drop: the quantiles are taken among the finished ones alone,
+    so a threshold t selects n - ceil(t n) of the n finished; penalty (large): every cut sample ranks below every
+    finished one. Scoring cut samples as finished, as ReST once did, selects other counts."""
+    import math
+
+    from tasks.update_policy import update_policy
+
+    monkeypatch.chdir(scratch_project)
+    t = 0.5
+    change = {
+        "method": "rest",
+        "unfinished": unfinished,
+        "missing_eos_penalty": 100.0,
+        "rollouts": {"max_new_tokens": 8},
+    }
+    summary = update_policy(config({"update_policy": change | {"rest": {"thresholds": [t]}}}), "r01")
+    n, total = summary["finished"], summary["samples"]
+    assert 0 < n < total, summary  # some cut, some not: the case at hand
+    [step] = summary["improve_steps"]
+    expected = n - math.ceil(t * n) if unfinished == "drop" else min(n, total - math.ceil(t * total))
+    assert step["samples"] == expected, (summary, expected)
+
+
 # --- initialisation -------------------------------------------------------------------------------
 
 

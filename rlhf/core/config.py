@@ -397,7 +397,8 @@ class UpdatePolicy(Section):
     unfinished: Literal["penalty", "drop", "keep"] = d(
         "penalty",
         "a rollout cut at max_new_tokens: scored as is less missing_eos_penalty (TRL's convention), left out "
-        "(of dpo's pairs, of ppo's and rloo's loss), or kept as it is; rest trains on finished samples only",
+        "(of dpo's pairs, of ppo's and rloo's loss, of rest's ranking), or kept as it is; rest trains on finished "
+        "samples only",
     )
     missing_eos_penalty: float = d(1.0, "unfinished: penalty: subtracted from an unfinished rollout's reward", ge=0)
     lora: Lora = d(Lora(), "LoRA adapters instead of full weights")

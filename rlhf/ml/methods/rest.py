@@ -1,9 +1,9 @@
 """ReST (Gulcehre et al. 2023): Grow, then Improve. Grow samples k responses per policy prompt and scores
 them with the proxy RM; the normalised reward of a sample is its quantile among them (0 = worst, near 1
-= best). Each Improve step fine-tunes (SFT, completion-only NLL) on the finished samples whose quantile
-reaches that step's threshold, starting from the previous step; thresholds rise, so the data narrows
-to the best. Co-training mixes auxiliary rows in at the co-training ratio, and `keep_sft` one SFT row
-per selected sample."""
+= best; a cut sample ranked as update_policy.unfinished says). Each Improve step fine-tunes (SFT,
+completion-only NLL) on the finished samples whose quantile reaches that step's threshold, starting from
+the previous step; thresholds rise, so the data narrows to the best. Co-training mixes auxiliary rows in
+at the co-training ratio, and `keep_sft` one SFT row per selected sample."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def update(u) -> dict:
     up, cfg = u.cfg.update_policy, u.cfg
     s = u.sample(u.prompts, up.k, cfg.rollouts())
     asked = [u.prompts[i] for i in s.prompt_index]
-    q = quantiles(u.proxy(asked, s.responses))
+    q = ranked(u, asked, s)
     sft = read_jsonl(cfg.prepare.sft, required=("prompt", "completion"), what="prepare.sft") if up.rest.keep_sft else []
     rng, steps, improve = random.Random(u.seed), [], len(up.rest.thresholds)
     for n, threshold in enumerate(up.rest.thresholds, 1):
@@ -74,4 +74,20 @@ def update(u) -> dict:
         )
         loss = u.trainer.train().training_loss
         steps.append({"threshold": threshold, **used, "train_loss": loss})
-    return {"samples": len(s.responses), "improve_steps": steps}
+    return {"samples": len(s.responses), "finished": sum(s.finished), "improve_steps": steps}
+
+
+def ranked(u, asked: list[str], s):
+    """Each sample's quantile, as every method scores its rollouts: a cut one by the proxy without an EOS it
+    never produced, less missing_eos_penalty (update_policy.unfinished: penalty), or left out of the ranking
+    (drop: quantiles among the finished; the cut ones get -1, below any threshold)."""
+    import numpy as np
+
+    up, done = u.cfg.update_policy, np.array(s.finished)
+    scores = u.proxy(asked, s.responses, s.finished) - (
+        up.missing_eos_penalty * ~done if up.unfinished == "penalty" else 0
+    )
+    among = done if up.unfinished == "drop" else np.ones(len(done), dtype=bool)
+    q = np.full(len(done), -1.0)
+    q[among] = quantiles(scores[among])
+    return q
