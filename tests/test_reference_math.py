@@ -10,7 +10,6 @@ direction, gamma for lambda, chosen for rejected, a dropped temperature) fails h
 from __future__ import annotations
 
 import functools
-import inspect
 import itertools
 import math
 
@@ -93,14 +92,6 @@ def test_response_logprobs_match_scoring_one_token_at_a_time():
         assert (logp[row, len(response) :] == 0).all()
 
 
-HAS_TEMPERATURE = "temperature" in inspect.signature(sampling.response_logprobs).parameters
-
-
-@pytest.mark.xfail(
-    not HAS_TEMPERATURE,
-    reason="sampling.response_logprobs has no `temperature` argument yet (being added)",
-    strict=False,
-)
 def test_response_logprobs_at_a_temperature_are_those_of_the_distribution_sampled():
     """Responses sampled at temperature T come from softmax(logits / T): their log-probs (PPO's ratio and
     KL penalty) must be of that distribution, or the ratio is not 1 before any update."""
@@ -265,11 +256,6 @@ def test_ppo_kl_penalty_sign_and_size_on_hand_made_log_probs(monkeypatch):
     assert r.stats["kl"] == pytest.approx((math.log(6) + math.log(1.5)) / 2)  # mean over rows of the sum: log 3
 
 
-@pytest.mark.xfail(
-    not HAS_TEMPERATURE,
-    reason="sampling.response_logprobs has no `temperature` argument yet (being added)",
-    strict=False,
-)
 def test_ppo_kl_penalty_on_tiny_models_at_the_sampling_temperature():
     """The same rewards from real models: the log-probs of the policy and of the reference (not swapped)
     at the temperature the rollout was sampled at, scored one token at a time."""
