@@ -34,7 +34,7 @@ class Sampler:
 
     def __init__(self, cfg: Config, tok, policy_dir: str | Path, seed: int, model=None):
         self.cfg, self.tok, self.dir, self.seed, self.model = cfg, tok, Path(policy_dir), seed, model
-        self.engine, self.lora, self.calls, self.served = None, None, 0, None
+        self.engine, self.lora, self.calls, self.served, self.stops = None, None, 0, None, None
         self.weight_loads, self.load_seconds = 0, 0.0  # vLLM: how often, and how long, weights were served
 
     def __call__(self, prompts: list[str], k: int, s: Sampling, max_new_tokens: int | None = None) -> Samples:
@@ -105,6 +105,7 @@ class Sampler:
         """Start the engine on first use and serve the model's current weights; the policy's stop ids."""
         if self.engine is None:
             self.engine = Engine.start(self.cfg, *self._served_folder())
+            self.stops = stop_ids(self.tok, saved_generation_config(self.dir))
         if self.model is not None:
             seen = _fingerprint(self.model)
             if seen != self.served:
@@ -112,10 +113,10 @@ class Sampler:
 
                 start = time.perf_counter()
                 self.engine.load_weights(self.model)
-                self.served = _fingerprint(self.model)  # after the merge and unmerge the writing did
+                self.served = _fingerprint(self.model, sums=seen[2])  # the merge moved the counts, not the sums
                 self.weight_loads += 1
                 self.load_seconds += time.perf_counter() - start
-        return stop_ids(self.tok, saved_generation_config(self.dir))
+        return self.stops
 
     def _lora(self) -> str | None:
         return str(self.lora) if self.lora else None
@@ -141,16 +142,21 @@ class Sampler:
         return model, str(dtype).removeprefix("torch."), extra
 
 
-def _fingerprint(model) -> tuple:
+def _fingerprint(model, sums: tuple | None = None) -> tuple:
     """Changes whenever a weight of `model` changes or another model takes its place: the sums of the weights an
-    optimiser may change (one pass over them, one transfer), and torch's count of in-place writes per tensor
-    (a loaded state). The count alone is not enough: fused AdamW, transformers' default, does not bump it."""
+    optimiser may change (one pass over them, one transfer; `sums` given: known already), and torch's count of
+    in-place writes per tensor (a loaded state). The count alone is not enough: fused AdamW, transformers'
+    default, does not bump it."""
     import torch
 
-    trainable = [p.detach() for p in model.parameters() if p.requires_grad]
-    with torch.no_grad():
-        sums = torch.stack([p.sum(dtype=torch.float64) for p in trainable]).tolist() if trainable else []
-    return id(model), tuple(p._version for p in model.parameters()), tuple(sums)
+    if sums is None:
+        trainable = [p.detach() for p in model.parameters() if p.requires_grad]
+        with torch.no_grad():
+            sums = tuple(torch.stack([p.sum(dtype=torch.float64) for p in trainable]).tolist()) if trainable else ()
+    return id(model), tuple(p._version for p in model.parameters()), sums
+
+
+SHARD_BYTES = 1 << 30
 
 
 class Engine:
@@ -247,17 +253,23 @@ class Engine:
         return reply if reply and "See stack trace" not in reply else cause
 
     def load_weights(self, model) -> None:
-        """Write the model's current weights as safetensors and have the engine reload them in place."""
+        """Write the model's current weights as safetensors files of about SHARD_BYTES each (safetensors copies
+        what it writes into memory first: a shard at a time bounds that copy at 8B) and have the engine reload
+        them in place."""
         from safetensors.torch import save_file
 
-        path = str(self.scratch / "weights.safetensors")
+        paths, shards, size, seen = [], [{}], 0, set()
         with merged_weights(model) as weights:
-            shared = set()
-            for name, w in weights.items():  # a tied LM head: vLLM's in-place reload wants it, as its own tensor
-                weights[name] = w.clone() if w.data_ptr() in shared else w
-                shared.add(w.data_ptr())
-            save_file(weights, path)
-        self.call("reload", path)
+            for name, w in weights.items():
+                if size >= SHARD_BYTES:
+                    shards, size = [*shards, {}], 0
+                shards[-1][name] = w.clone() if w.data_ptr() in seen else w  # a tied LM head as a tensor of its
+                seen.add(w.data_ptr())  # own: vLLM's in-place reload wants it
+                size += w.numel() * w.element_size()
+            for shard in shards:
+                paths.append(str(self.scratch / f"weights-{len(paths)}.safetensors"))
+                save_file(shard, paths[-1])
+        self.call("reload", paths)
 
     def close(self) -> None:
         import shutil

@@ -55,11 +55,12 @@ def _logprobs(llm, arg):
     ]
 
 
-def _reload(llm, path):
-    """Every worker loads the weights in the safetensors file `path` in place of those it serves; the file
-    goes once loaded (it is as large as the model, in memory)."""
-    llm.collective_rpc("load_safetensors", args=(path,))
-    os.unlink(path)
+def _reload(llm, paths):
+    """Every worker loads the weights in the safetensors files `paths` in place of those it serves; the files
+    go once loaded (together as large as the model, in memory)."""
+    llm.collective_rpc("load_safetensors", args=(paths,))
+    for path in paths:
+        os.unlink(path)
     llm.reset_prefix_cache()
 
 
@@ -70,10 +71,16 @@ class WeightLoader:
     `load_weights` finds them empty). A tied LM head must be in the file under its own name: the in-place
     reload fills it apart from the embedding (rlhf/ml/sampler.py writes it)."""
 
-    def load_safetensors(self, path: str) -> None:
-        from safetensors.torch import load_file
+    def load_safetensors(self, paths: list[str]) -> None:
+        from safetensors import safe_open
 
-        self.model_runner.reload_weights(weights_iterator=load_file(path).items())
+        def tensors():  # one at a time, from the mapped files
+            for path in paths:
+                with safe_open(path, "pt") as f:
+                    for name in f.keys():
+                        yield name, f.get_tensor(name)
+
+        self.model_runner.reload_weights(weights_iterator=tensors())
 
 
 OPS = {"generate": _generate, "logprobs": _logprobs, "reload": _reload}
