@@ -13,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -38,6 +40,11 @@ RUN = dying_with_parent("rlhf", "run")
 # terminal's Ctrl-C reaches the study alone, which passes it on to each run (stop_runs): each stops its stage
 # and says where it resumes, as `rlhf run` does on its own (rlhf/orchestration/interrupts.py).
 _RUNNING: dict[subprocess.Popen, str] = {}
+# Set by stop_runs: no run starts its `rlhf run` after it. A run is started and put in _RUNNING under _LOCK, which
+# stop_runs takes to set it, so a run still in prepare_workspace when the signal came never starts: started after
+# stop_runs had passed the signal on, nothing would stop it and the flow would wait on it until a second Ctrl-C.
+_STOPPING = threading.Event()
+_LOCK = threading.Lock()
 _CHILD_PREFIX = re.compile(r"^\d\d:\d\d:\d\d \w+ [\w.]+: ")  # the child's own "time level logger: "
 
 
@@ -60,9 +67,44 @@ def run_in_workspace(run: Run, env: dict[str, str], on_line=None) -> str:
     log = get_run_logger()
     started = time.time()
     write_state(run, "running", started=started)
-    with (
-        open(run.folder / "run.log", "a") as record,
-        subprocess.Popen(
+    with open(run.folder / "run.log", "a") as record:
+        if (proc := _start(run, env)) is None:
+            name = signal.Signals(interrupts.signalled() or signal.SIGINT).name
+            message = f"interrupted ({name}) before `rlhf run` started"
+            write_state(run, "interrupted", message, started)
+            return Failed(message=f"{run.id}: {message}", data=StudyFailed(f"{run.id}: {message}"))
+        with proc:
+
+            def lines():
+                for line in proc.stdout:
+                    record.write(line)
+                    yield _CHILD_PREFIX.sub("", line)
+
+            def show(line: str) -> None:
+                log.info(f"[{run.id}] {line}")  # the run's lines, for a console where several interleave
+                if on_line:
+                    on_line(line)
+
+            try:
+                tail = relay(lines(), show, keep=1)
+                proc.wait()
+                last = (tail[-1] if tail else "").removeprefix("error: ")
+                message = last or f"rlhf run exited with status {proc.returncode}"
+                state = "done" if proc.returncode == 0 else "interrupted" if interrupts.signalled() else "failed"
+                write_state(run, state, None if state == "done" else message, started)
+            finally:
+                _RUNNING.pop(proc, None)
+    if state != "done":
+        return Failed(message=f"{run.id}: {message}", data=StudyFailed(f"{run.id}: {message}"))
+    return f"done in {time.time() - started:.0f} s"
+
+
+def _start(run: Run, env: dict[str, str]) -> subprocess.Popen | None:
+    """The run's `rlhf run`, started and in _RUNNING; None once stop_runs has begun (_STOPPING)."""
+    with _LOCK:
+        if _STOPPING.is_set():
+            return None
+        proc = subprocess.Popen(
             RUN,
             cwd=run.folder,
             env=env,
@@ -70,32 +112,9 @@ def run_in_workspace(run: Run, env: dict[str, str], on_line=None) -> str:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-        ) as proc,
-    ):
+        )
         _RUNNING[proc] = run.id
-
-        def lines():
-            for line in proc.stdout:
-                record.write(line)
-                yield _CHILD_PREFIX.sub("", line)
-
-        def show(line: str) -> None:
-            log.info(f"[{run.id}] {line}")  # the run's lines, for a console where several interleave
-            if on_line:
-                on_line(line)
-
-        try:
-            tail = relay(lines(), show, keep=1)
-            proc.wait()
-            last = (tail[-1] if tail else "").removeprefix("error: ")
-            message = last or f"rlhf run exited with status {proc.returncode}"
-            state = "done" if proc.returncode == 0 else "interrupted" if interrupts.signalled() else "failed"
-            write_state(run, state, None if state == "done" else message, started)
-        finally:
-            _RUNNING.pop(proc, None)
-    if state != "done":
-        return Failed(message=f"{run.id}: {message}", data=StudyFailed(f"{run.id}: {message}"))
-    return f"done in {time.time() - started:.0f} s"
+        return proc
 
 
 @contextlib.contextmanager
@@ -112,7 +131,9 @@ def _stopping_runs_when_signalled():
 
 def stop_runs(signum: int, timeout: float = 120) -> None:
     """Pass the signal that is stopping the study on to each run in flight, and wait (at most `timeout` s) until
-    each has stopped and its state says so; then whatever is left is killed."""
+    each has stopped and its state says so; then whatever is left is killed. No run starts after it begins."""
+    with _LOCK:
+        _STOPPING.set()
     for proc in list(_RUNNING):
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signum)
@@ -196,6 +217,7 @@ def _run_bounded(s: Study, run_ids: list[str], api_url: str) -> list[str]:
     """Submit the runs, keeping at most `parallel` in flight; returns the failures' messages, in grid order."""
     log = get_run_logger()
     pending, running, failed = list(run_ids), {}, {}
+    _STOPPING.clear()  # a study stopped earlier in this same process stops none of these runs
     with _stopping_runs_when_signalled():
         while pending or running:
             while pending and len(running) < s.spec.parallel:

@@ -4,8 +4,9 @@ and gold and proxy over the reward landscape grid (rlhf/evaluation/landscape.py)
 
 Samples are drawn at temperature 1 with no top-k/top-p, so they come from the policy itself. KL(policy ||
 ref) sums, over each sampled response, the exact KL of the two next-token distributions at every
-position: an unbiased estimate of the sequence KL that is never negative; d = sqrt(KL) is the distance
-Gao et al. plot gold against. The reference is the one the update regularised toward
+position; their mean over the responses is an unbiased estimate of the sequence KL that is never negative,
+reported with its standard error (rlhf/evaluation/metrics.py: kl_estimate); d = sqrt(KL) is the distance Gao
+et al. plot gold against. The reference is the one the update regularised toward
 (`update_policy.ref`); with `ref: init` the KL to the SFT policy is added. Win rates compare gold scores
 with the previous round's and the SFT policy's samples of the same prompts (ties count half). The curve
 inside the round and its fits (evaluate.checkpoints) are rlhf/evaluation/curves.py's; what the policy forgets
@@ -14,8 +15,8 @@ inside the round and its fits (evaluate.checkpoints) are rlhf/evaluation/curves.
 
 from __future__ import annotations
 
+import json
 import logging
-import math
 
 import numpy as np
 
@@ -138,7 +139,7 @@ def evaluate(cfg: Config, rnd: str) -> dict:
         for i, r, done, g in zip(s.prompt_index, s.responses, s.finished, gold.ravel())
     ]
     if rnd == "r00":  # the SFT policy is its own reference and has no proxy RM yet
-        metrics["kl"] = {"per_sequence": 0.0, "per_token": 0.0, "d": 0.0}
+        metrics["kl"] = {"per_sequence": 0.0, "per_sequence_sem": 0.0, "per_token": 0.0, "d": 0.0}
     else:
         proxy = proxy_all[:, : e.samples_per_prompt]
         for row, p in zip(samples, proxy.ravel()):
@@ -152,19 +153,17 @@ def evaluate(cfg: Config, rnd: str) -> dict:
         if cfg.update_policy.ref != "sft":
             refs["kl_sft"] = models.load_policy(SFT.policy, dev)
         for key, ref in refs.items():
-            kl, log_ratio, n_tokens = (x.double() for x in sampling.sequence_kl(policy, ref, tok, prompts, s))
-            metrics[key] = {
-                "per_sequence": float(kl.mean()),
-                "per_token": float(kl.sum() / n_tokens.sum()),
-                "d": math.sqrt(float(kl.mean())),
-                "sampled_log_ratio": stats.summary(log_ratio.numpy()),
-            }
+            kl, log_ratio, n_tokens = (x.double().numpy() for x in sampling.sequence_kl(policy, ref, tok, prompts, s))
+            metrics[key] = stats.kl_estimate(kl, n_tokens) | {"sampled_log_ratio": stats.summary(log_ratio)}
         metrics["kl"]["reference"] = cfg.update_policy.ref
-        metrics["win_rate"], before = _against_earlier(cfg, rnd, gold, reward)
+        metrics["win_rate"], before, earlier = _against_earlier(cfg, rnd, gold, reward)
         now = {"gold": float(gold.mean()), "proxy": float(proxy.mean())}
         generated = [r["finished"] for r in read_jsonl(paths.samples, required=("finished",))]
         metrics["alarms"] += stats.unfinished("generate", sum(generated) / len(generated), cfg.generate.max_new_tokens)
         metrics["alarms"] += stats.alarms(metrics["kl"]["sampled_log_ratio"], now, before)
+        metrics["alarms"] += stats.regressions(metrics["gold"], earlier)
+        if paths.training.is_file():  # what update_policy saw go wrong (PPO: KL spikes between iterations)
+            metrics["alarms"] += json.loads(paths.training.read_text()).get("alarms", [])
     landscape = _landscape(cfg, sample, tok, judge, reward, rnd)
     if e.checkpoints and rnd != "r00":
         ctx = curves.Scoring(cfg, rnd, tok, prompts, conversations, judge, reward, refs["kl"], sample)
@@ -208,9 +207,10 @@ def _landscape(cfg: Config, sample, tok, judge, reward, rnd: str) -> dict:
     return landscape.grid(spec, gold, proxy, s.responses, landscape.seen(cells, training))
 
 
-def _against_earlier(cfg: Config, rnd: str, gold: np.ndarray, reward) -> tuple[dict, dict | None]:
-    """Win rates against the previous round and the SFT policy, and the previous round's gold and proxy
-    means (its samples re-scored by this round's reward) for the over-optimisation alarm."""
+def _against_earlier(cfg: Config, rnd: str, gold: np.ndarray, reward) -> tuple[dict, dict | None, dict]:
+    """Win rates against the previous round and the SFT policy; the previous round's gold and proxy means (its
+    samples re-scored by this round's reward) for the over-optimisation alarm; and both rounds' gold summaries
+    (by round) for the regression alarm."""
     win, earlier = {}, {}
     for name, other in (("vs_previous", cfg.rounds[rnd]), ("vs_sft", "r00")):
         path = round_paths(other).eval_samples
@@ -233,4 +233,9 @@ def _against_earlier(cfg: Config, rnd: str, gold: np.ndarray, reward) -> tuple[d
                 ).mean()
             ),
         }
-    return win, before
+    golds = {
+        other: stats.summary([r["gold"] for r in earlier[name]])
+        for name, other in (("vs_previous", cfg.rounds[rnd]), ("vs_sft", "r00"))
+        if name in earlier
+    }
+    return win, before, golds

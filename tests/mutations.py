@@ -25,6 +25,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 COPIED = ("rlhf", "tasks", "flows", "tests")
 TESTS = ["tests/test_reference_math.py", "tests/test_metrics.py"]
+FIT_TESTS = (
+    "tests/test_curves.py::test_rl_fit_recovers_known_alpha_beta_and_the_peak",
+    "tests/test_curves.py::test_best_of_n_fit_recovers_known_alpha_beta_from_kl_bounds",
+    "tests/test_curves.py::test_rl_fit_finds_a_noisy_curves_peak_closer_than_fitting_r_over_d_and_its_interval_covers_it",
+)
+NLL_TESTS = (
+    "tests/test_forgetting.py::test_batched_nll_equals_a_direct_per_sequence_computation",
+    "tests/test_forgetting.py::test_encode_scores_from_the_first_token_a_bos_precedes",
+)
 
 # (f): wraps response_logprobs so that whatever temperature a caller passes, the log-probs are taken at 1.
 DROP_TEMPERATURE = """
@@ -57,6 +66,7 @@ class Mutant:
     old: str | None  # the text replaced (it must occur exactly once); None: `new` is appended to the file
     new: str
     needs: str | None = None  # a regex the file must match for the mutant to apply (else: not applicable)
+    tests: tuple[str, ...] = ()  # tests run besides TESTS (pytest node ids: the fast ones that guard the file)
 
 
 MUTANTS = [
@@ -113,6 +123,38 @@ MUTANTS = [
         DROP_TEMPERATURE,
         needs=r"def response_logprobs\([^)]*\btemperature\b",
     ),
+    Mutant(
+        "g",
+        "Gao fits weighted by 1/d² again (least squares on R/d instead of R)",
+        "rlhf/evaluation/fits.py",
+        "np.linalg.lstsq(x, y, rcond=None)",
+        "np.linalg.lstsq(x / d[:, None], y / d, rcond=None)",
+        tests=FIT_TESTS,
+    ),
+    Mutant(
+        "g2",
+        "the RL form's peak at exp(alpha/beta) instead of exp(alpha/beta - 1)",
+        "rlhf/evaluation/fits.py",
+        "exponent = alpha / beta - 1",
+        "exponent = alpha / beta",
+        tests=FIT_TESTS,
+    ),
+    Mutant(
+        "h",
+        "held-out NLL scores the context too (the mask from position 0)",
+        "rlhf/ml/nll.py",
+        "scored = (pos >= start[:, None]) & (pos < length[:, None])",
+        "scored = pos < length[:, None]",
+        tests=NLL_TESTS,
+    ),
+    Mutant(
+        "h2",
+        "held-out NLL shifted by one: the first scored token left out",
+        "rlhf/ml/nll.py",
+        "scored = (pos >= start[:, None])",
+        "scored = (pos > start[:, None])",
+        tests=NLL_TESTS,
+    ),
 ]
 
 
@@ -166,12 +208,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="rlhf-mutants-") as tmp:
         base = Path(tmp) / "base"
         scratch_copy(base)
-        rc, out, secs = run_tests(base, TESTS)
+        every = TESTS + sorted({t for m in chosen for t in m.tests})
+        rc, out, secs = run_tests(base, every)
         if rc != 0:
             print(out[-3000:])
             print(f"the unmutated copy fails its tests (exit {rc}): no mutant can be judged")
             return 2
-        print(f"unmutated copy: tests pass ({secs:.0f} s); tests run per mutant: {' '.join(TESTS)}\n")
+        print(f"unmutated copy: tests pass ({secs:.0f} s); tests run per mutant: {' '.join(TESTS)} and its own\n")
         rows = []
         for m in chosen:
             dest = Path(tmp) / f"mutant-{m.key}"
@@ -182,7 +225,7 @@ def main() -> int:
             if why:
                 rows.append((m, "NOT RUN", why))
             else:
-                rc, out, secs = run_tests(dest, TESTS)
+                rc, out, secs = run_tests(dest, TESTS + list(m.tests))
                 if rc == 1:
                     rows.append((m, "killed", f"by {failures(out)} ({secs:.0f} s)"))
                 elif rc == 0:

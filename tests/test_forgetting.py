@@ -194,9 +194,8 @@ def round_metrics(rnd: str, nll_: float, alpha: float = 0.5, outside: bool = Fal
         for i, x in enumerate(d)
     ]
     fit = {"alpha": alpha, "beta": 0.5, "d_peak": math.exp(alpha / 0.5 - 1), "value_peak": 0.4 + alpha, "r2": 0.9}
-    fit["baseline"] = 0.4
-    if outside:
-        fit["note"] = "the peak (d = 3) lies outside the measured d [0.3, 1]"
+    fit |= {"baseline": 0.4, "d_peak_low": 0.9 * fit["d_peak"], "d_peak_high": 1.1 * fit["d_peak"]}
+    fit["peak_where"] = "beyond" if outside else "inside"
     sources = {s: {"nll": nll_, "sft_nll": 1.0, "delta_nll": nll_ - 1.0, "ppl": math.exp(nll_)} for s in ("a", "b")}
     return {
         "round": rnd,
@@ -279,9 +278,11 @@ def test_study_report_has_peak_and_nll_columns_peaks_by_round_and_curves_per_con
     assert head.endswith("| RM acc | peak d | peak gold | NLL (Δ SFT) | conv. |")
     # ratio 1: alpha 0.8 in r02, so peak d exp(0.8 / 0.5 - 1) = 1.822; one seed's fit says its peak lies beyond the
     # d it measured: an extrapolation, left out of the mean
-    assert rows["1"][-4:] == [f"{math.exp(0.6):.3f} (1/2)", "1.200", "1.210 (+0.210)", "75%"]
-    assert rows["0"][-4:] == [f"{math.exp(0.4):.3f}", "1.100", "1.410 (+0.410)", "75%"]
-    assert "| ratio=0 | 1.000 at d 1.22 | 1.100 at d 1.49 |" in report  # peaks by round: the across-round trend
+    peak = f"{math.exp(0.6):.3f} [{0.9 * math.exp(0.6):.2f}, {1.1 * math.exp(0.6):.2f}]"  # mean d [mean interval]
+    assert rows["1"][-4:] == [f"{peak} (1/2)", "1.200", "1.210 (+0.210)", "75%"]
+    assert rows["0"][-4:] == [f"{math.exp(0.4):.3f} [1.34, 1.64]", "1.100", "1.410 (+0.410)", "75%"]
+    # peaks by round: the across-round trend
+    assert "| ratio=0 | 1.000 at d 1.22 [1.10, 1.34] | 1.100 at d 1.49 [1.34, 1.64] |" in report
     assert "![gold against d at every checkpoint" in report
     pixels = matplotlib.image.imread(str(tmp_path / "s" / "report" / "curves.png"))
     assert pixels.shape[0] > 200 and pixels.std() > 0

@@ -47,7 +47,14 @@ def test_best_of_n_analytic_kl_and_selection():
     gold = np.array([[0.0, 1.0, 0.2, 0.3], [0.7, 0.6, 0.1, 0.9]])
     got = metrics.best_of_n(proxy, gold, [1, 2, 4])
     assert got["1"]["gold"] == pytest.approx(0.35) and got["1"]["kl_bound"] == 0
-    assert got["2"] == {"gold": pytest.approx(0.85), "proxy": pytest.approx(0.95), "kl_bound": metrics.best_of_n_kl(2)}
+    assert got["2"] == {
+        "gold": pytest.approx(0.85),
+        "proxy": pytest.approx(0.95),
+        "kl_bound": metrics.best_of_n_kl(2),
+    } | {
+        "gold_sem": pytest.approx(0.15),  # picks 1.0 and 0.7: sd 0.212 over 2 prompts
+        "proxy_sem": pytest.approx(0.05),
+    }
     assert got["4"]["gold"] == pytest.approx((0.3 + 0.1) / 2)  # the proxy's best can be gold's worse
 
 
@@ -91,3 +98,29 @@ def test_an_alarm_when_most_responses_hit_the_token_limit():
     [alarm] = metrics.unfinished("generate", 0.3, 24)
     assert alarm.startswith("70% of generate's responses hit generate.max_new_tokens (24) without ending")
     assert metrics.unfinished("evaluate", 0.5, 24) == []
+
+
+def test_a_round_that_loses_gold_beyond_3_se_is_an_alarm_whatever_the_proxy_did():
+    now = {"mean": 0.630, "sem": 0.010}
+    earlier = {"r02": {"mean": 0.850, "sem": 0.010}, "r00": {"mean": 0.643, "sem": 0.011}}
+    (alarm,) = metrics.regressions(now, earlier)  # r02: 15.6 SE; r00: 0.9 SE, within the noise
+    assert alarm.startswith("regression: gold fell below r02's (0.850 -> 0.630, 15.6 standard errors)")
+    assert metrics.regressions({"mean": 0.59, "sem": 0.01}, {"r00": {"mean": 0.643, "sem": 0.011}})  # below SFT
+    assert metrics.regressions({"mean": 0.86, "sem": 0.01}, earlier) == []
+
+
+def test_a_rollout_kl_jumping_over_4x_in_one_iteration_is_an_alarm_naming_the_iteration():
+    (alarm,) = metrics.kl_spikes("update_policy@r03", [5.777, 161.632, 150.0])
+    assert alarm.startswith("KL spike in update_policy@r03, iteration 2: 5.8 -> 161.6")
+    assert metrics.kl_spikes("s", [0.0, 3.9, 7.0, 20.0]) == []  # from ~0: up to 4 nats is no spike; 2.9x is none
+    assert len(metrics.kl_spikes("s", [0.0, 7.1])) == 1
+
+
+def test_kl_is_reported_as_an_estimate_over_responses_with_its_standard_error_and_ds():
+    kl = metrics.kl_estimate([1.0, 3.0, 2.0, 6.0], [2, 4, 2, 8])
+    assert kl["per_sequence"] == 3.0 and kl["per_token"] == 12 / 16 and kl["samples"] == 4
+    assert kl["per_sequence_sem"] == pytest.approx(np.std([1, 3, 2, 6], ddof=1) / 2)
+    assert kl["d"] == pytest.approx(math.sqrt(3)) and kl["d_sem"] == pytest.approx(
+        kl["per_sequence_sem"] / (2 * kl["d"])
+    )
+    assert metrics.kl_estimate([0.0, 0.0], [1, 1])["d_sem"] is None  # d = 0: no delta-method error

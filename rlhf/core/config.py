@@ -325,6 +325,15 @@ class PPO(Section):
     gamma: float = d(1.0, "discount", ge=0, le=1)
     lam: float = d(0.95, "GAE lambda", ge=0, le=1)
     clip: float = d(0.2, "policy ratio clip", gt=0)
+    dual_clip: float | None = d(
+        3.0, "bound a negative advantage's loss at this many times |A| (dual clip, Ye et al. 2020); null: off", gt=1
+    )
+    stop_kl: float | None = d(
+        0.1,
+        "end an iteration's minibatch passes at the first minibatch whose approximate per-token KL to the rollout "
+        "policy exceeds this (Stable-Baselines3's target_kl); null: every pass runs",
+        gt=0,
+    )
     value_clip: float = d(0.2, "value clip", gt=0)
     value_coef: float = d(0.1, "weight of the value loss", ge=0)
     whiten: bool = d(True, "whiten advantages per rollout batch")

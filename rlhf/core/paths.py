@@ -41,6 +41,10 @@ class RoundPaths:
         return self.root / "policy"
 
     @property
+    def training(self) -> Path:  # update_policy: how the update went (its alarms, PPO's rollout KL per iteration)
+        return self.policy / "training.json"
+
+    @property
     def metrics(self) -> Path:  # evaluate
         return self.root / "metrics.json"
 

@@ -5,7 +5,6 @@ best-of-n (rlhf/evaluation/fits.py). tasks/evaluate.py calls it; docs/evaluation
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,18 +50,23 @@ def final_point(e, metrics: dict, gold: np.ndarray, proxy: np.ndarray) -> dict:
         "fraction": 1.0,
         "gold": float(gold.mean()),
         "proxy": float(proxy.mean()),
+        "gold_sem": metrics["gold"]["sem"],
+        "proxy_sem": metrics["proxy"]["sem"],
         "kl": metrics["kl"]["per_sequence"],
+        "kl_sem": metrics["kl"]["per_sequence_sem"],
         "d": metrics["kl"]["d"],
+        "d_sem": metrics["kl"]["d_sem"],
         "win_vs_sft": metrics["win_rate"]["vs_sft"]["mean"],
     }
 
 
 def curve(c: Scoring, final: dict) -> list[dict] | dict:
     """Each checkpoint of the round scored on the held-out prompts as the final policy is (its own samples:
-    gold, proxy, exact KL to the reference, win rate against SFT), then the final point. A checkpoint's weights
-    are deleted as soon as it is scored, its point kept in its folder (POINT) until the curve is whole, so that
-    evaluate run again after a crash scores only the rest: each checkpoint samples from its own seed, so the
-    curve is the same either way. The folder goes once the curve is written."""
+    gold, proxy, the KL estimate to the reference and d with their errors, win rate against SFT), then the
+    final point. A checkpoint's weights are deleted as soon as it is scored, its point kept in its folder
+    (POINT) until the curve is whole, so that evaluate run again after a crash scores only the rest: each
+    checkpoint samples from its own seed, so the curve is the same either way. The folder goes once the curve
+    is written."""
     import shutil
 
     import torch
@@ -91,10 +95,13 @@ def curve(c: Scoring, final: dict) -> list[dict] | dict:
             asked = [c.conversations[i] for i in s.prompt_index]
             gold = checked(c.judge.score(asked, s.responses), f"evaluate@{c.rnd} (checkpoint {meta['index']})")
             proxy = c.reward([c.prompts[i] for i in s.prompt_index], s.responses, s.finished)
-            kl = float(sampling.sequence_kl(policy, c.ref, c.tok, c.prompts, s)[0].double().mean())
+            kl, _, n_tokens = (x.double().numpy() for x in sampling.sequence_kl(policy, c.ref, c.tok, c.prompts, s))
+            kl = stats.kl_estimate(kl, n_tokens)
             win = stats.win_rate(gold.reshape(len(c.prompts), -1), sft) if sft is not None else {"mean": None}
             point = {"step": meta["index"], "fraction": meta["fraction"], "train_step": meta["step"]}
-            point |= {"gold": float(gold.mean()), "proxy": float(np.mean(proxy)), "kl": kl, "d": math.sqrt(kl)}
+            point |= {"gold": float(gold.mean()), "proxy": float(np.mean(proxy)), "kl": kl["per_sequence"]}
+            point |= {"kl_sem": kl["per_sequence_sem"], "d": kl["d"], "d_sem": kl["d_sem"]}
+            point |= {"gold_sem": stats.summary(gold)["sem"], "proxy_sem": stats.summary(proxy)["sem"]}
             points.append(point | {"win_vs_sft": win["mean"]})
             write_json(path / POINT, points[-1])
             for f in path.iterdir():  # the weights: scratch as large as the policy, scored now

@@ -37,6 +37,24 @@ def summary(values) -> dict:
     return {"mean": float(values.mean()), "std": sd, "sem": sd / math.sqrt(n), "count": n}
 
 
+def kl_estimate(per_sample, n_tokens) -> dict:
+    """KL(policy || reference) estimated over sampled responses: each response's KL is exact (the two
+    next-token distributions' KL at each of its positions, summed), their mean over responses an unbiased
+    estimate of the per-sequence KL, with its standard error. d = √(mean KL) with its delta-method error
+    (sem / 2√KL); d's own (Jensen) bias is about -d_sem² / 2d, second order: a small fraction of d_sem."""
+    kl, n_tokens = np.asarray(per_sample, dtype=np.float64), np.asarray(n_tokens, dtype=np.float64)
+    s = summary(kl)
+    d = math.sqrt(max(s["mean"], 0.0))
+    return {
+        "per_sequence": s["mean"],
+        "per_sequence_sem": s["sem"],
+        "per_token": float(kl.sum() / n_tokens.sum()),
+        "d": d,
+        "d_sem": s["sem"] / (2 * d) if d > 0 else None,
+        "samples": s["count"],
+    }
+
+
 def win_rate(mine: np.ndarray, theirs: np.ndarray) -> dict:
     """P(my gold > theirs) + P(tie) / 2 over every pair of samples answering the same prompt; inputs are
     (prompts, samples) score matrices in the same prompt order."""
@@ -79,16 +97,16 @@ def best_of_n_kl(n: int) -> float:
 
 def best_of_n(proxy: np.ndarray, gold: np.ndarray, ns: list[int]) -> dict:
     """For each n: gold and proxy of the sample the proxy ranks best among each prompt's first n, and
-    `kl_bound`, best_of_n_kl(n): a bound on the KL to the round's policy, not a measured KL."""
+    `kl_bound`, best_of_n_kl(n): a bound on the KL to the round's policy, not a measured KL; each mean's
+    standard error over the prompts (`gold_sem`, `proxy_sem`)."""
     out = {}
     for n in ns:
         pick = proxy[:, :n].argmax(1)
         rows = np.arange(len(proxy))
-        out[str(n)] = {
-            "gold": float(gold[rows, pick].mean()),
-            "proxy": float(proxy[rows, pick].mean()),
-            "kl_bound": best_of_n_kl(n),
-        }
+        out[str(n)] = {"kl_bound": best_of_n_kl(n)}
+        for key, scores in (("gold", gold), ("proxy", proxy)):
+            s = summary(scores[rows, pick])
+            out[str(n)] |= {key: s["mean"], f"{key}_sem": s["sem"]}
     return out
 
 
@@ -118,6 +136,36 @@ def alarms(kl_sampled: dict, now: dict, before: dict | None) -> list[str]:
             f"over-optimisation: gold fell ({before['gold']:.3f} -> {now['gold']:.3f}) while the proxy "
             f"rose ({before['proxy']:.3f} -> {now['proxy']:.3f})"
         )
+    return out
+
+
+# A rollout KL more than SPIKE times the previous iteration's (or than SPIKE x KL_FLOOR nats after a smaller
+# one: the first iterations from the reference start near 0) is a step the policy update did not control.
+SPIKE, KL_FLOOR = 4.0, 1.0
+
+
+def kl_spikes(step: str, kls: list[float]) -> list[str]:
+    """An alarm per update iteration whose rollout KL (per sequence, to the reference) jumped over SPIKE times
+    the previous iteration's, e.g. 'KL spike in update_policy@r03, iteration 2: 5.8 -> 161.6'."""
+    return [
+        f"KL spike in {step}, iteration {i}: {a:.1f} -> {b:.1f} (over {SPIKE:g}x in one iteration; "
+        "update_policy.ppo.stop_kl or a lower learning rate bounds a step)"
+        for i, (a, b) in enumerate(zip(kls, kls[1:]), 2)
+        if b > SPIKE * max(a, KL_FLOOR)
+    ]
+
+
+def regressions(now: dict, earlier: dict[str, dict]) -> list[str]:
+    """An alarm when gold fell beyond 3 standard errors (of the difference) below an earlier round's,
+    whatever the proxy did. `now`, each earlier: gold summaries (mean, sem); `earlier`: name -> summary."""
+    out = []
+    for name, then in earlier.items():
+        se = math.hypot(now["sem"], then["sem"])
+        if now["mean"] < then["mean"] - 3 * se:
+            out.append(
+                f"regression: gold fell below {name}'s ({then['mean']:.3f} -> {now['mean']:.3f}, "
+                f"{(then['mean'] - now['mean']) / se:.1f} standard errors)"
+            )
     return out
 
 

@@ -10,7 +10,8 @@ from rlhf.core.paths import round_paths
 from rlhf.evaluation import forgetting, harness
 from rlhf.evaluation.metrics import number
 
-COLUMNS = ("round", "gold", "±sem", "best", "proxy", "RM acc", "KL/seq", "KL/token", "length")
+# KL/seq: the mean over the held-out samples of each one's KL to the reference (an estimate: ±KL its sem)
+COLUMNS = ("round", "gold", "±sem", "best", "proxy", "RM acc", "KL/seq", "±KL", "KL/token", "length")
 
 
 def metrics_rows(rounds: list[str], project: str | Path = ".") -> list[dict]:
@@ -35,6 +36,7 @@ def metrics_table(rows: list[dict]) -> str:
             r.get("proxy", {}).get("mean"),
             r.get("proxy_accuracy", {}).get("mean"),
             r["kl"]["per_sequence"],
+            r["kl"].get("per_sequence_sem"),
             r["kl"]["per_token"],
             r["length"],
         ]
@@ -73,7 +75,9 @@ def round_markdown(metrics: dict, samples: list[dict], n_samples: int = 3) -> st
         f"- gold **{num(g['mean'])}** ± {num(g.get('sem'))} (n={g['count']}, best {num(g.get('best'))})",
         f"- proxy {num(metrics.get('proxy', {}).get('mean'))}, RM accuracy vs gold "
         f"{num(metrics.get('proxy_accuracy', {}).get('mean'))}",
-        f"- KL to the reference {num(kl['per_sequence'])} per sequence (d = √KL = {num(kl.get('d'))})",
+        f"- KL to the reference {num(kl['per_sequence'])} ± {num(kl.get('per_sequence_sem'))} per sequence, "
+        f"estimated over {kl.get('samples', g['count'])} sampled responses (d = √KL = {num(kl.get('d'))} ± "
+        f"{num(kl.get('d_sem'))})",
     ]
     for name, w in metrics.get("win_rate", {}).items():
         lines.append(

@@ -31,23 +31,31 @@ SUMMARY = {
 }
 
 
-def peak(m: dict) -> tuple[float, float] | None:
-    """(d, gold) where the round's RL fit puts gold's peak, when the fit found one inside the d its checkpoints
-    measured; None when it did not: gold still rising (or already falling) at every checkpoint, where the
-    fitted peak is an extrapolation that can run to any d (one seed's 1e5 would swamp a mean over seeds)."""
-    d, gold = number(m, *SUMMARY["peak_d"]), number(m, *SUMMARY["peak_gold"])
-    note = lookup(m, "fits", "rl_gold", "note") or ""
-    return None if d is None or gold is None or "outside" in note else (d, gold)
+def peak(m: dict) -> tuple[float, float, float, float] | None:
+    """(d, gold, and d's 95% interval) where the round's RL fit puts gold's peak, when the whole interval lies
+    inside the d its checkpoints measured; None otherwise: gold still rising (or already falling) at every
+    checkpoint, or a peak the curve cannot place, where the fitted one is an extrapolation that can run to any d
+    (one seed's 1e5 would swamp a mean over seeds). A round fitted before the intervals: its peak inside."""
+    f = lookup(m, "fits", "rl_gold") or {}
+    d, gold = number(f, "d_peak"), number(f, "value_peak")
+    inside = f.get("peak_where", "uncertain" if "outside" in f.get("note", "") else "inside") == "inside"
+    return (d, gold, f.get("d_peak_low", d), f.get("d_peak_high", d)) if inside and None not in (d, gold) else None
 
 
-def mean_peak(ms: list[dict]) -> tuple[float, float, int] | None:
-    """The mean (d, gold) over the rounds `ms` whose peak lies inside their measured d, and how many do."""
+def mean_peak(ms: list[dict]) -> tuple[float, float, float, float, int] | None:
+    """The mean (d, gold, d's interval bounds) over the rounds `ms` whose peak lies inside their measured d,
+    and how many do."""
     found = [p for m in ms if (p := peak(m))]
-    return (statistics.fmean(p[0] for p in found), statistics.fmean(p[1] for p in found), len(found)) if found else None
+    return (*(statistics.fmean(p[i] for p in found) for i in range(4)), len(found)) if found else None
 
 
 def axis_names(study: Study) -> list[str]:
     return list(short_names(list(study.spec.axes)).values())
+
+
+def run_alarms(study: Study, run) -> list[str]:
+    """Every alarm a run's rounds raised (regressions, KL spikes, over-optimisation, ...), each named by round."""
+    return [f"{m['round']}: {a}" for m in metrics_rows(study.rounds, run.folder) for a in m.get("alarms", [])]
 
 
 def final_rows(study: Study) -> list[dict]:
@@ -58,13 +66,15 @@ def final_rows(study: Study) -> list[dict]:
         finals = [m for r in runs for m in metrics_rows([study.rounds[-1]], r.folder)]
         row: dict[str, Any] = {names[k]: label_of(v) for k, v in runs[0].values.items()}
         row["seeds"] = f"{len(finals)}/{len(runs)}"
+        row["alarmed"] = sum(bool(run_alarms(study, r)) for r in runs)
         for name, keys in SUMMARY.items():
             xs = [x for m in finals if (x := number(m, *keys)) is not None]
             row[name] = statistics.fmean(xs) if xs else None
             if name == "gold":
                 row["gold_sd"] = statistics.stdev(xs) if len(xs) > 1 else None
         # the peak over the seeds whose fit found it inside the d they measured (how many, when not all)
-        row["peak_d"], row["peak_gold"], row["peaks"] = mean_peak(finals) or (None, None, 0)
+        found = mean_peak(finals) or (None, None, None, None, 0)
+        row["peak_d"], row["peak_gold"], row["peak_d_low"], row["peak_d_high"], row["peaks"] = found
         row["peaks_of"] = len(finals)
         rows.append({"configuration": config, **row})
     rows.sort(key=lambda r: -r["gold"] if r["gold"] is not None else float("inf"))
@@ -82,12 +92,13 @@ def markdown_table(rows: list[dict], axes: list[str]) -> str:
     for r in rows:
         gold = "–" if r["gold"] is None else f"**{r['gold']:.3f}** ± {num(r['gold_sd'])}"
         seen = f" ({r['peaks']}/{r['peaks_of']})" if 0 < r.get("peaks", 0) < r.get("peaks_of", 0) else ""
-        peak = num(r.get("peak_d")) + seen
+        interval = f" [{r['peak_d_low']:.2f}, {r['peak_d_high']:.2f}]" if r.get("peak_d") is not None else ""
+        peak = num(r.get("peak_d")) + interval + seen
         nll = "–" if r.get("nll") is None else f"{r['nll']:.3f} ({num(r.get('delta_nll'), '+.3f')})"
         cells = [
             str(r["rank"] or "–"),
             *(str(r[a]) for a in axes),
-            r["seeds"],
+            r["seeds"] + (f" ⚠{r['alarmed']}" if r.get("alarmed") else ""),
             gold,
             num(r["proxy"]),
             num(r["kl"]),
@@ -168,8 +179,8 @@ def peaks_by_round(study: Study) -> str:
         for rnd in rounds:
             ms = [m for r in runs for m in metrics_rows([rnd], r.folder)]
             p = mean_peak(ms)
-            seen = f" ({p[2]}/{len(ms)})" if p and p[2] < len(ms) else ""
-            cells[config].append(f"{p[1]:.3f} at d {p[0]:.2f}{seen}" if p else "–")
+            seen = f" ({p[4]}/{len(ms)})" if p and p[4] < len(ms) else ""
+            cells[config].append(f"{p[1]:.3f} at d {p[0]:.2f} [{p[2]:.2f}, {p[3]:.2f}]{seen}" if p else "–")
     if all(c == "–" for row in cells.values() for c in row):
         return ""
     lines = ["| configuration | " + " | ".join(rounds) + " |", "|" + "---|" * (len(rounds) + 1)]
@@ -255,8 +266,9 @@ def write_report(study: Study) -> Path:
         "(± the sd over seeds), proxy the final RM's, KL per sequence to the reference, RM acc the proxy's "
         "pairwise agreement with gold; peak d and peak gold where Gao et al.'s RL "
         "form fitted to the round's checkpoints puts gold's peak (evaluate.checkpoints), the mean over the seeds "
-        "whose peak lies inside the d they measured ((k/n): k of n seeds; –: none, gold still rising or already "
-        "falling at every checkpoint); NLL the mean token NLL on held-out general text (Δ: less the SFT "
+        "whose peak's 95% interval [in brackets] lies inside the d they measured ((k/n): k of n seeds; –: none, "
+        "gold still rising or already falling at every checkpoint, or a peak the points cannot place); NLL the "
+        "mean token NLL on held-out general text (Δ: less the SFT "
         "policy's, > 0: forgotten), conv. the share of conversation-check answers that stay conversational. "
         "Ranked by gold.",
         "",
@@ -282,12 +294,16 @@ def write_report(study: Study) -> Path:
             axes,
         )
     )
+    alarmed = [(r, alarms) for r in study.runs if (alarms := run_alarms(study, r))]
+    if alarmed:
+        text += [f"Alarms (⚠n in the table: n of a configuration's runs raised one), {len(alarmed)} runs:", ""]
+        text += [f"- {r.id}: " + "; ".join(alarms) for r, alarms in alarmed] + [""]
     if effects:
         text += ["Each axis's levels, averaged over the other axes and the seeds (final round):", "", effects, ""]
     if peaks := peaks_by_round(study):
         text += [
-            "Where gold peaks inside each round (peak gold at d, mean over the seeds with a peak inside the d "
-            "they measured):",
+            "Where gold peaks inside each round (peak gold at d [d's 95% interval], mean over the seeds with a "
+            "peak inside the d they measured):",
             "",
             peaks,
             "",
@@ -300,7 +316,7 @@ def write_report(study: Study) -> Path:
     write_text(out / "report.md", "\n".join(text))
     with open(out / "runs.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["run", "configuration", "seed", *SUMMARY])
+        w.writerow(["run", "configuration", "seed", *SUMMARY, "alarms"])
         for r, m in finals:
-            w.writerow([r.id, r.config, r.seed, *(lookup(m, *k) for k in SUMMARY.values())])
+            w.writerow([r.id, r.config, r.seed, *(lookup(m, *k) for k in SUMMARY.values()), len(run_alarms(study, r))])
     return out / "report.md"

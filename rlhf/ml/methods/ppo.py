@@ -22,6 +22,8 @@ from rlhf.ml import sampling
 
 log = logging.getLogger("rlhf")
 MAX_GRAD_NORM = 1.0
+# an iteration's stats averaged over its minibatch steps (approx_kl and grad_norm_max: the largest)
+MEANS = ("policy_loss", "value_loss", "clipfrac", "dual_clipped", "grad_norm", "advantage_std", "value_error")
 
 
 @dataclass
@@ -142,7 +144,9 @@ def _pad(x, width: int):
 
 
 def ppo_step(policy, value_model, r: Rollout, rows, p: PPO):
-    """The loss of one minibatch (rows of the rollout) and its statistics."""
+    """The loss of one minibatch (rows of the rollout) and its statistics, among them `approx_kl`: the mean
+    per-token KL of the rollout policy to the current one, E[(ratio - 1) - log ratio] (Schulman's k3, never
+    negative), how far this iteration's steps so far have moved the policy on these rows."""
     import torch
 
     part = (r.ids[rows], r.attn[rows], r.start[rows], r.length[rows])
@@ -153,20 +157,61 @@ def ppo_step(policy, value_model, r: Rollout, rows, p: PPO):
     logp = sampling.response_logprobs(policy, *part, temperature=r.temperature)[0]
     ratio = torch.exp(logp - old_logp)
     pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - p.clip, 1 + p.clip))
+    if p.dual_clip is not None:  # a negative advantage's loss bounded by dual_clip * |A| (Ye et al. 2020)
+        capped = (adv < 0) & (pg > -p.dual_clip * adv)
+        pg = torch.where(capped, -p.dual_clip * adv, pg)
     v = values_of(value_model, *part).to(policy.device)
     v_clipped = old_v + (v - old_v).clamp(-p.value_clip, p.value_clip)
     vf = 0.5 * torch.max((v - ret) ** 2, (v_clipped - ret) ** 2)
     n = mask.sum().clamp(min=1)  # every row dropped (unfinished: drop): no loss
     pg_loss, vf_loss = (pg * mask).sum() / n, (vf * mask).sum() / n
-    ratio = ratio.detach()
+    ratio, log_ratio = ratio.detach(), (logp - old_logp).detach()
+
+    def mean(x) -> float:
+        return float((x * mask).sum() / n)
+
     stats = {
-        "ratio": float((ratio * mask).sum() / n),
+        "ratio": mean(ratio),
         "ratio_max_dev": float(((ratio - 1).abs() * mask).max()),
-        "clipfrac": float((((ratio - 1).abs() > p.clip).float() * mask).sum() / n),
+        "clipfrac": mean(((ratio - 1).abs() > p.clip).float()),
+        "dual_clipped": mean(capped.float()) if p.dual_clip is not None else 0.0,
+        "approx_kl": mean((ratio - 1) - log_ratio),
+        "advantage_mean": mean(adv),
+        "advantage_std": mean((adv - mean(adv)) ** 2) ** 0.5,
+        "value_error": mean((v.detach() - ret).abs()),
         "policy_loss": float(pg_loss.detach()),
         "value_loss": float(vf_loss.detach()),
     }
     return pg_loss + p.value_coef * vf_loss, stats
+
+
+def optimise(policy, value_model, r: Rollout, p: PPO, opt, batch_size: int, aux=None) -> tuple[list[dict], str | None]:
+    """`ppo_epochs` passes of minibatch steps over one rollout batch. Each minibatch's stats get `grad_norm`
+    (before clipping). With `stop_kl`, the first minibatch whose approx_kl exceeds it ends the iteration before
+    stepping on it (Stable-Baselines3's and CleanRL's target_kl): the policy has moved far enough from the one
+    that sampled the batch that its advantages no longer describe it. Returns the stats of the minibatches
+    stepped on (the first always is: its ratio is 1) and why the iteration stopped early (None: it did not)."""
+    import torch
+
+    params = [q for group in opt.param_groups for q in group["params"]]
+    planned = p.ppo_epochs * math.ceil(len(r.ids) / batch_size)
+    steps = []
+    for _ in range(p.ppo_epochs):
+        for rows in torch.randperm(len(r.ids)).split(batch_size):
+            loss, st = ppo_step(policy, value_model, r, rows, p)
+            if steps and p.stop_kl is not None and st["approx_kl"] > p.stop_kl:
+                return steps, (
+                    f"stopped after {len(steps)}/{planned} minibatch steps: approx KL to the rollout policy "
+                    f"{st['approx_kl']:.4f} > stop_kl {p.stop_kl:g}"
+                )
+            opt.zero_grad()
+            loss.backward()
+            if aux is not None and (extra := aux.after_update_batch(len(rows))) is not None:
+                aux.loss(policy, extra).backward()
+            st["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM))
+            opt.step()
+            steps.append(st)
+    return steps, None
 
 
 def adapt_beta(beta: float, kl: float, p: PPO, n: int) -> float:
@@ -218,33 +263,31 @@ def train(
         batch = [prompts[i] for i in order[it * p.rollout_prompts : (it + 1) * p.rollout_prompts]]
         policy.eval(), value_model.eval()  # dropout off: ratio 1 at the first minibatch
         r = rollout(policy, ref, value_model, tok, batch, reward_fn, p, k, s, beta, batch_size, sample, unfinished_as)
-        steps = []
-        for _ in range(p.ppo_epochs):
-            for rows in torch.randperm(len(r.ids)).split(batch_size):
-                loss, st = ppo_step(policy, value_model, r, rows, p)
-                opt.zero_grad()
-                loss.backward()
-                if aux is not None and (extra := aux.after_update_batch(len(rows))) is not None:
-                    aux.loss(policy, extra).backward()
-                torch.nn.utils.clip_grad_norm_(params + list(value_model.parameters()), MAX_GRAD_NORM)
-                opt.step()
-                steps.append(st)
+        steps, stopped = optimise(policy, value_model, r, p, opt, batch_size, aux)
         stats = {
             **r.stats,
             "first_minibatch": steps[0],
-            **{key: sum(st[key] for st in steps) / len(steps) for key in ("policy_loss", "value_loss", "clipfrac")},
+            "minibatches": steps,
+            "steps": len(steps),
+            "stopped": stopped is not None,
+            **{key: sum(st[key] for st in steps) / len(steps) for key in MEANS},
+            "approx_kl": max(st["approx_kl"] for st in steps),
+            "grad_norm_max": max(st["grad_norm"] for st in steps),
         }
         history.append(stats)
         if log_stats:
-            log_stats({key: v for key, v in stats.items() if key != "first_minibatch"}, it + 1)
+            log_stats({key: v for key, v in stats.items() if key not in ("first_minibatch", "minibatches")}, it + 1)
         log.info(
-            "ppo %d/%d: score %.3f  kl %.3f  beta %.4f  clipfrac %.3f",
+            "ppo %d/%d: score %.3f  kl %.3f  beta %.4f  clipfrac %.3f  approx_kl %.4f  grad_norm %.2f%s",
             it + 1,
             iterations,
             stats["score"],
             stats["kl"],
             beta,
             stats["clipfrac"],
+            stats["approx_kl"],
+            stats["grad_norm"],
+            f"  ({stopped})" if stopped else "",
         )
         beta = adapt_beta(beta, r.stats["kl"], p, len(r.ids))
         after_iteration(it + 1)
@@ -284,4 +327,6 @@ def update(u) -> dict:
         "score_last": history[-1]["score"],
         "kl_last": history[-1]["kl"],
         "beta_last": history[-1]["beta"],
+        "stopped_early": sum(h["stopped"] for h in history),
+        "rollout_kl": [h["kl"] for h in history],  # per iteration: tasks/update_policy.py's KL-spike alarm
     }
