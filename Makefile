@@ -10,7 +10,7 @@ PIP         := $(VENV)/bin/pip
 export DVC_SITE_CACHE_DIR ?= $(CURDIR)/.dvc/tmp/site_cache
 export DVC_NO_ANALYTICS   := 1
 
-.PHONY: demo test test-slow test-vllm bench rehearsal memory mutants install install-extras install-vllm browser lint clean-rounds
+.PHONY: demo test test-slow test-vllm bench rehearsal memory seeds mutants install install-extras install-vllm browser lint clean-rounds
 
 install: $(VENV)/.installed
 
@@ -86,6 +86,13 @@ rehearsal: install
 
 memory: install
 	$(VENV)/bin/python bench/memory.py
+
+# Every method on the default world over 10 seeds (bench/seeds.py, docs/results.md): about five hours on 2 CPU
+# cores, resumable (SEEDS=3 METHODS=ppo for a part).
+SEEDS   ?= 10
+METHODS ?= ppo,rest,dpo,rloo
+seeds: install
+	$(VENV)/bin/python bench/seeds.py --seeds $(SEEDS) --methods $(METHODS)
 
 clean-rounds:
 	rm -rf data/rounds dvc.lock

@@ -256,6 +256,8 @@ def test_study_report_has_peak_and_nll_columns_peaks_by_round_and_curves_per_con
                 m = m if k else {key: m[key] for key in ("round", "gold", "length", "kl", "forgetting")}
                 if k == 2 and ratio == 1 and seed == 1:
                     m = round_metrics(rnd, m["forgetting"]["nll"], alpha=0.5 + 0.1 * k + 0.1 * ratio, outside=True)
+                    m["alarms"] = ["regression: gold fell below r01's (0.800 -> 0.700, 5.0 standard errors)"]
+                    m["alarms"] += ["over-optimisation inside the round from checkpoint 1"]  # not a round made worse
                 path.write_text(json.dumps(m))
             params = {"rounds": {"r01": "r00", "r02": "r01"}}
             runs.append(
@@ -283,12 +285,15 @@ def test_study_report_has_peak_and_nll_columns_peaks_by_round_and_curves_per_con
     assert rows["0"][-4:] == [f"{math.exp(0.4):.3f} [1.34, 1.64]", "1.100", "1.410 (+0.410)", "75%"]
     # peaks by round: the across-round trend
     assert "| ratio=0 | 1.000 at d 1.22 [1.10, 1.34] | 1.100 at d 1.49 [1.34, 1.64] |" in report
+    assert "| 2/2 ⚠1 |" in report and "| 2/2 |" in report  # ratio 1: one run's round made things worse
+    assert "- ratio=1,seed=1: r02: regression: gold fell below r01's" in report
     assert "![gold against d at every checkpoint" in report
     pixels = matplotlib.image.imread(str(tmp_path / "s" / "report" / "curves.png"))
     assert pixels.shape[0] > 200 and pixels.std() > 0
     with open(tmp_path / "s" / "report" / "runs.csv") as f:
         table = list(csv.DictReader(f))
     assert float(table[0]["peak_d"]) == pytest.approx(math.exp(0.4))
+    assert [r["alarms"] for r in table] == ["0", "0", "0", "1"]
     assert float(table[3]["delta_nll"]) == pytest.approx(0.22) and float(table[3]["nll"]) == pytest.approx(1.22)
 
 

@@ -68,6 +68,18 @@ def test_adaptive_kl_controller_moves_beta_toward_the_target():
     assert ppo.adapt_beta(0.1, 2.0, adaptive, 64) == pytest.approx(0.1)
 
 
+def test_dual_clip_caps_the_loss_of_a_negative_advantage_whose_ratio_ran_away():
+    adv = torch.tensor([-1.0, -1.0, 2.0, -1.0])
+    ratio = torch.tensor([500.0, 1.1, 500.0, 0.5], requires_grad=True)
+    loss, capped = ppo.policy_loss(adv, ratio, PPO(clip=0.2, dual_clip=3.0))
+    assert loss.tolist() == pytest.approx([3.0, 1.1, -2.4, 0.8])  # A > 0 clips at 1.2; r = 0.5, A < 0: 0.8 (clip)
+    assert capped.tolist() == [True, False, False, False]
+    loss.sum().backward()
+    assert ratio.grad[0] == 0  # the runaway token no longer pushes the step
+    unbounded, _ = ppo.policy_loss(adv, ratio.detach(), PPO(clip=0.2, dual_clip=None))
+    assert unbounded[0] == 500.0
+
+
 # --- PPO on the tiny model ------------------------------------------------------------------------
 
 
@@ -93,6 +105,25 @@ def test_ppo_first_minibatch_has_ratio_one(scratch_project, monkeypatch):
     first = history[0]
     assert first["first_minibatch"]["ratio_max_dev"] < 1e-5  # nothing has been updated yet
     assert first["first_minibatch"]["clipfrac"] == 0
+
+
+def test_stop_kl_ends_an_iteration_once_the_policy_moved_too_far_from_its_rollouts(scratch_project, monkeypatch):
+    """A learning rate 30x the default: unguarded, every planned minibatch step runs and the policy drifts past
+    0.05 nats per token from the one that sampled the batch; with stop_kl 0.05 the iteration ends at the first
+    minibatch beyond it, and the next rollouts stay closer to the reference."""
+    monkeypatch.chdir(scratch_project)
+    cfg = config()
+    prompts = rendered(cfg, "policy")[:32]
+    runs = {}
+    for stop in (None, 0.05):
+        p = PPO(rollout_prompts=16, epochs=1.0, learning_rate=3e-3, stop_kl=stop, dual_clip=None)
+        runs[stop] = run_ppo(cfg, lambda a, r, *_: [len(x.split()) / 10 for x in r], p, prompts)[2]
+    planned = 4 * (16 * 4 // 16)  # ppo_epochs x minibatches of 16 among 16 prompts x k = 4
+    free, guarded = runs[None], runs[0.05]
+    assert [h["steps"] for h in free] == [planned, planned] and max(h["approx_kl"] for h in free) > 0.05
+    assert guarded[0]["stopped"] and guarded[0]["steps"] < planned
+    assert all(st["approx_kl"] <= 0.05 for h in guarded for st in h["minibatches"])  # none stepped on beyond it
+    assert guarded[1]["kl"] < free[1]["kl"]  # the next rollouts: closer to the reference
 
 
 def test_ppo_raises_a_toy_reward_for_one_word(scratch_project, monkeypatch):
@@ -330,3 +361,21 @@ def test_pairs_are_made_of_finished_responses_only():
     assert [x.tolist() for x in pairs_of(scores, "best_worst", "skip", finished)] == [[0], [2], [1]]
     assert [x.tolist() for x in pairs_of(scores, "all_pairs", "skip", finished)] == [[0], [2], [1]]
     assert [x.tolist() for x in pairs_of(scores, "best_worst", "skip")] == [[0, 1], [0, 2], [1, 1]]
+
+
+def test_a_ppo_round_forced_to_collapse_raises_the_kl_spike_and_regression_alarms(scratch_project, monkeypatch):
+    """A learning rate far too high (0.05): the guards cannot help (a minibatch step is taken before any KL is
+    seen), and the round must say so: a KL spike between update iterations in the step's summary, beside the
+    weights (training.json) and in metrics.json, with gold lost against r00 beyond 3 standard errors."""
+    from tasks.evaluate import evaluate
+    from tasks.update_policy import update_policy
+
+    monkeypatch.chdir(scratch_project)
+    ppo_params = {"learning_rate": 0.05, "rollout_prompts": 16}
+    cfg = config({"update_policy": {"method": "ppo", "ppo": ppo_params}})
+    summary = update_policy(cfg, "r01")
+    assert any(a.startswith("KL spike in update_policy@r01, iteration ") for a in summary["alarms"]), summary
+    assert json.loads(round_paths("r01").training.read_text())["alarms"] == summary["alarms"]
+    metrics = evaluate(cfg, "r01")
+    assert set(summary["alarms"]) <= set(metrics["alarms"])
+    assert any(a.startswith("regression: gold fell below r00's") for a in metrics["alarms"]), metrics["alarms"]

@@ -139,6 +139,9 @@ def alarms(kl_sampled: dict, now: dict, before: dict | None) -> list[str]:
     return out
 
 
+# The alarms that say a round made things worse (not only that it looks suspicious): a study's table marks them.
+WORSE = ("regression:", "KL spike")
+
 # A rollout KL more than SPIKE times the previous iteration's (or than SPIKE x KL_FLOOR nats after a smaller
 # one: the first iterations from the reference start near 0) is a step the policy update did not control.
 SPIKE, KL_FLOOR = 4.0, 1.0

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.core.io import write_text
-from rlhf.evaluation.metrics import lookup, number
+from rlhf.evaluation.metrics import WORSE, lookup, number
 from rlhf.evaluation.report import metrics_rows
 from rlhf.studies.grid import Study, label_of, short_names
 
@@ -54,8 +54,10 @@ def axis_names(study: Study) -> list[str]:
 
 
 def run_alarms(study: Study, run) -> list[str]:
-    """Every alarm a run's rounds raised (regressions, KL spikes, over-optimisation, ...), each named by round."""
-    return [f"{m['round']}: {a}" for m in metrics_rows(study.rounds, run.folder) for a in m.get("alarms", [])]
+    """The alarms saying a round of the run made things worse (regressions, KL spikes), each named by round; the
+    others (a dip inside a round's curve, ...) are in the run's own report."""
+    rows = metrics_rows(study.rounds, run.folder)
+    return [f"{m['round']}: {a}" for m in rows for a in m.get("alarms", []) if a.startswith(WORSE)]
 
 
 def final_rows(study: Study) -> list[dict]:
@@ -296,7 +298,11 @@ def write_report(study: Study) -> Path:
     )
     alarmed = [(r, alarms) for r in study.runs if (alarms := run_alarms(study, r))]
     if alarmed:
-        text += [f"Alarms (⚠n in the table: n of a configuration's runs raised one), {len(alarmed)} runs:", ""]
+        text += [
+            f"Rounds that made things worse (⚠n in the table: n of a configuration's runs had one), {len(alarmed)} "
+            "runs (every alarm is in each run's own report):",
+            "",
+        ]
         text += [f"- {r.id}: " + "; ".join(alarms) for r, alarms in alarmed] + [""]
     if effects:
         text += ["Each axis's levels, averaged over the other axes and the seeds (final round):", "", effects, ""]

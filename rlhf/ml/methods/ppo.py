@@ -7,7 +7,11 @@ Each iteration samples a rollout batch, then takes `ppo_epochs` passes of miniba
   last token; beta is fixed, or adapted toward `target_kl` (Ziegler et al. 2019's controller);
 - advantages by GAE(gamma, lambda) on a value model separate from the policy (initialised from the proxy
   RM; the value of each prefix is the RM head applied to that position's hidden state), whitened;
-- losses: the clipped policy ratio, the clipped value error, plus the co-training NLL when configured.
+- losses: the clipped policy ratio (dual-clipped for negative advantages), the clipped value error, plus the
+  co-training NLL when configured;
+- the step size bounded: an iteration's passes end at the first minibatch whose approximate KL to the rollout
+  policy exceeds `stop_kl` (docs/policy-updates.md says why: without it one iteration could move the policy
+  35x further from its reference than the one before).
 Dropout stays off (eval mode), so at the first minibatch the new and old log-probs agree: ratio 1.
 """
 
@@ -143,6 +147,20 @@ def _pad(x, width: int):
     return F.pad(x, (0, width - x.shape[1]))
 
 
+def policy_loss(adv, ratio, p: PPO):
+    """Per token, PPO's clipped surrogate loss, max(-A r, -A clip(r, 1 - clip, 1 + clip)), and where dual_clip
+    bounded it: with A < 0 the clipped loss still grows with r without end, so a token the policy now finds far
+    likelier than when it was sampled (r in the hundreds after a large step) would dominate the batch; dual clip
+    caps that loss at dual_clip |A| (Ye et al. 2020), where its gradient is zero. Returns (loss, capped)."""
+    import torch
+
+    pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - p.clip, 1 + p.clip))
+    if p.dual_clip is None:
+        return pg, torch.zeros_like(pg, dtype=torch.bool)
+    capped = (adv < 0) & (pg > -p.dual_clip * adv)
+    return torch.where(capped, -p.dual_clip * adv, pg), capped
+
+
 def ppo_step(policy, value_model, r: Rollout, rows, p: PPO):
     """The loss of one minibatch (rows of the rollout) and its statistics, among them `approx_kl`: the mean
     per-token KL of the rollout policy to the current one, E[(ratio - 1) - log ratio] (Schulman's k3, never
@@ -156,10 +174,7 @@ def ppo_step(policy, value_model, r: Rollout, rows, p: PPO):
     )
     logp = sampling.response_logprobs(policy, *part, temperature=r.temperature)[0]
     ratio = torch.exp(logp - old_logp)
-    pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - p.clip, 1 + p.clip))
-    if p.dual_clip is not None:  # a negative advantage's loss bounded by dual_clip * |A| (Ye et al. 2020)
-        capped = (adv < 0) & (pg > -p.dual_clip * adv)
-        pg = torch.where(capped, -p.dual_clip * adv, pg)
+    pg, capped = policy_loss(adv, ratio, p)
     v = values_of(value_model, *part).to(policy.device)
     v_clipped = old_v + (v - old_v).clamp(-p.value_clip, p.value_clip)
     vf = 0.5 * torch.max((v - ret) ** 2, (v_clipped - ret) ** 2)
@@ -174,7 +189,7 @@ def ppo_step(policy, value_model, r: Rollout, rows, p: PPO):
         "ratio": mean(ratio),
         "ratio_max_dev": float(((ratio - 1).abs() * mask).max()),
         "clipfrac": mean(((ratio - 1).abs() > p.clip).float()),
-        "dual_clipped": mean(capped.float()) if p.dual_clip is not None else 0.0,
+        "dual_clipped": mean(capped.float()),
         "approx_kl": mean((ratio - 1) - log_ratio),
         "advantage_mean": mean(adv),
         "advantage_std": mean((adv - mean(adv)) ** 2) ** 0.5,
