@@ -162,8 +162,8 @@ def evaluate(cfg: Config, rnd: str) -> dict:
         metrics["alarms"] += stats.unfinished("generate", sum(generated) / len(generated), cfg.generate.max_new_tokens)
         metrics["alarms"] += stats.alarms(metrics["kl"]["sampled_log_ratio"], now, before)
         metrics["alarms"] += stats.regressions(metrics["gold"], earlier)
-        if paths.training.is_file():  # what update_policy saw go wrong (PPO: KL spikes between iterations)
-            metrics["alarms"] += json.loads(paths.training.read_text()).get("alarms", [])
+        if paths.training.is_file() and (kls := json.loads(paths.training.read_text()).get("rollout_kl")):
+            metrics["alarms"] += stats.kl_spikes(f"update_policy@{rnd}", kls)  # PPO's iterations, as it sampled
     landscape = _landscape(cfg, sample, tok, judge, reward, rnd)
     if e.checkpoints and rnd != "r00":
         ctx = curves.Scoring(cfg, rnd, tok, prompts, conversations, judge, reward, refs["kl"], sample)

@@ -69,7 +69,6 @@ class Update:
 
 
 def update_policy(cfg: Config, rnd: str) -> dict:
-    from rlhf.evaluation.metrics import kl_spikes
     from rlhf.ml import chat, models, policy
     from rlhf.ml.checkpoints import Checkpoints
     from rlhf.ml.cotrain import Aux
@@ -101,14 +100,11 @@ def update_policy(cfg: Config, rnd: str) -> dict:
         ckpts = Checkpoints(cfg.evaluate.checkpoints, paths.checkpoints, model, tok)
         u = Update(cfg, rnd, paths, seed, dev, tok, model, ref, proxy, prompts, sample, aux, scratch, ckpts)
         summary = METHODS[up.method](u)
-    # beside the weights, for evaluate's alarms: what went wrong inside the update (deterministic: no timings)
-    kls = summary.get("rollout_kl")  # the methods that sample per iteration (ppo)
-    alarms = kl_spikes(f"update_policy@{rnd}", kls) if kls else []
-    training = {"method": up.method, "alarms": alarms, "rollout_kl": kls}
-    for alarm in training["alarms"]:
-        log.warning("update_policy %s: %s", rnd, alarm)
+    # beside the weights, for evaluate's KL-spike alarm: the rollout KL of each iteration of the methods that
+    # sample per iteration (ppo); deterministic (no timings), so the policy's hash reproduces
+    training = {"method": up.method, "rollout_kl": summary.get("rollout_kl")}
     models.save(model, tok, paths.policy, {paths.training.name: training}, trainer=u.trainer)
-    summary = {"method": up.method, "trainable_parameters": trainable, **summary, "alarms": alarms}
+    summary = {"method": up.method, "trainable_parameters": trainable, **summary}
     if cfg.generate.backend == "vllm":  # samplings, and how often (and how long) the engine took new weights
         summary |= {
             "vllm_samplings": sample.calls,

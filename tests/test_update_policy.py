@@ -365,8 +365,8 @@ def test_pairs_are_made_of_finished_responses_only():
 
 def test_a_ppo_round_forced_to_collapse_raises_the_kl_spike_and_regression_alarms(scratch_project, monkeypatch):
     """A learning rate far too high (0.05): the guards cannot help (a minibatch step is taken before any KL is
-    seen), and the round must say so: a KL spike between update iterations in the step's summary, beside the
-    weights (training.json) and in metrics.json, with gold lost against r00 beyond 3 standard errors."""
+    seen), and the round must say so in metrics.json: a KL spike between update iterations (from the rollout KLs
+    kept beside the weights, training.json), and gold lost against r00 beyond 3 standard errors."""
     from tasks.evaluate import evaluate
     from tasks.update_policy import update_policy
 
@@ -374,8 +374,7 @@ def test_a_ppo_round_forced_to_collapse_raises_the_kl_spike_and_regression_alarm
     ppo_params = {"learning_rate": 0.05, "rollout_prompts": 16}
     cfg = config({"update_policy": {"method": "ppo", "ppo": ppo_params}})
     summary = update_policy(cfg, "r01")
-    assert any(a.startswith("KL spike in update_policy@r01, iteration ") for a in summary["alarms"]), summary
-    assert json.loads(round_paths("r01").training.read_text())["alarms"] == summary["alarms"]
+    assert json.loads(round_paths("r01").training.read_text())["rollout_kl"] == summary["rollout_kl"]
     metrics = evaluate(cfg, "r01")
-    assert set(summary["alarms"]) <= set(metrics["alarms"])
+    assert any(a.startswith("KL spike in update_policy@r01, iteration ") for a in metrics["alarms"]), summary
     assert any(a.startswith("regression: gold fell below r00's") for a in metrics["alarms"]), metrics["alarms"]
