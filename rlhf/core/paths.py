@@ -41,7 +41,7 @@ class RoundPaths:
         return self.root / "policy"
 
     @property
-    def training(self) -> Path:  # update_policy: how the update went (its alarms, PPO's rollout KL per iteration)
+    def training(self) -> Path:  # update_policy: how the update went (PPO's rollout KL per iteration)
         return self.policy / "training.json"
 
     @property

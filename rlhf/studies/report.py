@@ -296,14 +296,15 @@ def write_report(study: Study) -> Path:
             axes,
         )
     )
-    alarmed = [(r, alarms) for r in study.runs if (alarms := run_alarms(study, r))]
+    alarms = {r.id: run_alarms(study, r) for r in study.runs}  # each run's rounds read once, for both uses below
+    alarmed = [(r, alarms[r.id]) for r in study.runs if alarms[r.id]]
     if alarmed:
         text += [
             f"Rounds that made things worse (⚠n in the table: n of a configuration's runs had one), {len(alarmed)} "
             "runs (every alarm is in each run's own report):",
             "",
         ]
-        text += [f"- {r.id}: " + "; ".join(alarms) for r, alarms in alarmed] + [""]
+        text += [f"- {r.id}: " + "; ".join(said) for r, said in alarmed] + [""]
     if effects:
         text += ["Each axis's levels, averaged over the other axes and the seeds (final round):", "", effects, ""]
     if peaks := peaks_by_round(study):
@@ -324,5 +325,5 @@ def write_report(study: Study) -> Path:
         w = csv.writer(f)
         w.writerow(["run", "configuration", "seed", *SUMMARY, "alarms"])
         for r, m in finals:
-            w.writerow([r.id, r.config, r.seed, *(lookup(m, *k) for k in SUMMARY.values()), len(run_alarms(study, r))])
+            w.writerow([r.id, r.config, r.seed, *(lookup(m, *k) for k in SUMMARY.values()), len(alarms[r.id])])
     return out / "report.md"
