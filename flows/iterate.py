@@ -117,15 +117,19 @@ def _relink(step: str, rnd: str, env: dict) -> None:
         subprocess.run(cmd, env=env, capture_output=True)
 
 
-def _interrupted(e: BaseException, step: str, rnd: str) -> None:
-    """The one line for a run stopped by a signal in the middle of a stage (the CLI prints it)."""
+def _interrupted(e: BaseException, step: str, rnd: str, between: bool = False) -> None:
+    """The one line for a run stopped by a signal in the middle of a stage, or `between` steps, just before or
+    after that stage (in Prefect's own work around a task run; the CLI prints it)."""
     signum = interrupts.signalled() or getattr(e, "signal", None)  # Prefect's TerminationSignal names its signal
     if signum is None:
         return
-    name = target(step, rnd)
+    name, signame = target(step, rnd), signal.Signals(signum).name
     interrupts.end(
-        f"interrupted ({signal.Signals(signum).name}) in round {rnd}, step {step}, which was stopped; the stages "
-        f"before it are recorded in dvc.lock, and `rlhf run` resumes at {name}",
+        f"interrupted ({signame}) in round {rnd} between steps (next to {name}); dvc.lock records the stages that "
+        "finished, and `rlhf run` resumes at the first one not done"
+        if between
+        else f"interrupted ({signame}) in round {rnd}, step {step}, which was stopped; the stages before it are "
+        f"recorded in dvc.lock, and `rlhf run` resumes at {name}",
         128 + signum,
     )
 
@@ -178,16 +182,23 @@ def _iterate(force: bool, more: int) -> list[dict]:
         print(line)
     if more:
         print(f"continuing from {round_name(last_completed())}: {', '.join(todo)}")
-    with preloaded(stage_env()):  # the steps' processes start with their libraries imported
-        for step, rnd in [("prepare", "r00"), *((s, r) for r in todo for s in ROUND_STEPS)]:
-            state = stage(step, rnd, force, cfg.storage.pull, return_state=True)
-            if state.is_failed():
-                return state  # the flow run fails with the stage's message; later stages do not run
-            if step in ("prepare", "evaluate"):
-                publish_round(rnd)
-                print(footprint(rnd))
-                if cfg.storage.push and (state := push(rnd, cfg.storage.remote, return_state=True)).is_failed():
-                    return state  # nothing local is lost: the next run skips what is done and pushes again
+    at = None  # the stage begun last, for the line of a run stopped outside a running stage
+    try:
+        with preloaded(stage_env()):  # the steps' processes start with their libraries imported
+            for at in [("prepare", "r00"), *((s, r) for r in todo for s in ROUND_STEPS)]:
+                step, rnd = at
+                state = stage(step, rnd, force, cfg.storage.pull, return_state=True)
+                if state.is_failed():
+                    return state  # the flow run fails with the stage's message; later stages do not run
+                if step in ("prepare", "evaluate"):
+                    publish_round(rnd)
+                    print(footprint(rnd))
+                    if cfg.storage.push and (state := push(rnd, cfg.storage.remote, return_state=True)).is_failed():
+                        return state  # nothing local is lost: the next run skips what is done and pushes again
+    except BaseException as e:
+        if at:  # a signal inside the stage has already said where (the first line wins)
+            _interrupted(e, *at, between=True)
+        raise
     shown = ["r00", *list(cfg.rounds)[: round_index(todo[-1])]]  # not rounds params names but none has run
     rows = metrics_rows(shown)
     table = metrics_table(rows)

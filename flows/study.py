@@ -67,7 +67,7 @@ def run_in_workspace(run: Run, env: dict[str, str], on_line=None) -> str:
     log = get_run_logger()
     started = time.time()
     write_state(run, "running", started=started)
-    with open(run.folder / "run.log", "a") as record:
+    with open(run.folder / "run.log", "a", buffering=1) as record:  # by line: `tail -f run.log` follows the run
         if (proc := _start(run, env)) is None:
             name = signal.Signals(interrupts.signalled() or signal.SIGINT).name
             message = f"interrupted ({name}) before `rlhf run` started"
