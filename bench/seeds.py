@@ -33,53 +33,80 @@ def main() -> None:
     ap = parser(__doc__, repeats=False)
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated (default {','.join(METHODS)})")
     ap.add_argument("--seeds", default="10", help="a count N (seeds 0..N-1) or a comma-separated list (default 10)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a param over params.yaml for the rounds, e.g. update_policy.ppo.learning_rate=5e-5 (repeatable); "
+        "its results are kept apart, under <out>/seeds/<the settings>/",
+    )
     ap.add_argument("--only-table", action="store_true", help="print the table of the results kept; run nothing")
     args = ap.parse_args()
     seeds = list(range(int(args.seeds))) if args.seeds.isdigit() else [int(s) for s in args.seeds.split(",")]
     methods = args.methods.split(",")
     base = args.out / "seeds"
+    results = base / ",".join(args.set) if args.set else base
     for seed in [] if args.only_table else seeds:
         for method in methods:
-            if not (base / f"{method}-s{seed}.json").is_file():
-                run(base, method, seed, args.threads)
-    rows, result = summarise(base, methods, seeds)
+            if not (results / f"{method}-s{seed}.json").is_file():
+                run(base, results, method, seed, args.threads, args.set)
+    rows, result = summarise(results, methods, seeds)
     header = ["method", "seeds", "gold up > 3 SE", "below r00", "round lost > 3 SE", "KL spike", "final gold"]
-    report("seeds", args.out, table(header, rows), result)
+    report("seeds", args.out, table(header, rows), {"set": args.set, **result})
 
 
-def run(base, method: str, seed: int, threads: int | None) -> None:
-    """One method's three rounds on the seed's round 0; its result kept as <base>/<method>-s<seed>.json."""
+def run(base, results, method: str, seed: int, threads: int | None, sets: list[str]) -> None:
+    """One method's three rounds on the seed's round 0; its result kept as <results>/<method>-s<seed>.json."""
     import yaml
+
+    from rlhf.studies.grid import with_key
 
     params = {"runtime": {"seed": seed, **({"threads": threads} if threads else {})}}
     r00 = base / f"r00-s{seed}"
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     if not (r00 / "dvc.lock").is_file():  # the seed's round 0, prepared once through DVC for every method
         fresh_project(r00, params, subset=False)
-        repro(r00, env, "prepare")
-    dest = base / f"{method}-s{seed}"
+    current(r00, params, env)  # this checkout's code and params.yaml: DVC prepares again only where they changed
+    repro(r00, env, "prepare")
+    dest = results / f"{method}-s{seed}"
     shutil.rmtree(dest, ignore_errors=True)
     shutil.copytree(r00, dest, symlinks=True)  # its dvc.lock and cache: DVC finds prepare done
-    mine = deep_update(yaml.safe_load((dest / "params.yaml").read_text()), {"update_policy": {"method": method}})
-    (dest / "params.yaml").write_text(yaml.safe_dump(mine, sort_keys=False))
-    print(f"{method}, seed {seed}: dvc repro in {dest.relative_to(ROOT)}", flush=True)
+    mine = deep_update(params, {"update_policy": {"method": method}})
+    for key, _, value in (item.partition("=") for item in sets):
+        mine = with_key(mine, key, yaml.safe_load(value), "--set")
+    current(dest, mine, env)
+    print(f"{method}, seed {seed}{' (' + ', '.join(sets) + ')' if sets else ''}: dvc repro in {dest}", flush=True)
     t = time.perf_counter()
-    subprocess.run([BIN / "rlhf", "stages"], cwd=dest, env=env, check=True, capture_output=True)
     repro(dest, env)
     rounds = sorted(p.name for p in (dest / "data/rounds").iterdir() if (p / "metrics.json").is_file())
     metrics = {r: json.loads((dest / "data/rounds" / r / "metrics.json").read_text()) for r in rounds}
     out = {
         "method": method,
         "seed": seed,
+        "set": sets,
         "seconds": round(time.perf_counter() - t),
         "gold": {r: [m["gold"]["mean"], m["gold"]["sem"]] for r, m in metrics.items()},
         "alarms": {r: m.get("alarms", []) for r, m in metrics.items()},
     }
-    (base / f"{method}-s{seed}.json").write_text(json.dumps(out, indent=1) + "\n")
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{method}-s{seed}.json").write_text(json.dumps(out, indent=1) + "\n")
     print(f"  {out['seconds']} s; gold " + " -> ".join(f"{g[0]:.3f}" for g in out["gold"].values()), flush=True)
     models = [dest / "data/rounds" / r / name for r in rounds for name in ("base", "policy", "reward_model")]
     for folder in [dest / ".dvc/cache", *models]:  # what the table needs is kept above (and metrics.json beside)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def current(project, params: dict, env: dict) -> None:
+    """The project's code and params.yaml made this checkout's (with `params` over it), its stages rewritten."""
+    import yaml
+
+    for name in ("rlhf", "tasks", "flows"):
+        shutil.rmtree(project / name)
+        shutil.copytree(ROOT / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
+    mine = deep_update(yaml.safe_load((ROOT / "params.yaml").read_text()), params)
+    (project / "params.yaml").write_text(yaml.safe_dump(mine, sort_keys=False))
+    subprocess.run([BIN / "rlhf", "stages"], cwd=project, env=env, check=True, capture_output=True)
 
 
 def repro(project, env: dict, *targets: str) -> None:

@@ -166,6 +166,45 @@ def test_ctrl_c_while_following_a_pool_stops_following_in_one_line_and_the_runs_
     assert states == {"beta=0.1,seed=0": "SCHEDULED"}
 
 
+@pytest.mark.slow  # a server, two followers and their submissions: about a minute
+def test_two_followers_started_at_once_submit_each_run_once(tmp_path, moto, monkeypatch):
+    """Two laptops follow one pool study (`rlhf study run --pool` in two checkouts, started together, no worker
+    yet): each run the study submits is one flow run on the server, not one per follower (the submissions'
+    idempotency keys)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    from rlhf.orchestration import pool
+    from rlhf.studies.grid import load_study
+
+    project = make_project(tmp_path / "p", TINY)
+    shutil.copy(project / "data" / "sft.jsonl", project / "data" / "sft_small.jsonl")
+    where = {"name": "twice", "remote": "s3://lab/twice", "endpoint_url": moto, "source": str(project)}
+    study = write_study(project, "twice", {**STUDY, "seeds": [0, 1], "pool": where})
+    monkeypatch.chdir(project)
+    with prefect_test_harness(server_startup_timeout=60), get_client(sync_client=True) as c:
+        e = env(tmp_path, PREFECT_API_URL=str(c.api_url).rstrip("/"))
+        subprocess.run([BIN / "prefect", "work-pool", "create", "twice", "--type", "process"], env=e, check=True)
+        laptops = [project, shutil.copytree(project, tmp_path / "laptop2", symlinks=True)]  # a checkout each
+        logs = [tmp_path / f"follower{i}.log" for i in (1, 2)]
+        procs = [start(p, "study", "run", study, env=e, stderr=log.open("w")) for p, log in zip(laptops, logs)]
+        deadline = time.monotonic() + 120
+        with temporary_settings({PREFECT_API_URL: e["PREFECT_API_URL"]}):
+            studied = load_study(study)
+            while len(pool.latest(studied)) < 2:  # one run per seed (the others wait for their seed's prepare)
+                assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, logs[0].read_text()
+                time.sleep(0.5)
+            time.sleep(12)  # two more polls of each follower
+            for proc in procs:
+                os.killpg(proc.pid, signal.SIGINT)
+            assert [proc.wait(timeout=60) for proc in procs] == [130, 130]
+            flow_runs = c.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=["study:twice"])))
+    names = sorted(fr.name for fr in flow_runs)
+    assert names == ["beta=0.1,seed=0", "beta=0.1,seed=1"], [names, *(log.read_text()[-2000:] for log in logs)]
+
+
 @pytest.mark.slow
 def test_a_study_on_two_workers_survives_one_dying_and_reports_as_a_local_one(project, moto, tmp_path):
     e = env(tmp_path)

@@ -15,6 +15,7 @@ and the metrics DVC pulls for them, so both work from any checkout of the projec
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import itertools
 import json
@@ -170,11 +171,16 @@ def latest(study: Study) -> dict[str, object]:
                 return out
 
 
-def submit(study: Study, pool: Pool, run: Run) -> None:
+def submit(study: Study, pool: Pool, run: Run, replaces=None) -> None:
+    """A flow run of the study's deployment for `run`, once however many follow the study: its idempotency key
+    is the same for every follower that submits this attempt (the run, its params and the flow run it
+    `replaces`, None for the first), so the server keeps the first submission and returns it to the others."""
     from prefect.deployments import run_deployment
 
+    attempt = [study.folder.name, run.id, run_params(run), str(replaces.id) if replaces else None]
     run_deployment(
         f"{FLOW}/{study.folder.name}",
+        idempotency_key=hashlib.sha256(json.dumps(attempt, sort_keys=True).encode()).hexdigest(),
         parameters={
             "study": study.folder.name,
             "run_id": run.id,
@@ -227,6 +233,8 @@ def run_all(study: Study, pool: Pool, say, poll: float = 5.0) -> list[str]:
     while True:
         runs = latest(study)
         waiting = 0
+        # on their way: in flight on the server (whoever submitted them: several may follow) or submitted here
+        going = {r for r, fr in runs.items() if fr.state.type.name in IN_FLIGHT} | (set(submitted) - set(ended))
         for run in study.runs:
             fr = runs.get(run.id)
             state, message = (fr.state.type.name, fr.state.message) if fr else (None, None)
@@ -236,15 +244,16 @@ def run_all(study: Study, pool: Pool, say, poll: float = 5.0) -> list[str]:
                 waiting += 1
             elif state == "COMPLETED":
                 _end(run.id, "", ended, study, say)
-            elif state is None and _prepare_pending(study, pool, run, submitted, ended):
+            elif state is None and _prepare_pending(study, pool, run, going):
                 waiting += 1
             elif (state in (None, "CRASHED") or run.id not in submitted) and (
                 submitted.get(run.id, 0) <= RESUBMITS  # a run that failed before this command: once more
             ):
                 if fr is not None:
                     say(f"{run.id}: {state.lower()} ({message or 'no message'}); submitted again")
-                submit(study, pool, run)
+                submit(study, pool, run, replaces=fr)
                 submitted[run.id] = submitted.get(run.id, 0) + 1
+                going.add(run.id)
                 waiting += 1
             else:
                 _end(run.id, f"{run.id}: {message or state.lower()}", ended, study, say)
@@ -253,7 +262,7 @@ def run_all(study: Study, pool: Pool, say, poll: float = 5.0) -> list[str]:
         time.sleep(poll)
 
 
-def _prepare_pending(study: Study, pool: Pool, run: Run, submitted: dict, ended: dict) -> bool:
+def _prepare_pending(study: Study, pool: Pool, run: Run, going: set[str]) -> bool:
     """Whether a run with the same `prepare` (its params and seed) is on its way but has not pushed it yet: the
     run waits for it, then restores prepare from the remote rather than compute it a second time."""
     from tasks import prepare
@@ -261,7 +270,7 @@ def _prepare_pending(study: Study, pool: Pool, run: Run, submitted: dict, ended:
     def key(r: Run) -> str:
         return json.dumps([lookup(r.params, *k.split(".")) for k in prepare.PARAMS], sort_keys=True)
 
-    first = next((o for o in study.runs if o.id in submitted and o.id not in ended and key(o) == key(run)), None)
+    first = next((o for o in study.runs if o.id in going and key(o) == key(run)), None)
     if first is None or first.id == run.id:
         return False
     lock = _read(f"{record_uri(pool.remote, study.folder.name, first.id)}/dvc.lock", pool.endpoint_url)

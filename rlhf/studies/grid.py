@@ -153,13 +153,13 @@ def _validate(common: dict, values: dict, path: Path, config: str) -> Config:
     axis key; one that only a combination makes (two values that cannot go together) names the configuration."""
     params = common
     for key, value in values.items():
-        params = _with(params, key, value, f"{path}: axes")
+        params = with_key(params, key, value, f"{path}: axes")
     try:
         return parse_config(params, f"{path}: axes")
     except UserError as e:
         for key, value in values.items():
             try:
-                parse_config(_with(common, key, value, ""), f"{path}: axes")
+                parse_config(with_key(common, key, value, ""), f"{path}: axes")
             except UserError as alone:
                 if str(alone) == str(e):
                     raise
@@ -181,7 +181,7 @@ def _dotted(tree: dict, prefix: str = "") -> list[str]:
     ]
 
 
-def _with(params: dict, dotted: str, value, where: str) -> dict:
+def with_key(params: dict, dotted: str, value, where: str) -> dict:
     """A copy of `params` with `dotted` (e.g. train_rm.data) set to `value`."""
     out = dict(params)
     node, parts = out, dotted.split(".")
