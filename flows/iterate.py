@@ -193,8 +193,10 @@ def _iterate(force: bool, more: int) -> list[dict]:
                 if step in ("prepare", "evaluate"):
                     publish_round(rnd)
                     print(footprint(rnd))
-                    if cfg.storage.push and (state := push(rnd, cfg.storage.remote, return_state=True)).is_failed():
-                        return state  # nothing local is lost: the next run skips what is done and pushes again
+                    if cfg.storage.push:
+                        state = push(rnd, cfg.storage.remote, cfg.storage.timeout, return_state=True)
+                        if state.is_failed():  # nothing local is lost: the next run skips what is done, pushes again
+                            return state
     except BaseException as e:
         if at:  # a signal inside the stage has already said where (the first line wins)
             _interrupted(e, *at, between=True)
@@ -232,13 +234,14 @@ def publish_round(rnd: str) -> None:
 
 
 @task(task_run_name="{rnd}-push")
-def push(rnd: str, remote: str | None) -> str:
+def push(rnd: str, remote: str | None, timeout: float) -> str:
     """storage.push: the round's outputs to the DVC remote as soon as the round completes."""
     from rlhf.orchestration.storage import push_round
 
+    log = get_run_logger()
     try:
-        done = push_round(rnd, remote)
+        done = push_round(rnd, remote, timeout, say=log.info)
     except UserError as e:
         return Failed(message=str(e), data=StageFailed(str(e)))
-    get_run_logger().info(f"{rnd} pushed: {done}")
+    log.info(f"{rnd} pushed: {done}")
     return done

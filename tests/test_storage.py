@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -129,6 +130,10 @@ def test_rounds_pushed_by_the_flow_are_pulled_back_identical(project, s3):
     out = run(["rlhf", "run"], project)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "r00 pushed: " in out.stderr and "r01 pushed: " in out.stderr
+    # each push says what goes where as it starts
+    assert re.search(
+        r"pushing r01 \([\d.]+ MiB, what the remote lacks of it\) to remote 's3' \(s3://rounds/project\)", out.stderr
+    )
     assert "Everything is up to date." in run(["dvc", "push"], project).stdout  # the flow pushed it all
     stored = client(s3).list_objects_v2(Bucket="rounds", Prefix="project/files/md5/")
     assert stored["KeyCount"] > 10
@@ -154,9 +159,38 @@ def test_an_unreachable_remote_fails_the_run_in_one_line_and_loses_nothing(proje
         subprocess.run([BIN / "dvc", "remote", "remove", "dead"], cwd=project, check=True)
     assert one_line_error(out) == (
         "error: dvc push of r00 to remote 'dead' (s3://rounds/project) failed: "
-        f"cannot connect to the S3 endpoint {dead}"
+        f"cannot connect to the S3 endpoint {dead} (storage.timeout: 30 s)"
     )
     assert (digest(project / "data" / "rounds"), (project / "dvc.lock").read_text()) == before
+
+
+def test_a_remote_that_does_not_answer_fails_a_push_within_storage_timeout(project, monkeypatch):
+    """A remote whose machine takes connections but never answers (hung, or a firewall that drops): the push
+    fails in about storage.timeout seconds, naming the remote, not after botocore's minute a request."""
+    from rlhf.core.errors import UserError
+    from rlhf.orchestration.storage import push_round
+
+    for key, value in env(project.parent).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(project)
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # the kernel accepts connections; nobody answers
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        for args in (
+            ["remote", "add", "silent", "s3://rounds/silent"],
+            ["remote", "modify", "silent", "endpointurl", url],
+        ):
+            subprocess.run([BIN / "dvc", *args], cwd=project, check=True)
+        said, began = [], time.monotonic()
+        try:
+            with pytest.raises(UserError) as e:
+                push_round("r00", "silent", timeout=4, say=said.append)
+        finally:
+            subprocess.run([BIN / "dvc", "remote", "remove", "silent"], cwd=project, check=True)
+        took = time.monotonic() - began
+    assert said[0].startswith("pushing r00 (") and said[0].endswith("to remote 'silent' (s3://rounds/silent)")
+    assert str(e.value).startswith("dvc push of r00 to remote 'silent' (s3://rounds/silent) failed: ")
+    assert str(e.value).endswith("(storage.timeout: 4 s)") and "\n" not in str(e.value)
+    assert took < 4 + 6, took  # the timeout, and the dvc commands that find the remote (about a second each)
 
 
 def test_publish_uploads_a_round_with_checksums_and_then_skips_it(project, s3):

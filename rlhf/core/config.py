@@ -496,6 +496,9 @@ class Storage(Section):
         False, "`dvc push` each round's outputs as soon as the round completes (an unreachable remote fails the run)"
     )
     remote: str | None = d(None, "a DVC remote's name; null: the project's default remote")
+    timeout: float = d(
+        30.0, "seconds a remote that does not answer may hold up a push before the run fails, naming it", gt=0
+    )
     pull: bool = d(
         False,
         "restore a stage from the default remote's run-cache when any run, on any machine, already computed it "

@@ -22,12 +22,18 @@ def split_s3(uri: str, key_required: bool = False) -> tuple[str, str]:
     return m[1], key
 
 
-def client(endpoint_url: str | None = None):
+def client(endpoint_url: str | None = None, timeout: float | None = None):
+    """A boto3 S3 client; with `timeout`, one that gives up on an endpoint that does not answer within about that
+    many seconds (two attempts of half each; botocore's default waits 60 s a connection)."""
     import boto3
     from botocore.config import Config
 
     # Standard retries: three attempts, so a dead endpoint is reported in seconds rather than after five.
-    return boto3.client("s3", endpoint_url=endpoint_url or None, config=Config(retries={"mode": "standard"}))
+    if not timeout:
+        return boto3.client("s3", endpoint_url=endpoint_url or None, config=Config(retries={"mode": "standard"}))
+    retries = {"mode": "standard", "total_max_attempts": 2}
+    config = Config(connect_timeout=timeout / 2, read_timeout=timeout / 2, retries=retries)
+    return boto3.client("s3", endpoint_url=endpoint_url or None, config=config)
 
 
 @contextmanager
@@ -67,8 +73,9 @@ def read_bytes(uri: str) -> bytes:
         return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
-def check_bucket(uri: str, endpoint_url: str | None = None) -> None:
-    """Fail in one line unless the bucket of `uri` is there and these credentials may use it."""
-    s3 = client(endpoint_url)
+def check_bucket(uri: str, endpoint_url: str | None = None, timeout: float | None = None) -> None:
+    """Fail in one line unless the bucket of `uri` is there and these credentials may use it (within about
+    `timeout` seconds when given)."""
+    s3 = client(endpoint_url, timeout)
     with s3_errors(uri, s3):
         s3.head_bucket(Bucket=split_s3(uri)[0])

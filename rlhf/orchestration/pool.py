@@ -92,7 +92,7 @@ def _git(*args: str, what: str) -> str:
 def run_params(run: Run) -> dict:
     """A run's params on a worker: every stage restored from the remote when any run computed it, and each
     round pushed as it completes (the storage section is no stage's param: no hash changes)."""
-    return {**run.params, "storage": {"push": True, "pull": True, "remote": None}}
+    return {**run.params, "storage": {**run.params.get("storage", {}), "push": True, "pull": True, "remote": None}}
 
 
 def record_uri(remote: str, study: str, run_id: str) -> str:

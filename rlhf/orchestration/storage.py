@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import subprocess
 import tempfile
@@ -30,9 +31,9 @@ MiB = 2**20
 # ---- DVC's remote -------------------------------------------------------------------------------------
 
 
-def dvc(*args: str, cwd: str | Path | None = None) -> str:
+def dvc(*args: str, cwd: str | Path | None = None, env: dict[str, str] | None = None) -> str:
     """Run a dvc command in the project (or in `cwd`); its output, or a UserError with DVC's first error line."""
-    out = subprocess.run(dying_with_parent("dvc", *args), capture_output=True, text=True, cwd=cwd)
+    out = subprocess.run(dying_with_parent("dvc", *args), capture_output=True, text=True, cwd=cwd, env=env)
     if out.returncode:
         raise UserError(f"dvc {args[0]} failed: {error_line(out.stderr.splitlines())}")
     return out.stdout
@@ -47,12 +48,15 @@ def remotes() -> dict[str, tuple[str, bool]]:
 def default_remote() -> tuple[str, str | None] | None:
     """The project's default DVC remote: (URL, its endpointurl or None), or None when it has none."""
     name = next((n for n, (_, is_default) in remotes().items() if is_default), None)
-    if name is None:
-        return None
-    endpoint = subprocess.run(
+    return None if name is None else (remotes()[name][0], endpoint_of(name))
+
+
+def endpoint_of(name: str) -> str | None:
+    """The endpointurl DVC's remote `name` has (an S3-compatible store), or None (AWS)."""
+    out = subprocess.run(
         dying_with_parent("dvc", "config", f"remote.{name}.endpointurl"), capture_output=True, text=True
-    ).stdout.strip()
-    return remotes()[name][0], endpoint or None
+    )
+    return out.stdout.strip() or None
 
 
 def configure_remote(
@@ -85,16 +89,30 @@ def remote_for_push(name: str | None, key: str = "storage.push") -> str:
     return name
 
 
-def push_round(rnd: str, remote: str | None = None) -> str:
+def push_round(rnd: str, remote: str | None = None, timeout: float = 30, say=lambda line: None) -> str:
     """`dvc push` the outputs of round `rnd`'s stages, and the run-cache (what `storage.pull` restores a stage
-    from on another machine); DVC's summary, or one line naming the remote."""
-    targets = ["prepare"] if rnd == "r00" else [f"{step}@{rnd}" for step in ROUND_STEPS]
+    from on another machine); DVC's summary, or one line naming the remote. `say` gets a line saying what goes
+    where as it starts; a remote that does not answer fails it within about `timeout` seconds (storage.timeout)."""
+    from rlhf.core.io import disk_bytes
+    from rlhf.core.paths import step_files
+
+    steps = ["prepare"] if rnd == "r00" else ROUND_STEPS
+    targets = ["prepare"] if rnd == "r00" else [f"{step}@{rnd}" for step in steps]
     name = remote_for_push(remote)
+    url = remotes()[name][0]
+    size = disk_bytes(f for step in steps for f in step_files(step, rnd)) / MiB
+    say(f"pushing {rnd} ({size:,.1f} MiB, what the remote lacks of it) to remote {name!r} ({url})")
+    failed = f"dvc push of {rnd} to remote {name!r} ({url}) failed"
     try:
-        out = dvc("push", "--run-cache", "--remote", name, *targets)
+        check_bucket(url, endpoint_of(name), timeout)  # DVC's own retries, file by file, take minutes
     except UserError as e:
-        url = remotes()[name][0]
-        raise UserError(f"dvc push of {rnd} to remote {name!r} ({url}) failed: {_dvc_problem(e)}") from None
+        raise UserError(f"{failed}: {str(e).removeprefix(f'{url}: ')} (storage.timeout: {timeout:g} s)") from None
+    # Two attempts a request, not botocore's five: a remote that dies mid-push fails it in seconds, not minutes.
+    env = {**os.environ, "AWS_MAX_ATTEMPTS": "2", "AWS_RETRY_MODE": "standard"}
+    try:
+        out = dvc("push", "--run-cache", "--remote", name, *targets, env=env)
+    except UserError as e:
+        raise UserError(f"{failed}: {_dvc_problem(e)}") from None
     return out.strip().splitlines()[-1] if out.strip() else "Everything is up to date."
 
 
