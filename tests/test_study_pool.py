@@ -26,6 +26,7 @@ from rlhf.core.processes import free_port
 from tests.conftest import BIN, TINY, make_project
 from tests.faults import start
 from tests.test_storage import client, env, start_moto
+from tests.test_study import RUNS as STUDY_RUNS
 from tests.test_study import STUDY, rlhf, write_study
 
 SPEC = {**STUDY, "seeds": [0, 1], "rounds": 2, "parallel": 2}
@@ -164,6 +165,57 @@ def test_ctrl_c_while_following_a_pool_stops_following_in_one_line_and_the_runs_
         "shows them, `rlhf study run` again follows them to the report"
     )
     assert states == {"beta=0.1,seed=0": "SCHEDULED"}
+
+
+def test_the_report_reads_each_runs_metrics_from_the_remote_without_dvc_and_once(tmp_path, moto, monkeypatch):
+    """`report --pool` mirrors each run's record and metrics from the remote: one S3 client, the metrics.json
+    objects found by the md5 dvc.lock names (DVC's remote layout), and on the next report only the records read
+    again and the metrics of a new round, not every run's every round."""
+    import hashlib
+
+    import yaml
+
+    from rlhf.orchestration import pool
+    from rlhf.studies.grid import load_study
+
+    for key, value in env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    project = make_project(tmp_path / "p", TINY)
+    monkeypatch.chdir(project)
+    study = load_study(write_study(project, "rec", STUDY))
+    where = pool.Pool(name="lab-pool", remote="s3://lab/rec", endpoint_url=moto, source=str(project), commit=None)
+    s3 = client(moto)
+
+    def record(run: str, rounds: dict[str, bytes]) -> None:
+        stages = {}
+        for rnd, text in rounds.items():
+            md5 = hashlib.md5(text).hexdigest()
+            s3.put_object(Bucket="lab", Key=f"rec/files/md5/{md5[:2]}/{md5[2:]}", Body=text)
+            out = {"path": f"data/rounds/{rnd}/metrics.json", "hash": "md5", "md5": md5, "size": len(text)}
+            stages["prepare" if rnd == "r00" else f"evaluate@{rnd}"] = {"cmd": "rlhf evaluate", "outs": [out]}
+        for name, text in (("params.yaml", "rounds: {r01: r00}\n"), ("dvc.yaml", "stages: {}\n")):
+            s3.put_object(Bucket="lab", Key=f"rec/studies/rec/{run}/{name}", Body=text.encode())
+        lock = yaml.safe_dump({"schema": "2.0", "stages": stages}).encode()
+        s3.put_object(Bucket="lab", Key=f"rec/studies/rec/{run}/dvc.lock", Body=lock)
+
+    metrics = {run: {"r00": f'{{"run": "{run}", "round": 0}}'.encode()} for run in STUDY_RUNS}
+    for run in STUDY_RUNS:
+        record(run, metrics[run])
+    reads = []
+    pool._client(moto).meta.events.register(
+        "provide-client-params.s3.GetObject", lambda **kw: reads.append(kw["params"]["Key"])
+    )
+    assert pool.mirror(study, where) == 2
+    for run in STUDY_RUNS:
+        assert (study.folder / run / "data/rounds/r00/metrics.json").read_bytes() == metrics[run]["r00"]
+        assert (study.folder / run / "dvc.lock").is_file() and not (study.folder / run / ".dvc").exists()
+    assert len(reads) == 2 * (3 + 1)  # each run: its record's 3 files and r00's metrics
+    metrics[STUDY_RUNS[0]]["r01"] = b'{"round": 1}'
+    record(STUDY_RUNS[0], metrics[STUDY_RUNS[0]])
+    reads.clear()
+    assert pool.mirror(study, where) == 2
+    assert (study.folder / STUDY_RUNS[0] / "data/rounds/r01/metrics.json").read_bytes() == b'{"round": 1}'
+    assert len(reads) == 2 * 3 + 1 and sum("/files/md5/" in key for key in reads) == 1  # the new round's alone
 
 
 @pytest.mark.slow  # a server, two followers and their submissions: about a minute

@@ -15,6 +15,7 @@ and the metrics DVC pulls for them, so both work from any checkout of the projec
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import itertools
@@ -27,10 +28,9 @@ from datetime import UTC
 from pathlib import Path
 
 from rlhf.core.errors import UserError
-from rlhf.core.paths import round_paths
 from rlhf.core.s3 import client, s3_errors, split_s3
 from rlhf.evaluation.metrics import lookup
-from rlhf.orchestration.storage import configure_remote, default_remote, dvc
+from rlhf.orchestration.storage import default_remote
 from rlhf.studies.grid import PoolSpec, Run, Study
 
 FLOW = "rlhf-study-run"  # the deployed flow (flows/study.py); a study's deployment is FLOW/<study name>
@@ -230,11 +230,13 @@ def run_all(study: Study, pool: Pool, say, poll: float = 5.0) -> list[str]:
     say(f"deployment {deploy(study, pool)} on work pool {pool.name!r}; rounds shared through {pool.remote}")
     submitted: dict[str, int] = {}
     ended: dict[str, str] = {}  # run-id -> "" (done) or its failure's message
+    keys = prepare_keys(study)  # once: a poll costs the same for every run, not for every pair of runs
     while True:
         runs = latest(study)
         waiting = 0
         # on their way: in flight on the server (whoever submitted them: several may follow) or submitted here
         going = {r for r, fr in runs.items() if fr.state.type.name in IN_FLIGHT} | (set(submitted) - set(ended))
+        locks: dict[str, str | None] = {}  # the records read this poll, each once
         for run in study.runs:
             fr = runs.get(run.id)
             state, message = (fr.state.type.name, fr.state.message) if fr else (None, None)
@@ -244,7 +246,7 @@ def run_all(study: Study, pool: Pool, say, poll: float = 5.0) -> list[str]:
                 waiting += 1
             elif state == "COMPLETED":
                 _end(run.id, "", ended, study, say)
-            elif state is None and _prepare_pending(study, pool, run, going):
+            elif state is None and _prepare_pending(study, pool, run, going, keys, locks):
                 waiting += 1
             elif (state in (None, "CRASHED") or run.id not in submitted) and (
                 submitted.get(run.id, 0) <= RESUBMITS  # a run that failed before this command: once more
@@ -262,19 +264,26 @@ def run_all(study: Study, pool: Pool, say, poll: float = 5.0) -> list[str]:
         time.sleep(poll)
 
 
-def _prepare_pending(study: Study, pool: Pool, run: Run, going: set[str]) -> bool:
-    """Whether a run with the same `prepare` (its params and seed) is on its way but has not pushed it yet: the
-    run waits for it, then restores prepare from the remote rather than compute it a second time."""
+def prepare_keys(study: Study) -> dict[str, str]:
+    """run-id -> what its `prepare` depends on (its params and seed): runs with the same key share it."""
     from tasks import prepare
 
-    def key(r: Run) -> str:
-        return json.dumps([lookup(r.params, *k.split(".")) for k in prepare.PARAMS], sort_keys=True)
+    return {
+        r.id: json.dumps([lookup(r.params, *k.split(".")) for k in prepare.PARAMS], sort_keys=True) for r in study.runs
+    }
 
-    first = next((o for o in study.runs if o.id in going and key(o) == key(run)), None)
+
+def _prepare_pending(study: Study, pool: Pool, run: Run, going: set[str], keys: dict, locks: dict) -> bool:
+    """Whether a run with the same `prepare` (its params and seed) is on its way but has not pushed it yet: the
+    run waits for it, then restores prepare from the remote rather than compute it a second time. `locks`: the
+    records read this poll."""
+    first = next((o for o in study.runs if o.id in going and keys[o.id] == keys[run.id]), None)
     if first is None or first.id == run.id:
         return False
-    lock = _read(f"{record_uri(pool.remote, study.folder.name, first.id)}/dvc.lock", pool.endpoint_url)
-    return not (lock and "\n  prepare:" in lock)
+    uri = f"{record_uri(pool.remote, study.folder.name, first.id)}/dvc.lock"
+    if uri not in locks:
+        locks[uri] = _read(uri, pool.endpoint_url)
+    return not (locks[uri] and "\n  prepare:" in locks[uri])
 
 
 def _end(run_id: str, failure: str, ended: dict, study: Study, say) -> None:
@@ -306,16 +315,23 @@ def save_record(run: Run, study: str, pool_remote: str, endpoint_url: str | None
     """The run's params.yaml, dvc.yaml and dvc.lock beside the remote, where any checkout finds its metrics."""
     uri = record_uri(pool_remote, study, run.id)
     bucket, key = split_s3(uri)
-    s3 = client(endpoint_url)
+    s3 = _client(endpoint_url)
     with s3_errors(uri, s3):
         for name in RECORD:
             if (run.folder / name).is_file():
                 s3.upload_file(str(run.folder / name), bucket, f"{key}/{name}")
 
 
+@functools.cache
+def _client(endpoint_url: str | None):
+    """One S3 client per endpoint for this process (boto3's clients are thread-safe): a follower polls for days."""
+    return client(endpoint_url)
+
+
 def _read(uri: str, endpoint_url: str | None) -> str | None:
+    """The text of the object at `uri`, or None where there is none."""
     bucket, key = split_s3(uri)
-    s3 = client(endpoint_url)
+    s3 = _client(endpoint_url)
     try:
         with s3_errors(uri, s3):
             return s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
@@ -326,9 +342,14 @@ def _read(uri: str, endpoint_url: str | None) -> str | None:
 
 
 def mirror(study: Study, pool: Pool) -> int:
-    """Each run's record and every round's metrics.json, pulled from the remote into the run's folder here
-    (a DVC project of its own, as a local study's), so the study's report reads them as it reads a local run's.
-    Returns how many runs have a record."""
+    """Each run's record and every round's metrics.json, read from the remote into the run's folder here, so the
+    study's report reads them as it reads a local run's. One S3 client and no DVC process: DVC's remote keeps a
+    file under files/md5/ by the md5 its dvc.lock records, and a metrics.json already here with that md5 is not
+    read again. Returns how many runs have a record."""
+    import yaml
+
+    from rlhf.orchestration.verify import md5_file
+
     have = 0
     for run in study.runs:
         texts = {
@@ -338,13 +359,16 @@ def mirror(study: Study, pool: Pool) -> int:
             continue
         have += 1
         run.folder.mkdir(parents=True, exist_ok=True)
-        if not (run.folder / ".dvc").is_dir():
-            dvc("init", "--no-scm", "-q", cwd=run.folder)
-            dvc("config", "core.analytics", "false", cwd=run.folder)
         for name, text in texts.items():
             if text is not None:
                 (run.folder / name).write_text(text)
-        configure_remote(pool.remote, pool.endpoint_url, check=False, cwd=run.folder)
-        rounds = sorted(set(re.findall(r"^  evaluate@(r\d\d):", texts["dvc.lock"], re.M)))
-        dvc("pull", "-q", *(str(round_paths(r).metrics) for r in ["r00", *rounds]), cwd=run.folder)
+        stages = yaml.safe_load(texts["dvc.lock"]).get("stages", {})
+        for out in (o for stage in stages.values() for o in stage.get("outs", [])):
+            path = run.folder / out["path"]
+            if path.name != "metrics.json" or (path.is_file() and md5_file(path) == out["md5"]):
+                continue
+            text = _read(f"{pool.remote}/files/md5/{out['md5'][:2]}/{out['md5'][2:]}", pool.endpoint_url)
+            if text is not None:  # a round whose push has not finished: its metrics next time
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
     return have
