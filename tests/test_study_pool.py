@@ -167,6 +167,63 @@ def test_ctrl_c_while_following_a_pool_stops_following_in_one_line_and_the_runs_
     assert states == {"beta=0.1,seed=0": "SCHEDULED"}
 
 
+def test_the_followers_state_machine_against_a_real_server(tmp_path, moto, monkeypatch):
+    """`rlhf study run --pool`'s polls, driven one at a time against a real Prefect server (no worker: the test
+    sets the flow runs' states as workers and machines would): the runs sharing a seed wait for the first one's
+    prepare on the remote; a second follower submits nothing twice; a crashed run is submitted again once, and a
+    running one with no heartbeat for three periods is marked crashed; a cancelled or failed run ends with its message;
+    the follower ends when no run is on its way."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelled, Completed, Crashed, Failed, Running
+    from prefect.testing.utilities import prefect_test_harness
+
+    from rlhf.orchestration import pool
+    from rlhf.studies.grid import load_study
+
+    for key, value in env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    project = make_project(tmp_path / "p", TINY)
+    monkeypatch.chdir(project)
+    study = load_study(write_study(project, "sm", {**STUDY, "seeds": [0, 1]}))
+    where = pool.Pool(name="lab-pool", remote="s3://lab/sm", endpoint_url=moto, source=str(project), commit=None)
+    said: list[str] = []
+    with prefect_test_harness(server_startup_timeout=60), get_client(sync_client=True) as c:
+        c.create_deployment(c.create_flow_from_name(pool.FLOW), "sm")  # as deploy() makes it, without a pool
+        one, two = pool.Follower(study, where, said.append), pool.Follower(study, where, said.append)
+
+        def flow_runs() -> dict[str, list]:
+            out: dict[str, list] = {}
+            for fr in sorted(c.read_flow_runs(), key=lambda fr: fr.created):
+                out.setdefault(fr.name, []).append(fr)
+            return out
+
+        assert one.poll() is None and two.poll() is None
+        assert {name: len(frs) for name, frs in flow_runs().items()} == {RUNS[0]: 1, RUNS[1]: 1}  # one per seed
+        client(moto).put_object(Bucket="lab", Key=f"sm/studies/sm/{RUNS[0]}/dvc.lock", Body=b"stages:\n  prepare:\n")
+        assert two.poll() is None and one.poll() is None  # seed 0's prepare is on the remote: its other run goes
+        assert {name: len(frs) for name, frs in flow_runs().items()} == {RUNS[0]: 1, RUNS[1]: 1, RUNS[2]: 1}
+
+        c.set_flow_run_state(flow_runs()[RUNS[0]][0].id, Crashed(message="worker gone"), force=True)
+        assert one.poll() is None and two.poll() is None
+        assert len(flow_runs()[RUNS[0]]) == 2 and said.count(f"{RUNS[0]}: crashed (worker gone); submitted again") == 1
+        monkeypatch.setattr(pool, "HEARTBEAT", 1)  # three missed heartbeats: 3 s, not 90
+        c.set_flow_run_state(flow_runs()[RUNS[1]][0].id, Running(), force=True)
+        time.sleep(3.5)
+        assert one.poll() is None  # no heartbeat since: crashed on the server and submitted again
+        assert len(flow_runs()[RUNS[1]]) == 2 and flow_runs()[RUNS[1]][0].state.type.name == "CRASHED"
+
+        client(moto).put_object(Bucket="lab", Key=f"sm/studies/sm/{RUNS[1]}/dvc.lock", Body=b"stages:\n  prepare:\n")
+        assert one.poll() is None  # seed 1's other run
+        latest = {name: frs[-1] for name, frs in flow_runs().items()}
+        assert sorted(latest) == sorted(RUNS)
+        c.set_flow_run_state(latest[RUNS[0]].id, Completed(), force=True)
+        c.set_flow_run_state(latest[RUNS[1]].id, Completed(), force=True)
+        c.set_flow_run_state(latest[RUNS[2]].id, Cancelled(message="cancelled from the UI"), force=True)
+        c.set_flow_run_state(latest[RUNS[3]].id, Failed(message="stage train_rm@r01 failed: bad"), force=True)
+        failures = one.poll()
+    assert failures == [f"{RUNS[2]}: cancelled from the UI", f"{RUNS[3]}: stage train_rm@r01 failed: bad"]
+
+
 def test_the_report_reads_each_runs_metrics_from_the_remote_without_dvc_and_once(tmp_path, moto, monkeypatch):
     """`report --pool` mirrors each run's record and metrics from the remote: one S3 client, the metrics.json
     objects found by the md5 dvc.lock names (DVC's remote layout), and on the next report only the records read

@@ -228,14 +228,31 @@ def run_all(study: Study, pool: Pool, say, poll: float = 5.0) -> list[str]:
     """Deploy, submit what the server holds neither as done nor in flight, follow the runs to their ends
     (submitting again one whose worker died), and return the failures' messages in grid order."""
     say(f"deployment {deploy(study, pool)} on work pool {pool.name!r}; rounds shared through {pool.remote}")
-    submitted: dict[str, int] = {}
-    ended: dict[str, str] = {}  # run-id -> "" (done) or its failure's message
-    keys = prepare_keys(study)  # once: a poll costs the same for every run, not for every pair of runs
-    while True:
+    follower = Follower(study, pool, say)
+    while (failures := follower.poll()) is None:
+        time.sleep(poll)
+    return failures
+
+
+class Follower:
+    """What one `rlhf study run --pool` knows between polls: what it submitted, and the runs that ended."""
+
+    def __init__(self, study: Study, pool: Pool, say):
+        self.study, self.pool, self.say = study, pool, say
+        self.submitted: dict[str, int] = {}
+        self.seen: set[str] = set()  # runs seen on their way: one that then fails or is cancelled is not resubmitted
+        self.ended: dict[str, str] = {}  # run-id -> "" (done) or its failure's message
+        self.keys = prepare_keys(study)  # once: a poll costs the same for every run, not for every pair of runs
+
+    def poll(self) -> list[str] | None:
+        """One look at the server: submit what should run, note what ended. None while runs are on their way;
+        once none is, the failures' messages in grid order."""
+        study, submitted, ended = self.study, self.submitted, self.ended
         runs = latest(study)
         waiting = 0
         # on their way: in flight on the server (whoever submitted them: several may follow) or submitted here
         going = {r for r, fr in runs.items() if fr.state.type.name in IN_FLIGHT} | (set(submitted) - set(ended))
+        self.seen |= going
         locks: dict[str, str | None] = {}  # the records read this poll, each once
         for run in study.runs:
             fr = runs.get(run.id)
@@ -245,23 +262,26 @@ def run_all(study: Study, pool: Pool, say, poll: float = 5.0) -> list[str]:
             if state in IN_FLIGHT:
                 waiting += 1
             elif state == "COMPLETED":
-                _end(run.id, "", ended, study, say)
-            elif state is None and _prepare_pending(study, pool, run, going, keys, locks):
+                self._end(run.id, "")
+            elif state is None and _prepare_pending(study, self.pool, run, going, self.keys, locks):
                 waiting += 1
-            elif (state in (None, "CRASHED") or run.id not in submitted) and (
+            elif (state in (None, "CRASHED") or run.id not in self.seen) and (
                 submitted.get(run.id, 0) <= RESUBMITS  # a run that failed before this command: once more
             ):
                 if fr is not None:
-                    say(f"{run.id}: {state.lower()} ({message or 'no message'}); submitted again")
-                submit(study, pool, run, replaces=fr)
+                    self.say(f"{run.id}: {state.lower()} ({message or 'no message'}); submitted again")
+                submit(study, self.pool, run, replaces=fr)
                 submitted[run.id] = submitted.get(run.id, 0) + 1
                 going.add(run.id)
                 waiting += 1
             else:
-                _end(run.id, f"{run.id}: {message or state.lower()}", ended, study, say)
-        if not waiting:
-            return [ended[r.id] for r in study.runs if ended.get(r.id)]
-        time.sleep(poll)
+                self._end(run.id, f"{run.id}: {message or state.lower()}")
+        return None if waiting else [ended[r.id] for r in study.runs if ended.get(r.id)]
+
+    def _end(self, run_id: str, failure: str) -> None:
+        if run_id not in self.ended:
+            self.ended[run_id] = failure
+            self.say(f"[{len(self.ended)}/{len(self.study.runs)}] {failure or f'{run_id}: done'}")
 
 
 def prepare_keys(study: Study) -> dict[str, str]:
@@ -284,12 +304,6 @@ def _prepare_pending(study: Study, pool: Pool, run: Run, going: set[str], keys: 
     if uri not in locks:
         locks[uri] = _read(uri, pool.endpoint_url)
     return not (locks[uri] and "\n  prepare:" in locks[uri])
-
-
-def _end(run_id: str, failure: str, ended: dict, study: Study, say) -> None:
-    if run_id not in ended:
-        ended[run_id] = failure
-        say(f"[{len(ended)}/{len(study.runs)}] {failure or f'{run_id}: done'}")
 
 
 def status_rows(study: Study, pool: Pool) -> list[tuple[str, str, str, str]]:
