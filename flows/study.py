@@ -191,15 +191,22 @@ def study(path: str, pool: str | None = None) -> list[dict]:
 
 
 @flow(name="rlhf-study-run", flow_run_name="{run_id}", log_prints=True)
-def study_run(study: str, run_id: str, params: dict, remote: str, endpoint_url: str | None = None) -> str:
+def study_run(
+    study: str, run_id: str, params: dict, remote: str, endpoint_url: str | None = None, commit: str | None = None
+) -> str:
     """One run of a study on a work pool's worker (rlhf/orchestration/pool.py). The deployment's pull step put
-    the project's code in the working directory: the run's workspace is made from it and `params`; every stage
-    any run already pushed is restored from `remote` rather than computed; each round is pushed as it completes,
-    and the run's record (params, dvc.lock) kept beside the remote, where the study's report finds it."""
+    the project's code in the working directory, at the run's own `commit` once checked out: the run's workspace
+    is made from it and `params`; every stage any run already pushed is restored from `remote` rather than
+    computed; each round is pushed as it completes, and the run's record (params, dvc.lock, commit) kept beside
+    the remote, where the study's report finds it."""
     from rlhf.orchestration import pool
 
     run = Run(run_id, "", {}, params["runtime"]["seed"], params, Path("studies", study, run_id))
+    if commit:
+        pool.check_out(commit, Path.cwd())
     prepare_workspace(run, cache=None)
+    if commit:
+        (run.folder / "commit").write_text(commit + "\n")
     configure_remote(remote, endpoint_url, cwd=run.folder)
 
     def record(line: str) -> None:

@@ -81,8 +81,16 @@ def test_a_pool_study_names_what_the_workers_would_miss_before_anything_starts(t
     git("init", "-q", "-b", "main", cwd=project)
     git("remote", "add", "origin", str(tmp_path / "origin.git"), cwd=project)
     git("init", "-q", "--bare", str(tmp_path / "origin.git"), cwd=tmp_path)
-    git("add", "rlhf", "tasks", "flows", cwd=project)
+    git("add", "rlhf", "tasks", "flows", "params.yaml", "data", cwd=project)
     git("commit", "-qm", "code", cwd=project)
+    head = git("rev-parse", "HEAD", cwd=project)[:12]
+    assert error("s3://lab/rlhf") == (  # the study file is new: a worker would not find it
+        f"{study}: pool: what the runs read has uncommitted changes (studies/lab.yaml); workers clone {head}: "
+        "commit and push"
+    )
+    write_study(project, "lab", {**STUDY, "pool": {"name": "lab-pool", "remote": "s3://lab/rlhf"}})
+    git("add", "studies/lab.yaml", cwd=project)
+    git("commit", "-qm", "study", cwd=project)
     head = git("rev-parse", "HEAD", cwd=project)[:12]
     assert (
         error("s3://lab/rlhf")
@@ -90,11 +98,12 @@ def test_a_pool_study_names_what_the_workers_would_miss_before_anything_starts(t
     )
     git("push", "-q", "origin", "main", cwd=project)
     (project / "tasks" / "label.py").write_text((project / "tasks" / "label.py").read_text() + "\n")
-    assert (
-        error("s3://lab/rlhf")
-        == f"{study}: pool: the code has uncommitted changes; workers clone {head}: commit and push"
+    (project / "data" / "sft_small.jsonl").write_text((project / "data" / "sft_small.jsonl").read_text() + "\n")
+    assert error("s3://lab/rlhf") == (  # code, and a data file the study's params name
+        f"{study}: pool: what the runs read has uncommitted changes (data/sft_small.jsonl, tasks/label.py); "
+        f"workers clone {head}: commit and push"
     )
-    git("checkout", "tasks/label.py", cwd=project)
+    git("checkout", "tasks/label.py", "data/sft_small.jsonl", cwd=project)
     assert resolve(load_study(study), deploying=True).commit.startswith(head)
     with pytest.raises(SystemExit) as e:
         main(["study", "run", study])
@@ -266,13 +275,57 @@ def test_the_report_reads_each_runs_metrics_from_the_remote_without_dvc_and_once
     for run in STUDY_RUNS:
         assert (study.folder / run / "data/rounds/r00/metrics.json").read_bytes() == metrics[run]["r00"]
         assert (study.folder / run / "dvc.lock").is_file() and not (study.folder / run / ".dvc").exists()
-    assert len(reads) == 2 * (3 + 1)  # each run: its record's 3 files and r00's metrics
+    assert len(reads) == 2 * (len(pool.RECORD) + 1)  # each run: its record's files and r00's metrics
     metrics[STUDY_RUNS[0]]["r01"] = b'{"round": 1}'
     record(STUDY_RUNS[0], metrics[STUDY_RUNS[0]])
     reads.clear()
     assert pool.mirror(study, where) == 2
     assert (study.folder / STUDY_RUNS[0] / "data/rounds/r01/metrics.json").read_bytes() == b'{"round": 1}'
-    assert len(reads) == 2 * 3 + 1 and sum("/files/md5/" in key for key in reads) == 1  # the new round's alone
+    assert (
+        len(reads) == 2 * len(pool.RECORD) + 1 and sum("/files/md5/" in key for key in reads) == 1
+    )  # the new round's alone
+
+
+def test_a_run_checks_out_the_commit_it_was_submitted_with_in_a_clone_of_a_newer_one(tmp_path):
+    """The deployment moved on to a newer commit after the run was submitted: the worker's clone (as Prefect's
+    pull step makes it, shallow, at the deployment's commit) is put at the run's own commit."""
+    from rlhf.core.errors import UserError
+    from rlhf.orchestration.pool import check_out
+
+    origin, work = tmp_path / "origin.git", tmp_path / "work"
+    git("init", "-q", "--bare", str(origin), cwd=tmp_path)
+    git("clone", "-q", str(origin), str(work), cwd=tmp_path)
+    for text in ("old", "new"):
+        (work / "code.py").write_text(text)
+        git("add", "code.py", cwd=work)
+        git("commit", "-qm", text, cwd=work)
+    git("push", "-q", "origin", "HEAD", cwd=work)
+    old = git("rev-parse", "HEAD~1", cwd=work).strip()
+    clone = tmp_path / "clone"
+    git("clone", "-q", "--depth", "1", f"file://{origin}", str(clone), cwd=tmp_path)
+    check_out(old, clone)
+    assert (clone / "code.py").read_text() == "old" and git("rev-parse", "HEAD", cwd=clone).strip() == old
+    with pytest.raises(UserError, match=r"^commit 0123456789ab: git fetch failed in the worker's clone: "):
+        check_out("0123456789ab" * 3 + "0123", clone)
+
+
+def test_the_report_names_the_commit_the_runs_ran_and_warns_when_they_differ(tmp_path, monkeypatch):
+    from rlhf.studies.grid import load_study
+    from rlhf.studies.report import commits_line
+
+    project = make_project(tmp_path / "p", TINY)
+    monkeypatch.chdir(project)
+    study = load_study(write_study(project, "c", STUDY))
+    assert commits_line(study) == []  # a local study's runs have no record of a commit
+    for run in study.runs:
+        run.folder.mkdir(parents=True)
+        (run.folder / "commit").write_text("a" * 40 + "\n")
+    assert commits_line(study) == [f"Every run with a record ran commit {'a' * 12}.", ""]
+    (study.runs[1].folder / "commit").write_text("b" * 40 + "\n")
+    assert commits_line(study)[0] == (
+        f"⚠ The runs ran different commits: {'a' * 12} (1 run), {'b' * 12} (1 run); rows from different code may "
+        "not compare."
+    )
 
 
 @pytest.mark.slow  # a server, two followers and their submissions: about a minute

@@ -36,7 +36,8 @@ from rlhf.studies.grid import PoolSpec, Run, Study
 FLOW = "rlhf-study-run"  # the deployed flow (flows/study.py); a study's deployment is FLOW/<study name>
 ENTRYPOINT = "flows/study.py:study_run"
 HEARTBEAT = 30  # seconds between a flow run's heartbeats (Prefect's shortest); three missed: its worker is gone
-RECORD = ("params.yaml", "dvc.yaml", "dvc.lock")  # what the report needs of a run: its metrics' hashes
+# What the report needs of a run: its metrics' hashes, and the commit it ran (a file `commit`, from a git source)
+RECORD = ("params.yaml", "dvc.yaml", "dvc.lock", "commit")
 RESUBMITS = 3  # times one `rlhf study run` submits a run again after its worker died
 IN_FLIGHT = ("SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING")
 
@@ -70,11 +71,31 @@ def resolve(study: Study, name: str | None = None, deploying: bool = False) -> P
         source = _git("remote", "get-url", "origin", what=f"{where}: source: the project has no git remote origin")
     if deploying and not shared_folder(source) and commit is None:
         commit = _git("rev-parse", "HEAD", what=f"{where}: commit: the project has no commit")
-        if _git("status", "--porcelain", "--untracked-files=no", "--", "rlhf", "tasks", "flows", what=""):
-            raise UserError(f"{where}: the code has uncommitted changes; workers clone {commit[:12]}: commit and push")
+        status = _git("status", "--porcelain", "--", *run_inputs(study), what="")
+        changed = [line.split(maxsplit=1)[1] for line in status.splitlines()]  # "XY path", the first X stripped
+        if changed:
+            shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+            raise UserError(
+                f"{where}: what the runs read has uncommitted changes ({shown}); workers clone {commit[:12]}: "
+                "commit and push"
+            )
         if not _git("branch", "-r", "--contains", commit, what=""):
             raise UserError(f"{where}: commit {commit[:12]} is not on any remote branch: `git push` it for the workers")
     return Pool(name, remote.rstrip("/"), endpoint, source, commit)
+
+
+def run_inputs(study: Study) -> list[str]:
+    """Every path of the project a run reads on a worker: the code, params.yaml, the study file, the data files
+    and the python judge's module its params name."""
+    from rlhf.core.config import parse_config
+    from rlhf.judges import judge_files
+    from rlhf.studies.grid import data_files
+
+    found = {"rlhf", "tasks", "flows", "params.yaml", str(study.path)}
+    for run in study.runs:
+        found.update(data_files(run.params, Path(".")))
+        found.update(f for f in judge_files(parse_config(run.params, study.path)) if not Path(f).is_absolute())
+    return sorted(found)
 
 
 def shared_folder(source: str) -> bool:
@@ -187,6 +208,7 @@ def submit(study: Study, pool: Pool, run: Run, replaces=None) -> None:
             "params": run_params(run),
             "remote": pool.remote,
             "endpoint_url": pool.endpoint_url,
+            "commit": pool.commit,  # the run keeps it when the deployment moves on to a newer commit
         },
         flow_run_name=run.id,
         timeout=0,
@@ -323,6 +345,19 @@ def status_rows(study: Study, pool: Pool) -> list[tuple[str, str, str, str]]:
 
 
 # ---- records on the remote ----------------------------------------------------------------------------
+
+
+def check_out(commit: str, folder: Path) -> None:
+    """The run's own commit in the deployment's clone (`folder`), whatever the deployment's commit is now: a run
+    submitted before `rlhf study run --pool` deployed newer code runs the code it was submitted with, and the
+    commit is written to the run's record (`folder`/commit)."""
+    here = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=folder).stdout.strip()
+    if here != commit:
+        for args in (["fetch", "--quiet", "origin", commit], ["checkout", "--quiet", "--detach", commit]):
+            out = subprocess.run(["git", *args], capture_output=True, text=True, cwd=folder)
+            if out.returncode:
+                problem = (out.stderr.strip() or "no output").splitlines()[-1]
+                raise UserError(f"commit {commit[:12]}: git {args[0]} failed in the worker's clone: {problem}")
 
 
 def save_record(run: Run, study: str, pool_remote: str, endpoint_url: str | None) -> None:

@@ -249,7 +249,7 @@ def prepare_workspace(run: Run, cache: Path | None, root: Path = Path(".")) -> N
             (ws / name).parent.mkdir(parents=True, exist_ok=True)
             (ws / name).symlink_to(os.path.relpath(root.resolve() / name, (ws / name).parent.resolve()))
     # dvc.yaml only to begin with: the run's `rlhf run` writes the one of its own params
-    for name in ("dvc.yaml", ".dvcignore", *_data_files(run.params, root)):
+    for name in ("dvc.yaml", ".dvcignore", *data_files(run.params, root)):
         if name == "dvc.yaml" and (ws / name).is_file():
             continue
         (ws / name).parent.mkdir(parents=True, exist_ok=True)
@@ -262,7 +262,7 @@ def prepare_workspace(run: Run, cache: Path | None, root: Path = Path(".")) -> N
         write_text(ws / "params.yaml", yaml.safe_dump(full, sort_keys=False))
 
 
-def _data_files(params: dict, root: Path) -> list[str]:
+def data_files(params: dict, root: Path) -> list[str]:
     """The relative paths of the data files the run's params name (prompts, SFT and co-training sets, ...)."""
     out = []
     for key in INPUT_FILES:

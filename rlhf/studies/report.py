@@ -5,6 +5,7 @@ configuration, and each run's final row (studies/<name>/report/)."""
 
 from __future__ import annotations
 
+import collections
 import statistics
 from pathlib import Path
 from typing import Any
@@ -250,6 +251,15 @@ def curves_png(study: Study) -> bytes | None:
     return png(fig)
 
 
+def commits_line(study: Study) -> list[str]:
+    """The commits the runs ran (a pool study's records name them), and a warning when they differ."""
+    ran = collections.Counter(f.read_text().strip()[:12] for r in study.runs if (f := r.folder / "commit").is_file())
+    if len(ran) > 1:
+        each = ", ".join(f"{commit} ({n} run{'s' * (n > 1)})" for commit, n in ran.most_common())
+        return [f"⚠ The runs ran different commits: {each}; rows from different code may not compare.", ""]
+    return [f"Every run with a record ran commit {next(iter(ran))}.", ""] if ran else []
+
+
 def write_report(study: Study) -> Path:
     """studies/<name>/report/: report.md (the ranked final-round table, the peaks per round and the plots),
     gold_vs_d.png, curves.png (with evaluate.checkpoints), and runs.csv (each run's final round). Offline:
@@ -279,6 +289,7 @@ def write_report(study: Study) -> Path:
     ]
     if sft:
         text += [f"The SFT policy (r00) scores gold {statistics.fmean(sft):.3f} (mean over {len(sft)} runs).", ""]
+    text += commits_line(study)
     finals = [(r, m) for r in study.runs for m in metrics_rows([study.rounds[-1]], r.folder)]
     names, axes = short_names(list(study.spec.axes)), axis_names(study)
     effects = effects_section(
