@@ -179,11 +179,12 @@ def test_ctrl_c_while_following_a_pool_stops_following_in_one_line_and_the_runs_
 def test_the_followers_state_machine_against_a_real_server(tmp_path, moto, monkeypatch):
     """`rlhf study run --pool`'s polls, driven one at a time against a real Prefect server (no worker: the test
     sets the flow runs' states as workers and machines would): the runs sharing a seed wait for the first one's
-    prepare on the remote; a second follower submits nothing twice; a crashed run is submitted again once, and a
-    running one with no heartbeat for three periods is marked crashed; a cancelled or failed run ends with its message;
-    the follower ends when no run is on its way."""
+    prepare on the remote; a second follower submits nothing twice; a crashed run is submitted again once; the
+    server itself (the study's automation) marks Crashed a running run that sends no heartbeat and a pending one
+    that never starts, with nobody polling meanwhile; a cancelled or failed run ends with its message; the
+    follower ends when no run is on its way."""
     from prefect.client.orchestration import get_client
-    from prefect.states import Cancelled, Completed, Crashed, Failed, Running
+    from prefect.states import Cancelled, Completed, Crashed, Failed, Pending, Running
     from prefect.testing.utilities import prefect_test_harness
 
     from rlhf.orchestration import pool
@@ -197,7 +198,13 @@ def test_the_followers_state_machine_against_a_real_server(tmp_path, moto, monke
     where = pool.Pool(name="lab-pool", remote="s3://lab/sm", endpoint_url=moto, source=str(project), commit=None)
     said: list[str] = []
     with prefect_test_harness(server_startup_timeout=60), get_client(sync_client=True) as c:
-        c.create_deployment(c.create_flow_from_name(pool.FLOW), "sm")  # as deploy() makes it, without a pool
+        deployed = c.create_deployment(c.create_flow_from_name(pool.FLOW), "sm")  # as deploy() makes it, no pool
+        ids = []
+        for silence in (60, 10, 10):  # one automation per study: a changed one replaced, the same one kept
+            pool.watch_for_dead_runs(study, deployed, silence)
+            (automation,) = c.read_automations_by_name(f"{pool.FLOW}/sm: silent runs crashed")
+            ids.append((automation.id, automation.trigger.within.total_seconds()))
+        assert ids[0][0] != ids[1][0] and ids[1] == ids[2] and ids[2][1] == 10
         one, two = pool.Follower(study, where, said.append), pool.Follower(study, where, said.append)
 
         def flow_runs() -> dict[str, list]:
@@ -215,11 +222,15 @@ def test_the_followers_state_machine_against_a_real_server(tmp_path, moto, monke
         c.set_flow_run_state(flow_runs()[RUNS[0]][0].id, Crashed(message="worker gone"), force=True)
         assert one.poll() is None and two.poll() is None
         assert len(flow_runs()[RUNS[0]]) == 2 and said.count(f"{RUNS[0]}: crashed (worker gone); submitted again") == 1
-        monkeypatch.setattr(pool, "HEARTBEAT", 1)  # three missed heartbeats: 3 s, not 90
-        c.set_flow_run_state(flow_runs()[RUNS[1]][0].id, Running(), force=True)
-        time.sleep(3.5)
-        assert one.poll() is None  # no heartbeat since: crashed on the server and submitted again
-        assert len(flow_runs()[RUNS[1]]) == 2 and flow_runs()[RUNS[1]][0].state.type.name == "CRASHED"
+        c.set_flow_run_state(flow_runs()[RUNS[1]][0].id, Running(), force=True)  # then its machine dies
+        c.set_flow_run_state(flow_runs()[RUNS[2]][0].id, Pending(), force=True)  # dies while cloning
+        deadline = time.monotonic() + 60
+        while {flow_runs()[r][0].state.type.name for r in RUNS[1:3]} != {"CRASHED"}:
+            assert time.monotonic() < deadline, {r: flow_runs()[r][0].state for r in RUNS[1:3]}
+            time.sleep(1)
+        assert flow_runs()[RUNS[1]][0].state.message == "silent for 10 s: its worker stopped"
+        assert one.poll() is None  # submitted again
+        assert len(flow_runs()[RUNS[1]]) == len(flow_runs()[RUNS[2]]) == 2
 
         client(moto).put_object(Bucket="lab", Key=f"sm/studies/sm/{RUNS[1]}/dvc.lock", Body=b"stages:\n  prepare:\n")
         assert one.poll() is None  # seed 1's other run
@@ -373,7 +384,7 @@ def test_a_study_on_two_workers_survives_one_dying_and_reports_as_a_local_one(pr
     # The project as a lab keeps it: a git repository with an origin the workers clone, and an S3 remote.
     origin = tmp_path / "origin.git"
     git("init", "-q", "--bare", "-b", "main", str(origin), cwd=tmp_path)
-    study = write_study(project, "pool", {**SPEC, "pool": {"name": "lab-pool"}})
+    study = write_study(project, "pool", {**SPEC, "pool": {"name": "lab-pool", "silence": 60}})
     write_study(project, "here", SPEC)
     (project / ".gitignore").write_text("studies/*/\ndata/rounds/\n.prefect/\n/dvc.lock\n")
     git("init", "-q", "-b", "main", cwd=project)
@@ -457,7 +468,7 @@ def test_a_study_on_two_workers_survives_one_dying_and_reports_as_a_local_one(pr
     w1, w2 = ((logs / f"{n}.log").read_text() for n in ("w1", "w2"))
     for name, text in (("w1", w1), ("w2", w2)):
         assert "submitting flow run" in text, f"{name} ran no run"
-    assert f"{victim}: crashed (no heartbeat" in study_log and "submitted again" in study_log
+    assert f"{victim}: crashed (silent for 60 s: its worker stopped)" in study_log and "submitted again" in study_log
     # The run finished on w2 after the rounds it had pushed were restored, not recomputed.
     resumed = [line for line in w2.splitlines() if f"Flow run '{victim}'" in line]
     assert any("Stage 'evaluate@r01' is cached" in line for line in resumed), "\n".join(resumed[-40:])

@@ -3,13 +3,14 @@ pool, the rounds shared through the S3 remote.
 
 Whoever runs `rlhf study run --pool NAME` deploys flows/study.py's `study_run` from the project's code (a git
 URL at a commit, or a folder every worker sees), submits every run the server does not already hold as done
-or in flight, and follows them: a run whose heartbeats stop (its worker died) is marked Crashed and
-submitted again, and resumes from what the remote holds. A worker needs the project's environment, the
-remote's credentials and PREFECT_API_URL, nothing else: `study_run` makes the run's workspace from the code,
-restores every stage any run already pushed (`storage.pull`: DVC's run-cache on the remote), pushes each
-round as it completes (`storage.push`), and keeps the run's record (params.yaml, dvc.yaml, dvc.lock) beside
-the remote under `studies/<study>/<run-id>/`. Status comes from the server, the report from those records
-and the metrics DVC pulls for them, so both work from any checkout of the project with the remote.
+or in flight, and follows them: a run whose heartbeats stop (its worker died) is marked Crashed by an
+automation on the server and submitted again, and resumes from what the remote holds. A worker needs the
+project's environment, the remote's credentials and PREFECT_API_URL, nothing else: `study_run` checks out
+the run's commit, makes the run's workspace, restores every stage any run already pushed (`storage.pull`:
+DVC's run-cache on the remote), pushes each round as it completes (`storage.push`), and keeps the run's
+record (params.yaml, dvc.yaml, dvc.lock, commit) beside the remote under `studies/<study>/<run-id>/`.
+Status comes from the server, the report from those records and the metrics.json files they name, so both
+work from any checkout of the project with the remote.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import re
 import subprocess
 import time
 from dataclasses import dataclass
-from datetime import UTC
+from datetime import timedelta
 from pathlib import Path
 
 from rlhf.core.errors import UserError
@@ -35,7 +36,7 @@ from rlhf.studies.grid import PoolSpec, Run, Study
 
 FLOW = "rlhf-study-run"  # the deployed flow (flows/study.py); a study's deployment is FLOW/<study name>
 ENTRYPOINT = "flows/study.py:study_run"
-HEARTBEAT = 30  # seconds between a flow run's heartbeats (Prefect's shortest); three missed: its worker is gone
+HEARTBEAT = 30  # seconds between a flow run's heartbeats (Prefect's shortest); pool.silence without one: dead
 # What the report needs of a run: its metrics' hashes, and the commit it ran (a file `commit`, from a git source)
 RECORD = ("params.yaml", "dvc.yaml", "dvc.lock", "commit")
 RESUBMITS = 3  # times one `rlhf study run` submits a run again after its worker died
@@ -140,7 +141,7 @@ def deploy(study: Study, pool: Pool) -> str:
     source = pool.source if shared_folder(pool.source) else GitRepository(url=pool.source, commit_sha=pool.commit)
     deployable = flow.from_source(source=source, entrypoint=ENTRYPOINT)
     with contextlib.redirect_stdout(io.StringIO()):  # its table of deployments: the caller says it in one line
-        deployable.deploy(
+        deployment_id = deployable.deploy(
             name=study.folder.name,
             work_pool_name=pool.name,
             concurrency_limit=study.spec.parallel,
@@ -149,7 +150,49 @@ def deploy(study: Study, pool: Pool) -> str:
             push=False,
             print_next_steps=False,
         )
+    watch_for_dead_runs(study, deployment_id, study.spec.pool.silence if study.spec.pool else PoolSpec().silence)
     return f"{FLOW}/{study.folder.name}"
+
+
+def watch_for_dead_runs(study: Study, deployed, silence: float) -> None:
+    """Have the server mark Crashed any flow run of the deployment (its id: `deployed`) that goes `silence`
+    seconds without a sign of life — a heartbeat, or for a run still pending (its worker cloning) becoming
+    Running — whether or not anybody follows the study: its concurrency slot is freed, and whoever follows
+    next submits it again. A Prefect automation (a proactive trigger, as Prefect's "detect zombie flows");
+    installed once per study and left as it is when it already says the same (recreating it would forget the
+    runs it is timing)."""
+    from prefect.automations import AutomationCore
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+
+    alive = {f"prefect.flow-run.{s}" for s in ("heartbeat", "Running", "Completed", "Failed", "Cancelled", "Crashed")}
+    wanted = AutomationCore(
+        name=f"{FLOW}/{study.folder.name}: silent runs crashed",
+        description="rlhf study run --pool: a run whose worker died is marked Crashed (docs/studies.md)",
+        trigger=EventTrigger(
+            after={f"prefect.flow-run.{s}" for s in ("heartbeat", "Pending", "Running", "Cancelling")},
+            expect=alive,
+            match={"prefect.resource.id": "prefect.flow-run.*"},
+            match_related={
+                "prefect.resource.role": "deployment",
+                "prefect.resource.id": f"prefect.deployment.{deployed}",
+            },
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=silence),
+        ),
+        actions=[ChangeFlowRunState(state=StateType.CRASHED, message=f"silent for {silence:g} s: its worker stopped")],
+    )
+    with _server() as c:
+        found = c.read_automations_by_name(wanted.name)
+        keep = [a for a in found if AutomationCore.model_validate(a.model_dump()) == wanted][:1]
+        for a in found:
+            if a not in keep:
+                c.delete_automation(a.id)
+        if not keep:
+            c.create_automation(wanted)
 
 
 def _server():
@@ -217,35 +260,6 @@ def submit(study: Study, pool: Pool, run: Run, replaces=None) -> None:
     )
 
 
-def dead(fr) -> str | None:
-    """Why a running flow run is dead, when it sent no heartbeat in three periods: its worker (or machine) is
-    gone. It is marked Crashed on the server, with that message, so that every reader agrees."""
-    from datetime import datetime, timedelta
-
-    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
-    from prefect.states import Crashed
-
-    if fr.state.type.name != "RUNNING":
-        return False
-    since = datetime.now(UTC) - timedelta(seconds=3 * HEARTBEAT)
-    if fr.start_time and fr.start_time > since:
-        return False
-    with _server() as c:
-        beats = c.read_events(
-            EventFilter(
-                event=EventNameFilter(name=["prefect.flow-run.heartbeat"]),
-                resource=EventResourceFilter(id=[f"prefect.flow-run.{fr.id}"]),
-                occurred=EventOccurredFilter(since=since),
-            ),
-            limit=1,
-        )
-        if beats.events:
-            return None
-        message = f"no heartbeat for {3 * HEARTBEAT} s: its worker stopped"
-        c.set_flow_run_state(fr.id, Crashed(message=message))  # orchestrated: its concurrency slot is freed
-    return message
-
-
 def run_all(study: Study, pool: Pool, say, poll: float = 5.0) -> list[str]:
     """Deploy, submit what the server holds neither as done nor in flight, follow the runs to their ends
     (submitting again one whose worker died), and return the failures' messages in grid order."""
@@ -279,8 +293,6 @@ class Follower:
         for run in study.runs:
             fr = runs.get(run.id)
             state, message = (fr.state.type.name, fr.state.message) if fr else (None, None)
-            if state == "RUNNING" and (why := dead(fr)):
-                state, message = "CRASHED", why
             if state in IN_FLIGHT:
                 waiting += 1
             elif state == "COMPLETED":

@@ -53,6 +53,8 @@ class PoolSpec(BaseModel):
     endpoint_url: str | None = None  # an S3-compatible store's endpoint; default: that remote's endpointurl
     source: str | None = None  # where workers get the code: a git URL (default: origin) or a shared folder
     commit: str | None = None  # the commit a git source is cloned at; default: HEAD (which must be on origin)
+    # seconds a run may go without a heartbeat (every 30 s) before the server marks it Crashed; pending: cloning
+    silence: float = Field(120, ge=60)
 
 
 class StudySpec(BaseModel):
