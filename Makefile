@@ -77,7 +77,7 @@ mutants: install
 
 # Every benchmark in turn (about 45 minutes on 2 CPU cores); each prints its ratios, kept in bench/out/.
 bench: install
-	for b in orchestration generation labelling dpo cost_growth storage parallel_runs; do $(VENV)/bin/python bench/$$b.py || exit 1; done
+	for b in orchestration generation labelling dpo cost_growth storage parallel_runs pool_scale; do $(VENV)/bin/python bench/$$b.py || exit 1; done
 
 # Real scale on this machine (docs/performance.md): a round of DPO and of PPO with a Qwen2-0.5B-shaped policy
 # (about an hour on 2 CPU cores), and peak memory against vocabularies up to 256,000 rows (about 90 minutes).

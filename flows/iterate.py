@@ -74,6 +74,8 @@ def stage(step: str, rnd: str, force: bool = False, pull: bool = False) -> bool:
         "dvc", "repro", "--single-item", name, *(["--force"] if force else []), *(["--pull"] if pull else [])
     )
     env = stage_env()
+    if pull:  # two attempts a request, not botocore's five: a remote that is down fails the stage in seconds
+        env |= {"AWS_MAX_ATTEMPTS": "2", "AWS_RETRY_MODE": "standard"}
     # A session of its own: Ctrl-C reaches this process alone, which stops the stage's whole group on the way out
     # and then reports the interruption (rlhf/orchestration/interrupts.py).
     with subprocess.Popen(
@@ -93,6 +95,9 @@ def stage(step: str, rnd: str, force: bool = False, pull: bool = False) -> bool:
             _interrupted(e, step, rnd)
             raise
     skipped = any("didn't change, skipping" in line for line in tail)
+    if pull and proc.returncode == 0 and any("is cached - skipping run" in line for line in tail):
+        size = disk_bytes(step_files(step, rnd)) / 2**20
+        log.info(f"{name}: restored from the remote's run-cache ({size:,.1f} MiB), not computed")
     _require_server(name, None if proc.returncode == 0 else error_line(tail))
     if proc.returncode != 0:
         # The step's own one-line "error: ..." says most; DVC's "ERROR: failed to reproduce" comes next.

@@ -472,6 +472,7 @@ def test_a_study_on_two_workers_survives_one_dying_and_reports_as_a_local_one(pr
     # The run finished on w2 after the rounds it had pushed were restored, not recomputed.
     resumed = [line for line in w2.splitlines() if f"Flow run '{victim}'" in line]
     assert any("Stage 'evaluate@r01' is cached" in line for line in resumed), "\n".join(resumed[-40:])
+    assert any("evaluate@r01: restored from the remote's run-cache (" in line for line in resumed)
     assert any("Running stage 'generate@r02'" in line for line in resumed)
     # prepare ran once per seed in the whole study, every other run restored it from the remote
     assert (w1 + w2).count("Running stage 'prepare'") == 2
