@@ -12,6 +12,7 @@ that keeps its behaviour, the first time a newer version runs it.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -62,6 +63,7 @@ def complete(path: str | Path = "params.yaml") -> list[str]:
     yaml.indent(mapping=2, sequence=4, offset=2)
     yaml.width = 120
     yaml.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    yaml.representer.add_representer(float, _float)
     doc = yaml.load(path.read_text(encoding="utf-8"))
     added = missing(doc, cfg)
     for key, value in added:
@@ -80,6 +82,20 @@ def complete(path: str | Path = "params.yaml") -> list[str]:
         yaml.dump(doc, out)
         write_text(path, out.getvalue())
     return [".".join(key) for key, _ in added]
+
+
+def _float(representer, value: float):
+    """A float as YAML 1.1 readers (PyYAML, DVC's params) read it back as a float: 5e-05 is a string to them,
+    5.0e-05 is not."""
+    text = repr(value)
+    if math.isfinite(value) and "e" in text and "." not in text:
+        mantissa, exponent = text.split("e")
+        text = f"{mantissa}.0e{exponent}"
+    return (
+        representer.represent_scalar("tag:yaml.org,2002:float", text)
+        if math.isfinite(value)
+        else (representer.represent_float(value))
+    )
 
 
 def notice(added: list[str], path: str | Path = "params.yaml") -> str:
