@@ -150,7 +150,7 @@ def deploy(study: Study, pool: Pool) -> str:
             push=False,
             print_next_steps=False,
         )
-    watch_for_dead_runs(study, deployment_id, study.spec.pool.silence if study.spec.pool else PoolSpec().silence)
+    watch_for_dead_runs(study, deployment_id, (study.spec.pool or PoolSpec()).silence)
     return f"{FLOW}/{study.folder.name}"
 
 
