@@ -32,6 +32,7 @@ from rlhf.evaluation.report import flat, metrics_rows, metrics_table, round_mark
 from rlhf.orchestration import interrupts, stages
 from rlhf.orchestration.lock import project_lock
 from rlhf.orchestration.preload import preloaded
+from rlhf.orchestration.storage import FEW_RETRIES
 
 
 class _NoEmptyTraceback(logging.Filter):
@@ -74,8 +75,8 @@ def stage(step: str, rnd: str, force: bool = False, pull: bool = False) -> bool:
         "dvc", "repro", "--single-item", name, *(["--force"] if force else []), *(["--pull"] if pull else [])
     )
     env = stage_env()
-    if pull:  # two attempts a request, not botocore's five: a remote that is down fails the stage in seconds
-        env |= {"AWS_MAX_ATTEMPTS": "2", "AWS_RETRY_MODE": "standard"}
+    if pull:
+        env |= FEW_RETRIES
     # A session of its own: Ctrl-C reaches this process alone, which stops the stage's whole group on the way out
     # and then reports the interruption (rlhf/orchestration/interrupts.py).
     with subprocess.Popen(

@@ -26,6 +26,9 @@ from rlhf.core.processes import dying_with_parent, error_line
 from rlhf.core.s3 import check_bucket, client, s3_errors, split_s3
 
 MiB = 2**20
+# Two attempts a request, not botocore's five, for DVC's transfers: a remote that is down or dies fails a push or
+# a pull in seconds, not minutes (DVC retries file by file).
+FEW_RETRIES = {"AWS_MAX_ATTEMPTS": "2", "AWS_RETRY_MODE": "standard"}
 
 
 # ---- DVC's remote -------------------------------------------------------------------------------------
@@ -107,8 +110,7 @@ def push_round(rnd: str, remote: str | None = None, timeout: float = 30, say=lam
         check_bucket(url, endpoint_of(name), timeout)  # DVC's own retries, file by file, take minutes
     except UserError as e:
         raise UserError(f"{failed}: {str(e).removeprefix(f'{url}: ')} (storage.timeout: {timeout:g} s)") from None
-    # Two attempts a request, not botocore's five: a remote that dies mid-push fails it in seconds, not minutes.
-    env = {**os.environ, "AWS_MAX_ATTEMPTS": "2", "AWS_RETRY_MODE": "standard"}
+    env = {**os.environ, **FEW_RETRIES}
     try:
         out = dvc("push", "--run-cache", "--remote", name, *targets, env=env)
     except UserError as e:
