@@ -1,11 +1,10 @@
 """Each policy-update method, and DPO with concat RM data and an ensemble reward, runs the offline default
 for 3 rounds on each of 3 seeds (each seed prepares its own round 0) and raises the held-out gold score beyond
-3 standard errors; PPO also loses no round's gold against the one before and no update iteration's rollout KL
-jumps 4x (issue 28: one seed on one CPU is not evidence that a method works). Slow: per seed the variants share one
-full-size project (what they have in common is reused), each changes params.yaml and runs `rlhf stages` and
-`dvc repro`, as a user reproducing by hand would. About 20 minutes a seed on 2 cores: CI requires seed 0 and
-runs the others while time allows (.ci/run). Plain DPO is the full demo (test_demo.py); bench/seeds.py runs
-more seeds."""
+3 standard errors; PPO and DPO also lose no round's gold against the one before and no update iteration's
+rollout KL jumps 4x (issue 28: one seed on one CPU is not evidence that a method works). Slow: per seed the
+variants share one full-size project (what they have in common is reused), each changes params.yaml and runs
+`rlhf stages` and `dvc repro`, as a user reproducing by hand would. About 20 minutes a seed on 2 cores: CI
+requires seed 0 and runs the others while time allows (.ci/run). bench/seeds.py runs more seeds."""
 
 import json
 import math
@@ -31,6 +30,7 @@ def seeded(request, tmp_path_factory):
 
 
 VARIANTS = {
+    "dpo": {"update_policy": {"method": "dpo"}},
     "ppo": {"update_policy": {"method": "ppo"}},
     "rest": {"update_policy": {"method": "rest"}},
     "rloo": {"update_policy": {"method": "rloo"}},
@@ -55,6 +55,6 @@ def test_variant_raises_gold_over_three_rounds(seeded, variant):
     r0, r3 = rounds["r00"]["gold"], rounds["r03"]["gold"]
     assert r3["mean"] - r0["mean"] > 3 * math.hypot(r0["sem"], r3["sem"]), (variant, r0, r3)
     assert rounds["r03"]["kl"]["per_sequence"] > 0.1  # the policy moved from its reference
-    if variant == "ppo":  # evaluate's alarms: gold 3 SE below the round before (or r00), a KL jump over 4x
+    if variant in ("ppo", "dpo"):  # evaluate's alarms: gold 3 SE below the round before (or r00), a KL jump over 4x
         alarms = [a for m in rounds.values() for a in m["alarms"] if a.startswith(("regression", "KL spike"))]
         assert not alarms, alarms  # (RLOO lost 3.0 SE in a round on one seed of ten: docs/results.md)
