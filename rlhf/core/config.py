@@ -365,9 +365,11 @@ class ReST(Section):
 class RLOO(Section):
     """RLOO (TRL's RLOOTrainer) with the proxy reward: k samples per prompt, a leave-one-out baseline."""
 
-    beta: float = d(0.05, "KL coefficient", ge=0)
+    # 0.2 and 5e-5: at 0.05 and 1e-4 the policy found what the proxy overrated (empty or 3x longer answers) and lost
+    # a round on 3 of 8 seeds, once down to gold 0.11 (docs/policy-updates.md)
+    beta: float = d(0.2, "weight of a sample's KL to the reference (summed over its tokens) taken off its reward", ge=0)
     epochs: float = d(1.0, "epochs over the policy prompts", gt=0)
-    learning_rate: float = d(1e-4, "learning rate", gt=0)
+    learning_rate: float = d(5e-5, "learning rate", gt=0)
 
 
 class Rollouts(Section):
