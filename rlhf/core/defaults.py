@@ -87,15 +87,13 @@ def complete(path: str | Path = "params.yaml") -> list[str]:
 def _float(representer, value: float):
     """A float as YAML 1.1 readers (PyYAML, DVC's params) read it back as a float: 5e-05 is a string to them,
     5.0e-05 is not."""
+    if not math.isfinite(value):
+        return representer.represent_float(value)
     text = repr(value)
-    if math.isfinite(value) and "e" in text and "." not in text:
+    if "e" in text and "." not in text:
         mantissa, exponent = text.split("e")
         text = f"{mantissa}.0e{exponent}"
-    return (
-        representer.represent_scalar("tag:yaml.org,2002:float", text)
-        if math.isfinite(value)
-        else (representer.represent_float(value))
-    )
+    return representer.represent_scalar("tag:yaml.org,2002:float", text)
 
 
 def notice(added: list[str], path: str | Path = "params.yaml") -> str:
